@@ -1,0 +1,98 @@
+"""`inferctl` (also installed as `inferflux`): the command line.
+
+Commands are methods of `InferCtl`; `fire` turns them into sub-commands and
+flags. Every error a user can cause ends as one line on stderr and exit
+status 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import fire
+
+from inferflux.errors import InferFluxError
+
+
+class InferCtl:
+    """InferFlux: run GGUF and safetensors models. Commands: convert, show, make-demo-model."""
+
+    def convert(self, src: str, dst: str, type: str = "F16", name: str | None = None) -> None:
+        """Convert a Hugging Face safetensors folder SRC to a GGUF file DST.
+
+        --type: F32, F16, BF16, Q8_0, Q4_0, Q4_K or Q6_K (default F16).
+        """
+        from convert.hf_to_gguf import convert_hf_to_gguf
+
+        def progress(tensor: str, done: int, total: int) -> None:
+            if sys.stderr.isatty():
+                print(f"\r[{done}/{total}] {tensor:<40}", end="", file=sys.stderr, flush=True)
+
+        out = convert_hf_to_gguf(src, dst, str(type), name=name, progress=progress)
+        if sys.stderr.isatty():
+            print(file=sys.stderr)
+        print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {str(type).upper()})")
+
+    def show(self, model: str, json: bool = False) -> None:  # noqa: A002 - the flag is --json
+        """Describe a model file or folder: architecture, size, context, quantization, template."""
+        from inferflux.formats.describe import describe_model
+
+        info = describe_model(model)
+        if json:
+            print(_json_dumps(info))
+            return
+        template = info["chat_template"]
+        rows = [
+            ("path", info["path"]),
+            ("format", info["format"]),
+            ("architecture", info["architecture"]),
+            ("parameters", f'{info["parameter_size"]} ({info["parameters"]:,})'),
+            ("context length", info["context_length"]),
+            ("embedding length", info["embedding_length"]),
+            ("layers / heads / kv heads", f'{info["layers"]} / {info["heads"]} / {info["kv_heads"]}'),
+            ("vocabulary", info["vocab_size"]),
+            ("quantization", info["quantization"]),
+            ("size", f'{info["size_bytes"] / 1e6:.1f} MB'),
+            ("chat template", "none (plain-text fallback)" if not template else f"{len(template)} chars"),
+            ("license", info["license"] or "unknown"),
+        ]
+        width = max(len(k) for k, _ in rows)
+        for key, value in rows:
+            print(f"  {key:<{width}}  {value}")
+
+    def make_demo_model(self, out: str = "demo-model") -> None:
+        """Build a tiny random-weight Llama model with a trained tokenizer into folder OUT.
+
+        Its answers are gibberish: it exists so every command can be tried in a minute
+        without downloading anything.
+        """
+        from convert.demo_model import make_demo_model
+
+        path = make_demo_model(Path(out))
+        print(f"wrote {path} (random weights: it produces gibberish)")
+
+
+def _json_dumps(value: Any) -> str:
+    return json.dumps(value, indent=2, ensure_ascii=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `inferctl` and `inferflux` console scripts."""
+    try:
+        fire.Fire(InferCtl, command=argv, name="inferctl")
+    except (InferFluxError, ValueError, FileNotFoundError, PermissionError) as exc:
+        print(f"inferctl: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("inferctl: interrupted", file=sys.stderr)
+        return 130
+    except fire.core.FireExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

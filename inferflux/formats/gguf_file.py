@@ -1,0 +1,125 @@
+"""Reading GGUF files (llama.cpp's and Ollama's format) into a config and weights.
+
+The `gguf` package's reader memory-maps the file, so listing a 4 GB model
+touches only its header; tensor data is read when a weight is used. Every
+failure a broken file can cause is reported as one `ModelFormatError` that
+names the file.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import gguf
+import ml_dtypes
+import numpy as np
+
+from inferflux.errors import ModelFormatError
+from inferflux.formats.model_config import ModelConfig
+from inferflux.formats.weights import (
+    GGUF_ROPE_FREQS,
+    QuantizedWeight,
+    Weight,
+    check_complete,
+    gguf_to_ours,
+    undo_llama_rope_permutation,
+)
+
+_FLOAT_TYPES = {
+    gguf.GGMLQuantizationType.F32,
+    gguf.GGMLQuantizationType.F16,
+    gguf.GGMLQuantizationType.BF16,
+}
+
+
+class GGUFFile:
+    """An open GGUF file: its metadata as plain Python values and its tensors."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ModelFormatError(self.path, "file not found")
+        try:
+            self.reader = gguf.GGUFReader(self.path, "r")
+        except Exception as exc:  # the reader raises ValueError, KeyError, IndexError, ...
+            raise ModelFormatError(self.path, f"not a readable GGUF file ({_describe(exc)})") from None
+        self._check_tensor_extents()
+
+    def _check_tensor_extents(self) -> None:
+        """A truncated download maps fine but ends early: catch it before any read."""
+        size = self.path.stat().st_size
+        for tensor in self.reader.tensors:
+            end = tensor.data_offset + tensor.n_bytes
+            if end > size:
+                raise ModelFormatError(
+                    self.path,
+                    f"file is truncated: tensor {tensor.name!r} ends at byte {end} but the file has {size}",
+                )
+
+    @cached_property
+    def metadata(self) -> dict[str, Any]:
+        """Key/value metadata, decoded (strings, numbers, lists)."""
+        return {name: field.contents() for name, field in self.reader.fields.items()}
+
+    @cached_property
+    def tensors(self) -> dict[str, gguf.ReaderTensor]:
+        return {t.name: t for t in self.reader.tensors}
+
+    def weight(self, name: str) -> Weight:
+        """One tensor in GGUF naming, as a float array view or still-packed quant blocks."""
+        tensor = self.tensors[name]
+        qtype = gguf.GGMLQuantizationType(tensor.tensor_type)
+        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+        if qtype == gguf.GGMLQuantizationType.BF16:
+            return tensor.data.view(ml_dtypes.bfloat16).reshape(shape)
+        if qtype in _FLOAT_TYPES:
+            return tensor.data.reshape(shape)
+        return QuantizedWeight(raw=tensor.data.reshape(shape[0], -1) if len(shape) > 1 else tensor.data,
+                               qtype=qtype, shape=shape)
+
+    def model_config(self) -> ModelConfig:
+        meta = self.metadata
+        tokens = meta.get("tokenizer.ggml.tokens")
+        embed = self.tensors.get("token_embd.weight")
+        if embed is None:
+            raise ModelFormatError(self.path, "missing tensor 'token_embd.weight'")
+        vocab = int(embed.shape[1]) if len(embed.shape) > 1 else len(tokens or [])
+        rope_freqs = self.tensors.get(GGUF_ROPE_FREQS)
+        return ModelConfig.from_gguf_metadata(
+            meta,
+            self.path,
+            vocab_size=vocab,
+            tie_word_embeddings="output.weight" not in self.tensors,
+            qkv_bias="blk.0.attn_q.bias" in self.tensors,
+            o_bias="blk.0.attn_output.bias" in self.tensors,
+            rope_freq_factors=None if rope_freqs is None else np.asarray(rope_freqs.data, np.float32),
+        )
+
+
+def load_gguf_weights(file: GGUFFile, config: ModelConfig) -> dict[str, Weight]:
+    """All model weights under our names, Q/K rows in Hugging Face order.
+
+    Tensors we do not use (e.g. `rope_freqs`, already folded into the config)
+    are skipped; a missing one is an error naming the tensor.
+    """
+    names = gguf_to_ours(config.num_layers)
+    weights: dict[str, Weight] = {}
+    for gguf_name, ours in names.items():
+        if gguf_name not in file.tensors:
+            continue
+        weight = file.weight(gguf_name)
+        if config.architecture == "llama":
+            if ours.endswith((".q", ".q_bias")):
+                weight = undo_llama_rope_permutation(weight, config.num_heads)
+            elif ours.endswith((".k", ".k_bias")):
+                weight = undo_llama_rope_permutation(weight, config.num_kv_heads)
+        weights[ours] = weight
+    check_complete(weights, config, file.path)
+    return weights
+
+
+def _describe(exc: Exception) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:200]

@@ -1,0 +1,159 @@
+"""Host-side bookkeeping of KV-cache pages: free, shared, and cached for prefix reuse.
+
+The device arrays live with the model runner; this only hands out page ids.
+Page 0 is never handed out: it is the null page that padding tokens write
+into and that empty block-table entries point at.
+
+Pages are reference counted, so sequences can share them. With prefix
+caching, every *full* page a sequence computed is registered under a chained
+hash of (parent page's hash, its tokens, adapter id): the same tokens after
+the same prefix give the same hash, so a later request with that prefix reuses
+the page instead of recomputing it. A released page that holds a registered
+prefix is not freed but parked in an LRU list; it is handed out again
+(evicted, its hash forgotten) only when no never-cached page is left.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict, deque
+from typing import Hashable, Sequence
+
+NULL_PAGE = 0
+
+
+class OutOfPagesError(RuntimeError):
+    """Not enough free pages; the scheduler preempts or waits."""
+
+
+@dataclasses.dataclass
+class PrefixStats:
+    queries: int = 0  # full prompt pages looked up
+    hits: int = 0  # of those, found in the cache
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.queries if self.queries else 0.0
+
+
+def page_hash(parent: int | None, tokens: Sequence[int], adapter: Hashable = None) -> int:
+    """Key of a full page: its tokens, everything before it (through `parent`), and the adapter."""
+    return hash((parent, tuple(tokens), adapter))
+
+
+class PageAllocator:
+    def __init__(self, num_pages: int, page_size: int = 16, prefix_caching: bool = True) -> None:
+        if num_pages < 2:
+            raise ValueError("the KV cache needs at least 2 pages (page 0 is reserved)")
+        self.num_pages = num_pages
+        self.page_size = page_size
+        self.prefix_caching = prefix_caching
+        self._free: deque[int] = deque(range(1, num_pages))
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # cached pages nobody uses, oldest first
+        self._refs = [0] * num_pages
+        self._hash_of: dict[int, int] = {}  # page -> registered hash
+        self._page_of: dict[int, int] = {}  # hash -> page
+        self._tokens_of: dict[int, tuple[int, ...]] = {}  # page -> its tokens, to rule out hash collisions
+        self.stats = PrefixStats()
+
+    @property
+    def num_free(self) -> int:
+        """Pages that `allocate` can hand out (free plus evictable cached ones)."""
+        return len(self._free) + len(self._evictable)
+
+    @property
+    def num_usable(self) -> int:
+        return self.num_pages - 1
+
+    @property
+    def num_used(self) -> int:
+        return self.num_usable - self.num_free
+
+    def allocate(self, count: int) -> list[int]:
+        """`count` pages, each with one reference; all or nothing."""
+        if count > self.num_free:
+            raise OutOfPagesError(f"need {count} pages, {self.num_free} free")
+        pages = []
+        for _ in range(count):
+            if self._free:
+                page = self._free.popleft()
+            else:
+                page, _ = self._evictable.popitem(last=False)
+                self._forget(page)
+            self._refs[page] = 1
+            pages.append(page)
+        return pages
+
+    def share(self, pages: Sequence[int]) -> None:
+        """One more reference to each page (another sequence reads them)."""
+        for page in pages:
+            if self._refs[page] == 0 and page in self._evictable:
+                del self._evictable[page]
+            elif self._refs[page] <= 0:
+                raise ValueError(f"page {page} is not allocated")
+            self._refs[page] += 1
+
+    def release(self, pages: Sequence[int]) -> None:
+        """Drop one reference to each page; unused pages become free, or evictable if they hold a prefix."""
+        for page in pages:
+            if self._refs[page] <= 0:
+                raise ValueError(f"page {page} released more often than allocated")
+            self._refs[page] -= 1
+            if self._refs[page] == 0:
+                if page in self._hash_of:
+                    self._evictable[page] = None
+                else:
+                    self._free.append(page)
+
+    def refcount(self, page: int) -> int:
+        return self._refs[page]
+
+    # --- prefix caching ---
+
+    def match_prefix(self, tokens: Sequence[int], adapter: Hashable = None, limit: int | None = None) -> list[int]:
+        """Cached pages holding the leading full pages of `tokens`, each shared once for the caller.
+
+        At most `limit` pages; the caller must leave at least one token to compute (its logits are needed).
+        """
+        if not self.prefix_caching:
+            return []
+        full = len(tokens) // self.page_size if limit is None else min(limit, len(tokens) // self.page_size)
+        pages: list[int] = []
+        parent = None
+        for i in range(full):
+            chunk = tuple(tokens[i * self.page_size:(i + 1) * self.page_size])
+            parent = page_hash(parent, chunk, adapter)
+            self.stats.queries += 1
+            page = self._page_of.get(parent)
+            if page is None or self._tokens_of.get(page) != chunk:
+                self.stats.queries += full - i - 1  # the rest of the prompt's pages miss too
+                break
+            self.stats.hits += 1
+            pages.append(page)
+        self.share(pages)
+        return pages
+
+    def register(self, pages: Sequence[int], tokens: Sequence[int], num_computed: int,
+                 hashes: list[int], adapter: Hashable = None) -> None:
+        """Register the full, computed pages of a sequence that are not registered yet.
+
+        `hashes` is the sequence's running list of page hashes (extended in place), so
+        each page is hashed once over the sequence's life.
+        """
+        if not self.prefix_caching:
+            return
+        for i in range(len(hashes), num_computed // self.page_size):
+            chunk = tuple(tokens[i * self.page_size:(i + 1) * self.page_size])
+            h = page_hash(hashes[-1] if hashes else None, chunk, adapter)
+            hashes.append(h)
+            page = pages[i]
+            if h not in self._page_of and page not in self._hash_of:
+                self._page_of[h] = page
+                self._hash_of[page] = h
+                self._tokens_of[page] = chunk
+
+    def _forget(self, page: int) -> None:
+        h = self._hash_of.pop(page, None)
+        if h is not None and self._page_of.get(h) == page:
+            del self._page_of[h]
+        self._tokens_of.pop(page, None)

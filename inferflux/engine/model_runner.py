@@ -1,0 +1,238 @@
+"""The model runner: one compiled forward pass plus sampling per step, one program per shape bucket.
+
+It owns all device state: parameters, KV pages and compiled executables. A
+step is described on the host by a list of `Chunk`s (which tokens of which
+sequence to run, and whether to sample after them); the runner packs them
+into bucket-shaped numpy arrays, runs the executable for that bucket with the
+KV pages donated (updated in place), and returns only the sampled ids and
+logprobs.
+
+Buckets are (tokens per step, sequences per step, pages per sequence), each a
+power of two bounded by the config, so a server compiles a fixed, known set
+of programs; `warmup()` compiles all of them up front. On GPU, steps made only
+of decode tokens get their own programs (a fourth bucket field), which run
+the Pallas decode-attention kernel; elsewhere that field is always False.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from inferflux.config import RuntimeConfig
+from inferflux.engine import device
+from inferflux.engine.sampler import RowParams, SampleOutput, SamplingTensors, sample
+from inferflux.engine.sampling_params import RESERVED_BIAS_SLOTS
+from inferflux.formats.loader import LoadedModel
+from inferflux.formats.quants import QTensor, dequantize_raw
+from inferflux.formats.weights import QuantizedWeight, Weight
+from inferflux.models.llama import KVCache, LlamaModel, StepInputs, init_kv_cache, kv_bytes_per_page
+
+log = logging.getLogger(__name__)
+
+Bucket = tuple[int, int, int, bool]  # (tokens, sequences, pages per sequence, decode-only)
+
+
+@dataclasses.dataclass
+class Chunk:
+    """One sequence's share of a step."""
+
+    tokens: Sequence[int]  # token ids whose K/V this step computes
+    start_pos: int  # position of tokens[0]
+    pages: Sequence[int]  # the sequence's block table; must cover start_pos + len(tokens)
+    history: Sequence[int] = ()  # prompt + generated ids so far, for penalties
+    num_prompt: int = 0  # how many of `history` are prompt tokens
+    sampling: RowParams | None = None  # None: run the tokens, sample nothing (mid-prompt chunk)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampled:
+    token_id: int
+    logprob: float
+    top_ids: np.ndarray
+    top_logprobs: np.ndarray
+
+
+def power_of_two_buckets(low: int, high: int) -> list[int]:
+    """low, 2*low, ... up to `high` (always included, even if not a power of two)."""
+    buckets, size = [], max(1, low)
+    while size < high:
+        buckets.append(size)
+        size *= 2
+    buckets.append(high)
+    return buckets
+
+
+def pick_bucket(buckets: Sequence[int], need: int) -> int:
+    for size in buckets:
+        if size >= need:
+            return size
+    raise ValueError(f"{need} exceeds the largest bucket {buckets[-1]}")
+
+
+class ModelRunner:
+    def __init__(self, model: LoadedModel, runtime: RuntimeConfig) -> None:
+        self.config = model.config
+        self.runtime = runtime
+        self.backend = device.backend()
+        self.dtype = device.compute_dtype(runtime.dtype)
+        self.max_model_len = min(runtime.max_model_len or model.config.max_position, model.config.max_position)
+        self.page_size = runtime.page_size
+        self.pages_per_seq = -(-self.max_model_len // self.page_size)
+        weights = prepare_weights(model.weights, self.dtype, device.backend_defaults().keep_quantized_packed)
+        graphdef, self.state = nnx.split(LlamaModel(model.config, weights, self.dtype))
+        self.num_pages = self._num_pages()
+        self.kv_cache: KVCache = init_kv_cache(model.config, self.num_pages, self.page_size, self.dtype)
+        self.token_buckets = power_of_two_buckets(runtime.min_token_bucket, runtime.max_num_batched_tokens)
+        self.seq_buckets = power_of_two_buckets(1, runtime.max_num_seqs)
+        self.page_buckets = power_of_two_buckets(1, self.pages_per_seq)
+        self.num_logprobs = runtime.max_logprobs
+        self.num_bias_slots = runtime.max_logit_bias + RESERVED_BIAS_SLOTS
+        self.decode_kernel = self.backend == "gpu"
+        self._step_fns = {
+            decode: jax.jit(_make_step(graphdef, self.num_logprobs, decode), donate_argnums=(1,))
+            for decode in (False, True)
+        }
+        self._executables: dict[Bucket, Any] = {}
+
+    # --- sizing ---
+
+    def _num_pages(self) -> int:
+        if self.runtime.num_pages:
+            return self.runtime.num_pages
+        per_page = kv_bytes_per_page(self.config, self.page_size, self.dtype)
+        budget = int(device.free_memory_bytes() * self.runtime.memory_fraction)
+        pages = min(budget // per_page, self.runtime.max_pages_from_memory)
+        return max(int(pages), self.pages_per_seq + 1)
+
+    def all_buckets(self) -> list[Bucket]:
+        """Every bucket a step can land in (a sequence slot holds at least one token)."""
+        mixed = [(t, s, p, False) for t, s, p in
+                 itertools.product(self.token_buckets, self.seq_buckets, self.page_buckets) if s <= t]
+        decode = [(s, s, p, True) for s, p in itertools.product(self.seq_buckets, self.page_buckets)]
+        return mixed + (decode if self.decode_kernel else [])
+
+    def bucket_for(self, num_tokens: int, num_seqs: int, max_pages: int) -> Bucket:
+        seqs, pages = pick_bucket(self.seq_buckets, num_seqs), pick_bucket(self.page_buckets, max_pages)
+        if self.decode_kernel and num_tokens == num_seqs:  # decode only: token t is slot t
+            return seqs, seqs, pages, True
+        return pick_bucket(self.token_buckets, max(num_tokens, num_seqs)), seqs, pages, False
+
+    # --- compilation ---
+
+    def _executable(self, bucket: Bucket) -> Any:
+        exe = self._executables.get(bucket)
+        if exe is None:
+            exe = self._executables[bucket] = self._compile(bucket)
+        return exe
+
+    def warmup(self, buckets: Sequence[Bucket] | None = None) -> int:
+        """Compile `buckets` (default: all) in a thread pool; returns how many were compiled."""
+        todo = [b for b in (buckets or self.all_buckets()) if b not in self._executables]
+        with ThreadPoolExecutor(max_workers=max(1, self.runtime.warmup_threads)) as pool:
+            for bucket, exe in zip(todo, pool.map(self._compile, todo)):
+                self._executables[bucket] = exe
+        log.info("compiled %d step buckets", len(todo))
+        return len(todo)
+
+    def _compile(self, bucket: Bucket) -> Any:
+        step_fn = self._step_fns[bucket[3]]
+        return step_fn.lower(self.state, self.kv_cache, *_abstract_inputs(bucket, self)).compile()
+
+    @property
+    def compiled_buckets(self) -> set[Bucket]:
+        return set(self._executables)
+
+    # --- running ---
+
+    def step(self, chunks: Sequence[Chunk]) -> list[Sampled | None]:
+        """Run one ragged step; one result per chunk (None where the chunk does not sample)."""
+        if not chunks:
+            return []
+        bucket = self.bucket_for(sum(len(c.tokens) for c in chunks), len(chunks),
+                                 max(len(c.pages) for c in chunks))
+        inputs, sampling, history, history_is_output = self._pack(chunks, bucket)
+        exe = self._executable(bucket)
+        out, self.kv_cache = exe(self.state, self.kv_cache, inputs, sampling, history, history_is_output)
+        out = jax.device_get(out)
+        return [
+            None if chunk.sampling is None else Sampled(
+                int(out.token_ids[i]), float(out.logprob[i]), out.top_ids[i], out.top_logprobs[i])
+            for i, chunk in enumerate(chunks)
+        ]
+
+    def _pack(self, chunks: Sequence[Chunk], bucket: Bucket) -> tuple[StepInputs, SamplingTensors, np.ndarray,
+                                                                        np.ndarray]:
+        num_tokens, num_seqs, num_pages, _ = bucket
+        history_len = num_pages * self.page_size
+        tokens = np.zeros(num_tokens, np.int32)
+        positions = np.full(num_tokens, -1, np.int32)
+        token_seq = np.zeros(num_tokens, np.int32)
+        slots = np.zeros(num_tokens, np.int32)
+        tables = np.zeros((num_seqs, num_pages), np.int32)
+        logits_index = np.zeros(num_seqs, np.int32)
+        history = np.full((num_seqs, history_len), -1, np.int32)
+        is_output = np.zeros((num_seqs, history_len), bool)
+        offset = 0
+        for i, chunk in enumerate(chunks):
+            n = len(chunk.tokens)
+            pos = np.arange(chunk.start_pos, chunk.start_pos + n, dtype=np.int32)
+            pages = np.asarray(chunk.pages, np.int32)
+            if len(pages) * self.page_size < chunk.start_pos + n:
+                raise ValueError("chunk's pages do not cover its positions")
+            tokens[offset:offset + n] = chunk.tokens
+            positions[offset:offset + n] = pos
+            token_seq[offset:offset + n] = i
+            slots[offset:offset + n] = pages[pos // self.page_size] * self.page_size + pos % self.page_size
+            tables[i, :len(pages)] = pages
+            logits_index[i] = offset + n - 1
+            hist = np.asarray(chunk.history, np.int32)[:history_len]
+            history[i, :len(hist)] = hist
+            is_output[i, chunk.num_prompt:len(hist)] = True
+            offset += n
+        rows = [chunk.sampling for chunk in chunks] + [None] * (num_seqs - len(chunks))
+        inputs = StepInputs(tokens=tokens, positions=positions, token_seq=token_seq, slot_mapping=slots,
+                            block_tables=tables, logits_index=logits_index)
+        # Parameters were validated at admission (SamplingParams.validate); skip re-checking per step.
+        sampling = SamplingTensors.from_params(rows, num_seqs, num_bias_slots=self.num_bias_slots, validate=False)
+        return inputs, sampling, history, is_output
+
+
+def _make_step(graphdef: nnx.GraphDef, num_logprobs: int, decode_only: bool):
+    def step(state: nnx.State, kv_cache: KVCache, inputs: StepInputs, sampling: SamplingTensors,
+             history: jax.Array, history_is_output: jax.Array) -> tuple[SampleOutput, KVCache]:
+        model = nnx.merge(graphdef, state)
+        logits, kv_cache = model(inputs, kv_cache, decode_only=decode_only)
+        return sample(logits, sampling, history, history_is_output, num_logprobs=num_logprobs), kv_cache
+
+    return step
+
+
+def _abstract_inputs(bucket: Bucket, runner: ModelRunner) -> tuple[Any, ...]:
+    """Shape-only arguments for lowering a bucket without running it."""
+    inputs, sampling, history, is_output = runner._pack([], bucket)
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype),
+                        (inputs, sampling, history, is_output))
+
+
+def prepare_weights(weights: dict[str, Weight], dtype: jnp.dtype, keep_packed: bool) -> dict[str, Any]:
+    """Host weights -> device arrays: dense in `dtype`, or packed `QTensor`s where the backend wants that."""
+    out: dict[str, Any] = {}
+    for name, weight in weights.items():
+        if isinstance(weight, QuantizedWeight):
+            if keep_packed:
+                out[name] = QTensor.from_raw(weight.raw, weight.qtype, weight.shape, name=name)
+            else:
+                out[name] = dequantize_raw(weight.raw, weight.qtype, weight.shape, name=name).astype(dtype)
+        else:
+            out[name] = jnp.asarray(np.asarray(weight, np.float32) if weight.dtype != np.float32 else weight,
+                                    dtype=dtype)
+    return out

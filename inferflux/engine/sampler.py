@@ -1,0 +1,514 @@
+"""Token sampling inside the compiled step.
+
+The model runner's jitted step ends with :func:`sample`, so only the sampled
+ids (and the logprobs a request asked for) leave the device. Everything here
+is pure ``jax.numpy`` on static shapes: ``B`` rows (a bucketed batch size,
+padding rows included) by ``V`` vocabulary entries.
+
+Host side, once per step::
+
+    st = SamplingTensors.from_params(row_params, batch_size)       # numpy
+    history, is_output = build_history(row_tokens, batch_size, H)  # numpy
+
+Device side, inside the step function::
+
+    out = sample(logits, st, history, is_output, num_logprobs=n)
+
+Processing order (per row; every stage is a no-op at its default):
+
+1. **logit bias** -- ``logit[id] += bias`` (sparse, ``bias_ids`` / ``bias_values``).
+2. **repetition penalty** (HF / vLLM) -- for each token in the prompt *or* the
+   generated output: ``logit / p`` if ``logit > 0`` else ``logit * p``.
+3. **presence / frequency penalties** (OpenAI) -- for tokens *generated* in this
+   request: ``logit -= presence * (count > 0) + frequency * count``.
+4. **greedy rows** (``temperature < GREEDY_EPS``) take ``argmax`` of the logits
+   so far (ties -> lowest id) and skip the rest. Other rows:
+5. **temperature** -- ``logit / T``.
+6. **top-k** -- keep the ``k`` highest logits (ties broken by lowest id, so
+   ``top_k=1`` picks exactly the greedy token).
+7. **top-p** -- on the distribution left by top-k (renormalised), keep the
+   smallest set of top tokens whose cumulative probability reaches ``top_p``,
+   including the token that crosses it.
+8. **min-p** -- drop tokens with ``prob < min_p * max_prob``.
+9. **sample** -- Gumbel-max with a per-row key
+   ``fold_in(key(seed), step)``, so a request with a given seed draws the same
+   tokens whatever else shares its batch and whichever row it occupies.
+
+Filtering never removes the top-1 token, so every row always has a candidate.
+Top-k and top-p run only when some sampling row asks for them (``lax.cond`` on
+a traced flag), and an all-greedy batch skips filtering and the random draw
+altogether. They find each row's cut-off by bisection on the float ordering
+(32 passes over the row) instead of sorting the vocabulary: on the 2-core
+XLA:CPU dev box a sort of a [64, 128k] batch took ~2.8 s, the bisection
+~0.13 s, for the same kept set (ties at the cut-off resolved by lowest id, as
+a stable descending sort would). Rows that do not filter pass through those branches bit-for-bit, so a
+row's result does not depend on which branches its neighbours triggered.
+
+Logprobs are ``log_softmax`` of the **raw** model logits, before bias,
+penalties, temperature and filtering (vLLM v1's default ``raw_logprobs``
+mode): they describe the model, not the sampler's settings. The sampled
+token's logprob is always reported, even when it is not among the top-N.
+
+Padding rows (``None`` in :meth:`SamplingTensors.from_params`, ``-1`` history)
+are greedy with no penalties, so they never trigger a filter branch; NaN or
+inf logits in any row are sanitised (NaN -> -inf, +inf -> float32 max), so
+nothing returns NaN and rows never interact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from jax import lax
+
+__all__ = [
+    "GREEDY_EPS",
+    "MIN_BIAS_SLOTS",
+    "PADDING_ROW",
+    "RowParams",
+    "SampleOutput",
+    "SamplingTensors",
+    "build_history",
+    "filter_logits",
+    "process_logits",
+    "sample",
+]
+
+# Rows with a temperature below this are greedy (vLLM uses the same epsilon).
+GREEDY_EPS = 1e-5
+# Smallest static width of the sparse logit-bias arrays.
+MIN_BIAS_SLOTS = 16
+
+_F32_MAX = float(np.finfo(np.float32).max)
+_SEED_MASK = 0xFFFFFFFF
+
+
+@dataclasses.dataclass(frozen=True)
+class RowParams:
+    """One row's sampling settings; every default is a no-op.
+
+    ``temperature`` 0 means greedy. ``top_k`` 0 or -1 is off (as is any
+    ``k >= V``), ``top_p`` 1 is off, ``min_p`` 0 is off. ``logit_bias`` maps
+    token id -> value added to its logit (``-inf`` bans the token).
+    ``seed`` None draws a fresh random seed each time the row is packed; an
+    engine that wants a reproducible stream per request fixes one at
+    admission. Seeds outside ``[0, 2**32)`` are folded to 32 bits (the low
+    half of the 64-bit value xor a multiplicative hash of the high half, so
+    seeds in ``[0, 2**32)`` map to themselves and -1 does not collide with 0). ``step`` is the row's position (tokens generated so far); it
+    is folded into the key, so each step draws fresh noise.
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: Mapping[int, float] | None = None
+    seed: int | None = None
+    step: int = 0
+
+    @classmethod
+    def from_sampling_params(cls, params: object, *, step: int, seed: int | None = None) -> RowParams:
+        """Copy the knobs named like this class's fields from ``params`` (e.g. an
+        engine ``SamplingParams``); ``seed`` is used when ``params.seed`` is None."""
+        knobs = {f.name: getattr(params, f.name) for f in dataclasses.fields(cls) if f.name not in ("seed", "step")}
+        own_seed = getattr(params, "seed", None)
+        return cls(**knobs, seed=seed if own_seed is None else own_seed, step=step)
+
+    @property
+    def needs_history(self) -> bool:
+        """True when a penalty needs the row's token history."""
+        default = _DEFAULTS
+        return (
+            self.presence_penalty != default.presence_penalty
+            or self.frequency_penalty != default.frequency_penalty
+            or self.repetition_penalty != default.repetition_penalty
+        )
+
+    def validate(self, vocab_size: int | None = None) -> None:
+        """Raise ``ValueError`` naming the first field that is out of range."""
+
+        def bad(name: str, why: str) -> ValueError:
+            return ValueError(f"sampling parameter {name}={getattr(self, name)!r}: {why}")
+
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise bad("temperature", "must be a finite number >= 0")
+        if int(self.top_k) != self.top_k or self.top_k < -1:
+            raise bad("top_k", "must be an integer >= -1 (0 or -1 = off)")
+        if not (0 < self.top_p <= 1):
+            raise bad("top_p", "must be in (0, 1]")
+        if not (0 <= self.min_p <= 1):
+            raise bad("min_p", "must be in [0, 1]")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise bad(name, "must be finite")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise bad("repetition_penalty", "must be a finite number > 0")
+        if self.seed is not None and int(self.seed) != self.seed:
+            raise bad("seed", "must be an integer")
+        if int(self.step) != self.step or not (0 <= self.step < 2**31):
+            raise bad("step", "must be an integer in [0, 2**31)")
+        for tok, val in (self.logit_bias or {}).items():
+            tid = _token_id(tok)
+            if tid is None or tid < 0 or (vocab_size is not None and tid >= vocab_size):
+                raise bad("logit_bias", f"token id {tok!r} is not in the vocabulary")
+            if math.isnan(val):
+                raise bad("logit_bias", f"value for token {tok} is NaN")
+
+
+def _token_id(tok: object) -> int | None:
+    """A logit-bias key as an int (JSON gives string keys), None if it is not one."""
+    try:
+        tid = int(tok)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return None
+    return tid if isinstance(tok, str) or tid == tok else None
+
+
+_DEFAULTS = RowParams()
+# What a padding row samples with: greedy (so it never triggers the filter or
+# random branches), fixed seed, no penalties.
+PADDING_ROW = RowParams(temperature=0.0, seed=0)
+
+_seed_rng = np.random.default_rng()
+
+
+def _fold_seed(seed: int | None) -> int:
+    if seed is None:
+        return int(_seed_rng.integers(0, 2**32))
+    s = int(seed) % 2**64
+    return ((s & _SEED_MASK) ^ ((s >> 32) * 0x9E3779B1)) & _SEED_MASK
+
+
+@struct.dataclass
+class SamplingTensors:
+    """Per-row sampling settings as arrays (a pytree; every leaf is ``[B]``
+    except the sparse bias, ``[B, NB]``). Build with :meth:`from_params`."""
+
+    temperature: jax.Array  # f32 [B]; < GREEDY_EPS -> greedy
+    top_k: jax.Array  # i32 [B]; <= 0 -> off
+    top_p: jax.Array  # f32 [B]; 1 -> off
+    min_p: jax.Array  # f32 [B]; 0 -> off
+    presence_penalty: jax.Array  # f32 [B]
+    frequency_penalty: jax.Array  # f32 [B]
+    repetition_penalty: jax.Array  # f32 [B]; 1 -> off
+    bias_ids: jax.Array  # i32 [B, NB]; -1 -> unused slot
+    bias_values: jax.Array  # f32 [B, NB]
+    seed: jax.Array  # u32 [B]
+    step: jax.Array  # i32 [B]
+
+    @classmethod
+    def from_params(
+        cls,
+        rows: Sequence[RowParams | None],
+        batch_size: int,
+        *,
+        vocab_size: int | None = None,
+        num_bias_slots: int | None = None,
+        validate: bool = True,
+    ) -> SamplingTensors:
+        """Pack ``rows`` (``None`` = padding) into numpy arrays of ``batch_size`` rows.
+
+        ``num_bias_slots`` fixes the bias width NB; by default it is
+        ``max(MIN_BIAS_SLOTS, next power of two >= the largest bias)`` so few
+        shapes get compiled; a runner with precompiled executables passes a
+        fixed width. ``vocab_size``, when given, is used to reject bias ids
+        outside the vocabulary. Raises ``ValueError`` on bad values
+        (``validate=False`` skips the checks, ~half the ~3 us/row packing cost,
+        for callers that validated at admission).
+        """
+        if len(rows) > batch_size:
+            raise ValueError(f"{len(rows)} rows do not fit in a batch of {batch_size}")
+        rows = [PADDING_ROW if r is None else r for r in rows]
+        for r in rows:
+            if validate and r is not PADDING_ROW:
+                r.validate(vocab_size)
+        rows += [PADDING_ROW] * (batch_size - len(rows))
+        widest = max((len(r.logit_bias or {}) for r in rows), default=0)
+        if num_bias_slots is None:
+            num_bias_slots = max(MIN_BIAS_SLOTS, 1 << max(widest - 1, 0).bit_length())
+        elif widest > num_bias_slots:
+            raise ValueError(f"a row has {widest} logit-bias entries, more than num_bias_slots={num_bias_slots}")
+
+        def col(name: str, dtype) -> np.ndarray:
+            return np.array([getattr(r, name) for r in rows], dtype=dtype)
+
+        bias_ids = np.full((batch_size, num_bias_slots), -1, np.int32)
+        bias_values = np.zeros((batch_size, num_bias_slots), np.float32)
+        for i, r in enumerate(rows):
+            items = list((r.logit_bias or {}).items())
+            if items:
+                bias_ids[i, : len(items)] = [_token_id(t) for t, _ in items]
+                bias_values[i, : len(items)] = [v for _, v in items]
+        return cls(
+            temperature=col("temperature", np.float32),
+            top_k=col("top_k", np.int32),
+            top_p=col("top_p", np.float32),
+            min_p=col("min_p", np.float32),
+            presence_penalty=col("presence_penalty", np.float32),
+            frequency_penalty=col("frequency_penalty", np.float32),
+            repetition_penalty=col("repetition_penalty", np.float32),
+            bias_ids=bias_ids,
+            bias_values=bias_values,
+            seed=np.array([_fold_seed(r.seed) for r in rows], np.uint32),
+            step=col("step", np.int32),
+        )
+
+
+@struct.dataclass
+class SampleOutput:
+    """What leaves the device per step: one sampled token per row, its logprob
+    and the row's top-N logprobs (all of the raw model logits)."""
+
+    token_ids: jax.Array  # i32 [B]
+    logprob: jax.Array  # f32 [B]; raw-logit logprob of token_ids
+    top_ids: jax.Array  # i32 [B, num_logprobs]; highest first, ties -> lowest id
+    top_logprobs: jax.Array  # f32 [B, num_logprobs]
+
+
+def build_history(
+    rows: Sequence[tuple[Sequence[int], Sequence[int]] | None],
+    batch_size: int,
+    history_len: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(history i32 [B, H], history_is_output bool [B, H])`` from
+    ``(prompt_ids, output_ids)`` per row (``None`` = padding, all -1).
+
+    Raises ``ValueError`` when a row's tokens do not fit in ``history_len``
+    (truncating would silently weaken its penalties).
+    """
+    if len(rows) > batch_size:
+        raise ValueError(f"{len(rows)} rows do not fit in a batch of {batch_size}")
+    history = np.full((batch_size, history_len), -1, np.int32)
+    is_output = np.zeros((batch_size, history_len), bool)
+    for i, row in enumerate(rows):
+        if row is None:
+            continue
+        prompt, output = row
+        n_p, n = len(prompt), len(prompt) + len(output)
+        if n > history_len:
+            raise ValueError(f"row {i} has {n} tokens of history, more than history_len={history_len}")
+        history[i, :n_p] = prompt
+        history[i, n_p:n] = output
+        is_output[i, n_p:n] = True
+    return history, is_output
+
+
+# ---------------------------------------------------------------------------
+# Device side
+# ---------------------------------------------------------------------------
+
+
+def _sanitize(x: jax.Array) -> jax.Array:
+    """NaN -> -inf and +inf -> float32 max, so softmax-like math never sees
+    ``inf - inf``; -inf (a banned token) stays."""
+    return jnp.minimum(jnp.where(jnp.isnan(x), -jnp.inf, x), _F32_MAX)
+
+
+def _row_max(x: jax.Array) -> jax.Array:
+    """Row max as ``[B, 1]``, 0 for rows that are all -inf."""
+    m = jnp.max(x, axis=-1, keepdims=True)
+    return jnp.where(jnp.isfinite(m), m, 0.0)
+
+
+def _softmax(x: jax.Array) -> jax.Array:
+    """Softmax of sanitised logits; an all -inf row gives all zeros."""
+    e = jnp.exp(x - _row_max(x))
+    s = jnp.sum(e, axis=-1, keepdims=True)
+    return e / jnp.where(s > 0, s, 1.0)
+
+
+def _log_normalizer(x: jax.Array) -> jax.Array:
+    """``[B, 1]`` logsumexp of sanitised logits, 0 for an all -inf row (whose
+    logprobs then come out -inf rather than NaN)."""
+    m = _row_max(x)
+    s = jnp.sum(jnp.exp(x - m), axis=-1, keepdims=True)
+    return jnp.where(s > 0, m + jnp.log(jnp.where(s > 0, s, 1.0)), 0.0)
+
+
+def _apply_bias(x, st: SamplingTensors):
+    b, v = x.shape
+    ids = st.bias_ids
+    ok = (ids >= 0) & (ids < v)
+    x = x.at[jnp.arange(b)[:, None], jnp.where(ok, ids, v)].add(
+        jnp.where(ok, st.bias_values, 0.0), mode="drop"
+    )
+    return _sanitize(x)
+
+
+def _apply_penalties(x, st: SamplingTensors, history, history_is_output):
+    b, v = x.shape
+    rows = jnp.arange(b)[:, None]
+    valid = (history >= 0) & (history < v)
+    idx = jnp.where(valid, history, v)  # out of range -> dropped
+    counts = jnp.zeros((b, v), jnp.float32).at[rows, idx].add(
+        (valid & history_is_output).astype(jnp.float32), mode="drop"
+    )
+    seen = jnp.zeros((b, v), bool).at[rows, idx].set(True, mode="drop")
+    rep = st.repetition_penalty[:, None]
+    y = jnp.where(seen, jnp.where(x > 0, x / rep, x * rep), x)
+    y = y - st.presence_penalty[:, None] * (counts > 0) - st.frequency_penalty[:, None] * counts
+    # Rows without penalties come through bit for bit (see module doc).
+    return _sanitize(jnp.where(_has_penalty(st)[:, None], y, x))
+
+
+def _has_penalty(st: SamplingTensors) -> jax.Array:
+    return (st.repetition_penalty != 1) | (st.presence_penalty != 0) | (st.frequency_penalty != 0)
+
+
+def process_logits(
+    logits: jax.Array,
+    st: SamplingTensors,
+    history: jax.Array,
+    history_is_output: jax.Array,
+) -> jax.Array:
+    """Stages 1-3: logit bias, repetition penalty, presence/frequency.
+
+    ``logits`` f32 [B, V]; ``history`` i32 [B, H] (prompt + generated ids, -1
+    padded, H may be 0) with ``history_is_output`` bool [B, H] marking the
+    generated ones. Returns the f32 [B, V] logits greedy rows take the argmax
+    of. The bias and penalty scatters run only when some row uses them.
+    """
+    return _process(_sanitize(logits.astype(jnp.float32)), st, history, history_is_output)
+
+
+def _process(x, st: SamplingTensors, history, history_is_output):
+    """:func:`process_logits` on already sanitised logits."""
+    x = lax.cond(jnp.any(st.bias_ids >= 0), _apply_bias, lambda x, _: x, x, st)
+    return lax.cond(
+        jnp.any(_has_penalty(st)),
+        _apply_penalties,
+        lambda x, *_: x,
+        x,
+        st,
+        history.astype(jnp.int32),
+        history_is_output.astype(bool),
+    )
+
+
+def _order_key(x: jax.Array) -> jax.Array:
+    """uint32 key with the same order as the float32 values (-0.0 == +0.0)."""
+    x = jnp.where(x == 0, 0.0, x)
+    bits = lax.bitcast_convert_type(x, jnp.uint32)
+    return jnp.where((bits >> 31) == 1, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def _keep_top(x: jax.Array, weight: jax.Array, budget: jax.Array) -> jax.Array:
+    """Keep mask [B, V] equal to walking each row in descending ``x`` order
+    (ties: lowest id first) and keeping every token whose preceding weight
+    total is still below ``budget`` [B] -- i.e. the shortest prefix whose
+    weight reaches the budget. Weight 1 is top-k, probabilities are top-p.
+
+    No sort: bisection over the 2**32 float keys finds the key ``t`` of the
+    last kept token (the largest ``t`` with ``sum(weight[key >= t]) >= budget``),
+    then ties at ``t`` are kept in id order.
+    """
+    key = _order_key(x)
+
+    def step(_, bounds):
+        lo, hi = bounds  # the answer lies in [lo, hi] (lo when no key reaches the budget)
+        mid = lo + (hi - lo + 1) // 2
+        ok = jnp.sum(jnp.where(key >= mid[:, None], weight, 0.0), axis=-1) >= budget
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, jnp.where(mid > lo, mid - 1, hi))
+
+    t, _ = lax.fori_loop(0, 32, step, (jnp.min(key, axis=-1), jnp.max(key, axis=-1)))
+    t = t[:, None]
+    above = key > t
+    before_ties = jnp.sum(jnp.where(above, weight, 0.0), axis=-1, keepdims=True)
+    tie_w = jnp.where(key == t, weight, 0.0)
+    keep = above | ((key == t) & (before_ties + (jnp.cumsum(tie_w, axis=-1) - tie_w) < budget[:, None]))
+    # The top-1 token always survives, whatever rounding did.
+    return keep | (jnp.arange(x.shape[-1]) == jnp.argmax(x, axis=-1, keepdims=True))
+
+
+def _top_k(x, k, on):
+    keep = _keep_top(x, jnp.ones_like(x), k.astype(jnp.float32))
+    return jnp.where(keep | ~on[:, None], x, -jnp.inf)
+
+
+def _top_p(x, p, on):
+    keep = _keep_top(x, _softmax(x), p)
+    return jnp.where(keep | ~on[:, None], x, -jnp.inf)
+
+
+def filter_logits(x: jax.Array, st: SamplingTensors) -> jax.Array:
+    """Stages 5-8 on processed logits: temperature, top-k, top-p, min-p.
+
+    Returns f32 [B, V] logits to sample from (filtered tokens are -inf).
+    Greedy rows come back unscaled and unfiltered (:func:`sample` takes their
+    argmax before this stage).
+    """
+    v = x.shape[-1]
+    sampling = st.temperature >= GREEDY_EPS
+    x = _sanitize(x / jnp.where(sampling, st.temperature, 1.0)[:, None])
+    topk_on = sampling & (st.top_k > 0) & (st.top_k < v)
+    x = lax.cond(jnp.any(topk_on), _top_k, lambda x, *_: x, x, st.top_k, topk_on)
+    topp_on = sampling & (st.top_p < 1)
+    x = lax.cond(jnp.any(topp_on), _top_p, lambda x, *_: x, x, st.top_p, topp_on)
+    # min-p: p_i < min_p * p_max  <=>  exp(x_i - x_max) < min_p (normalisation cancels).
+    minp_on = sampling & (st.min_p > 0)
+    drop = minp_on[:, None] & (jnp.exp(x - _row_max(x)) < st.min_p[:, None])
+    return jnp.where(drop, -jnp.inf, x)
+
+
+def _row_gumbel(seed: jax.Array, step: jax.Array, v: int) -> jax.Array:
+    """Gumbel noise [B, V]; row i depends only on (seed[i], step[i])."""
+
+    def one(s, t):
+        return jax.random.gumbel(jax.random.fold_in(jax.random.key(s), t), (v,), jnp.float32)
+
+    return jax.vmap(one)(seed, step)
+
+
+def sample(
+    logits: jax.Array,
+    st: SamplingTensors,
+    history: jax.Array,
+    history_is_output: jax.Array,
+    *,
+    num_logprobs: int,
+) -> SampleOutput:
+    """Sample one token per row; see the module doc for the order of stages.
+
+    ``logits`` f32 [B, V] raw model logits; ``st`` from
+    :meth:`SamplingTensors.from_params`; ``history`` / ``history_is_output``
+    from :func:`build_history`. ``num_logprobs`` (static, may be 0) is the
+    number of top logprobs returned per row. Logprobs are log_softmax of the
+    raw logits (before bias, penalties, temperature, filters), as in vLLM v1's
+    default. Jit with ``static_argnames="num_logprobs"``; do not vmap (the
+    ``lax.cond`` skips would turn into selects that run every branch).
+    """
+    raw = _sanitize(logits.astype(jnp.float32))
+    b, v = raw.shape
+    x = _process(raw, st, history, history_is_output)
+    greedy_ids = jnp.argmax(x, axis=-1).astype(jnp.int32)
+    sampling = st.temperature >= GREEDY_EPS
+
+    def draw(x):
+        y = filter_logits(x, st) + _row_gumbel(st.seed, st.step, v)
+        return jnp.where(sampling, jnp.argmax(y, axis=-1).astype(jnp.int32), greedy_ids)
+
+    token_ids = lax.cond(jnp.any(sampling), draw, lambda _: greedy_ids, x)
+
+    lse = _log_normalizer(raw)
+    logprob = jnp.take_along_axis(raw, token_ids[:, None], axis=-1)[:, 0] - lse[:, 0]
+    if num_logprobs > 0:
+        top_vals, top_ids = lax.top_k(raw, num_logprobs)  # ties -> lowest id first
+        top_logprobs = top_vals - lse
+    else:
+        top_ids = jnp.zeros((b, 0), jnp.int32)
+        top_logprobs = jnp.zeros((b, 0), jnp.float32)
+    return SampleOutput(
+        token_ids=token_ids,
+        logprob=logprob,
+        top_ids=top_ids.astype(jnp.int32),
+        top_logprobs=top_logprobs,
+    )

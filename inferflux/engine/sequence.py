@@ -1,0 +1,87 @@
+"""One sequence being generated: its tokens, its pages, how far its KV cache is filled, and when it stops.
+
+Both the research batch loop (`inferflux.llm`) and the server's scheduler
+drive sequences through the same three calls: `next_chunk` (which tokens to
+run next), `append` (a sampled token arrived) and `check_stop`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Sequence as Seq
+
+from inferflux.engine.sampler import RowParams
+from inferflux.engine.sampling_params import SamplingParams
+
+_ids = itertools.count()
+
+
+@dataclasses.dataclass
+class TokenLogprobs:
+    token_id: int
+    logprob: float
+    top: dict[int, float]  # the top-N alternatives (token id -> logprob)
+
+
+@dataclasses.dataclass
+class Sequence:
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int
+    max_model_len: int
+    eos_ids: frozenset[int] = frozenset()
+    seq_id: int = dataclasses.field(default_factory=lambda: next(_ids))
+    output_ids: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[TokenLogprobs] = dataclasses.field(default_factory=list)
+    pages: list[int] = dataclasses.field(default_factory=list)
+    num_computed: int = 0  # tokens whose K/V is in the cache
+    finish_reason: str | None = None  # "stop" or "length"
+    stop_text_len: int | None = None  # set when a stop string ended the text
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.num_computed < len(self.prompt_ids)
+
+    def next_chunk(self, budget: int) -> list[int]:
+        """Up to `budget` tokens not yet in the cache (a prompt chunk, or the last sampled token)."""
+        tokens = self.all_ids
+        return tokens[self.num_computed:self.num_computed + budget]
+
+    def row_params(self) -> RowParams:
+        """This sequence's sampling knobs for the next token, as the sampler's row."""
+        p = self.params
+        bias = {int(k): float(v) for k, v in (p.logit_bias or {}).items()}
+        if len(self.output_ids) < p.min_tokens:  # min_tokens: stop tokens cannot be sampled yet
+            bias.update({t: float("-inf") for t in self._stop_ids()})
+        row = RowParams.from_sampling_params(p, step=len(self.output_ids))
+        return dataclasses.replace(row, seed=self.seed, logit_bias=bias)
+
+    def _stop_ids(self) -> set[int]:
+        p = self.params
+        return set(p.stop_token_ids or ()) | (set() if p.ignore_eos else set(self.eos_ids))
+
+    def append(self, token_id: int, logprob: float, top_ids: Seq[int], top_logprobs: Seq[float]) -> None:
+        self.output_ids.append(token_id)
+        if self.params.logprobs is not None:
+            n = self.params.logprobs
+            self.logprobs.append(TokenLogprobs(
+                token_id, logprob, {int(t): float(v) for t, v in zip(top_ids[:n], top_logprobs[:n])}))
+        self.check_stop()
+
+    def check_stop(self) -> None:
+        p = self.params
+        if len(self.output_ids) >= p.min_tokens and self.output_ids[-1] in self._stop_ids():
+            self.finish_reason = "stop"
+        elif p.max_tokens is not None and len(self.output_ids) >= p.max_tokens:
+            self.finish_reason = "length"
+        elif len(self.prompt_ids) + len(self.output_ids) >= self.max_model_len:
+            self.finish_reason = "length"

@@ -1,0 +1,181 @@
+"""The Llama family (Llama 2/3, Mistral, Qwen2) as Flax NNX modules over a paged KV cache.
+
+The family differs only in config fields: grouped-query attention
+(`num_kv_heads`), q/k/v biases (Qwen2), tied embeddings, rope scaling and
+sliding windows. One module tree serves them all.
+
+A forward pass is one *ragged step*: T tokens (padded to a bucket) that are
+prefill chunks of some sequences and single decode tokens of others, each
+with its sequence slot, position and KV slot. K/V of the step are written into
+their pages first, then every token attends through its sequence's block
+table, so tokens of a chunk see each other causally. Logits are computed only
+for the rows named by `logits_index` (one per sequence slot), because only
+those get sampled.
+
+Rotary embeddings use Hugging Face's rotate-half convention for every
+architecture; the GGUF loader undoes llama.cpp's Q/K row interleaving so both
+file formats give the same parameters (see formats/weights.py).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from inferflux.formats.model_config import ModelConfig
+from inferflux.kernels.paged_attention import paged_attention, write_kv
+from inferflux.kernels.quant_matmul import Weight, embed, linear
+
+# Per layer: (K pages, V pages), each [num_kv_heads, num_pages, page_size, head_dim].
+KVCache = tuple[tuple[jax.Array, jax.Array], ...]
+
+
+@struct.dataclass
+class StepInputs:
+    """Device arrays describing one ragged step (all shapes come from the bucket)."""
+
+    tokens: jax.Array  # [T] int32
+    positions: jax.Array  # [T] int32, -1 for padding tokens
+    token_seq: jax.Array  # [T] int32, the token's sequence slot
+    slot_mapping: jax.Array  # [T] int32, page_id * page_size + offset (page 0 for padding)
+    block_tables: jax.Array  # [S, P] int32
+    logits_index: jax.Array  # [S] int32, the row of T whose logits each slot samples from
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm in float32, then scaled: Hugging Face's order of operations."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotate-half rotary embedding; x is [T, heads, head_dim], angles in float32."""
+    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, head_dim/2]
+    cos = jnp.concatenate([jnp.cos(angles)] * 2, axis=-1)[:, None, :]
+    sin = jnp.concatenate([jnp.sin(angles)] * 2, axis=-1)[:, None, :]
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    x32 = x.astype(jnp.float32)
+    return (x32 * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: ModelConfig, w: Mapping[str, Weight]) -> None:
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.sliding_window = config.sliding_window
+        self.q = nnx.Param(w["q"])
+        self.k = nnx.Param(w["k"])
+        self.v = nnx.Param(w["v"])
+        self.o = nnx.Param(w["o"])
+        self.q_bias = nnx.Param(w["q_bias"]) if "q_bias" in w else None
+        self.k_bias = nnx.Param(w["k_bias"]) if "k_bias" in w else None
+        self.v_bias = nnx.Param(w["v_bias"]) if "v_bias" in w else None
+        self.o_bias = nnx.Param(w["o_bias"]) if "o_bias" in w else None
+
+    def __call__(
+        self, x: jax.Array, inputs: StepInputs, inv_freq: jax.Array, kv: tuple[jax.Array, jax.Array],
+        decode_only: bool,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        t = x.shape[0]
+        q = linear(x, self.q.get_value(), _value(self.q_bias)).reshape(t, self.num_heads, self.head_dim)
+        k = linear(x, self.k.get_value(), _value(self.k_bias)).reshape(t, self.num_kv_heads, self.head_dim)
+        v = linear(x, self.v.get_value(), _value(self.v_bias)).reshape(t, self.num_kv_heads, self.head_dim)
+        q = apply_rope(q, inputs.positions, inv_freq)
+        k = apply_rope(k, inputs.positions, inv_freq)
+        k_pages, v_pages = write_kv(kv[0], kv[1], k, v, inputs.slot_mapping)
+        out = paged_attention(
+            q, k_pages, v_pages, inputs.block_tables, inputs.token_seq, inputs.positions,
+            scale=1.0 / math.sqrt(self.head_dim), sliding_window=self.sliding_window, decode_only=decode_only,
+        )
+        out = linear(out.reshape(t, self.num_heads * self.head_dim).astype(x.dtype), self.o.get_value(),
+                     _value(self.o_bias))
+        return out, (k_pages, v_pages)
+
+
+class MLP(nnx.Module):
+    def __init__(self, w: Mapping[str, Weight]) -> None:
+        self.gate = nnx.Param(w["gate"])
+        self.up = nnx.Param(w["up"])
+        self.down = nnx.Param(w["down"])
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return linear(jax.nn.silu(linear(x, self.gate.get_value())) * linear(x, self.up.get_value()), self.down.get_value())
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: ModelConfig, w: Mapping[str, Weight]) -> None:
+        self.eps = config.rms_norm_eps
+        self.attn_norm = nnx.Param(w["attn_norm"])
+        self.mlp_norm = nnx.Param(w["mlp_norm"])
+        self.attn = Attention(config, w)
+        self.mlp = MLP(w)
+
+    def __call__(
+        self, x: jax.Array, inputs: StepInputs, inv_freq: jax.Array, kv: tuple[jax.Array, jax.Array],
+        decode_only: bool,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        attn_out, kv = self.attn(rms_norm(x, self.attn_norm.get_value(), self.eps), inputs, inv_freq, kv,
+                                 decode_only)
+        x = x + attn_out
+        x = x + self.mlp(rms_norm(x, self.mlp_norm.get_value(), self.eps))
+        return x, kv
+
+
+class LlamaModel(nnx.Module):
+    """A Llama-family decoder built from already-loaded weights (no random init)."""
+
+    def __init__(self, config: ModelConfig, weights: Mapping[str, Weight], dtype: jnp.dtype) -> None:
+        self.config = config
+        self.dtype = jnp.dtype(dtype)
+        self.embed = nnx.Param(weights["embed"])
+        self.norm = nnx.Param(weights["norm"])
+        self.lm_head = None if config.tie_word_embeddings else nnx.Param(weights["lm_head"])
+        self.inv_freq = nnx.Variable(jnp.asarray(config.rope_inv_freq(), jnp.float32))
+        self.layers = nnx.List([
+            DecoderLayer(config, _layer_weights(weights, i)) for i in range(config.num_layers)
+        ])
+
+    def __call__(self, inputs: StepInputs, kv_cache: KVCache, decode_only: bool = False) -> tuple[jax.Array, KVCache]:
+        """Logits `[S, vocab]` (float32) for each sequence slot, and the updated cache.
+
+        `decode_only` (static) promises one token per slot, token t in slot t, so
+        attention may use the GPU decode kernel.
+        """
+        x = embed(self.embed.get_value(), inputs.tokens, self.dtype)
+        inv_freq = self.inv_freq.get_value()
+        new_cache = []
+        for layer, kv in zip(self.layers, kv_cache):
+            x, kv = layer(x, inputs, inv_freq, kv, decode_only)
+            new_cache.append(kv)
+        last = jnp.take(x, inputs.logits_index, axis=0)
+        last = rms_norm(last, self.norm.get_value(), self.config.rms_norm_eps)
+        head = self.embed.get_value() if self.lm_head is None else self.lm_head.get_value()
+        return linear(last, head, out_dtype=jnp.float32), tuple(new_cache)
+
+
+def init_kv_cache(config: ModelConfig, num_pages: int, page_size: int, dtype: jnp.dtype) -> KVCache:
+    """Zeroed K/V pages for every layer; page 0 is the null page padding writes go to."""
+    shape = (config.num_kv_heads, num_pages, page_size, config.head_dim)
+    return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers))
+
+
+def kv_bytes_per_page(config: ModelConfig, page_size: int, dtype: jnp.dtype) -> int:
+    """Device bytes one page costs across all layers (K and V)."""
+    return 2 * config.num_layers * config.num_kv_heads * page_size * config.head_dim * jnp.dtype(dtype).itemsize
+
+
+def _layer_weights(weights: Mapping[str, Weight], i: int) -> dict[str, Weight]:
+    prefix = f"layers.{i}."
+    return {name[len(prefix):]: value for name, value in weights.items() if name.startswith(prefix)}
+
+
+def _value(param: nnx.Param | None) -> jax.Array | None:
+    return None if param is None else param.get_value()
+

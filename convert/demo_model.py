@@ -61,8 +61,12 @@ def train_tokenizer(vocab_size: int = 1024) -> Tokenizer:
     return tokenizer
 
 
-def make_demo_model(out_dir: Path, seed: int = 0) -> Path:
-    """Write the demo model folder to `out_dir` and return it."""
+def make_demo_model(out_dir: Path, seed: int = 0, **shape: int) -> Path:
+    """Write the demo model folder to `out_dir` and return it.
+
+    `shape` overrides entries of SHAPE (e.g. a wider model for benchmarks).
+    """
+    shape = {**SHAPE, **shape}
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer()
     tokenizer.save(str(out_dir / "tokenizer.json"))
@@ -70,12 +74,12 @@ def make_demo_model(out_dir: Path, seed: int = 0) -> Path:
     ids = {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
     (out_dir / "tokenizer_config.json").write_text(json.dumps({
         "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "chat_template": CHAT_TEMPLATE,
-        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": SHAPE["max_position_embeddings"],
+        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": shape["max_position_embeddings"],
     }, indent=2))
     config = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=vocab, rms_norm_eps=1e-5,
                   rope_theta=500000.0, tie_word_embeddings=False, torch_dtype="float32",
                   bos_token_id=ids["<|begin_of_text|>"], eos_token_id=[ids["<|end_of_text|>"], ids["<|eot_id|>"]],
-                  **SHAPE)
+                  **shape)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     save_file(_random_weights(config, np.random.default_rng(seed)), out_dir / "model.safetensors")
     return out_dir

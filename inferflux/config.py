@@ -31,6 +31,8 @@ class RuntimeConfig:
     page_size: int = 16
     # Pages in the KV cache (page 0 is reserved as the null page). 0 = derive from memory_fraction.
     num_pages: int = 0
+    # Reuse KV pages of prompts that share a prefix (chained page hashes, LRU eviction).
+    prefix_caching: bool = True
     # Fraction of free device memory (after weights) given to the KV cache when num_pages is 0.
     memory_fraction: float = 0.5
     # Hard cap on pages when derived from memory (CPU hosts report little about free memory).

@@ -14,7 +14,7 @@ this class only works on the text it returns.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from inferflux.formats.tokenizer import Tokenizer
 

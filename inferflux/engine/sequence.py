@@ -35,9 +35,13 @@ class Sequence:
     output_ids: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[TokenLogprobs] = dataclasses.field(default_factory=list)
     pages: list[int] = dataclasses.field(default_factory=list)
+    page_hashes: list[int] = dataclasses.field(default_factory=list)  # prefix-cache keys of its full pages
     num_computed: int = 0  # tokens whose K/V is in the cache
-    finish_reason: str | None = None  # "stop" or "length"
-    stop_text_len: int | None = None  # set when a stop string ended the text
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
+    finish_reason: str | None = None  # "stop", "length" or "abort"
+    parent: "Sequence | None" = None  # n > 1: the sample whose prompt pages this one reuses
+    adapter: str | None = None  # LoRA adapter (prefix-cache keys include it)
+    index: int = 0  # which of the request's n samples
 
     @property
     def all_ids(self) -> list[int]:

@@ -1,0 +1,183 @@
+"""The engine's synchronous core: requests in, one scheduled and executed step at a time, deltas out.
+
+`EngineCore` is single-threaded on purpose. The offline `LLM` calls `step()`
+in a loop on its own thread; the server's `Engine` runs the same loop on one
+dedicated thread that owns all device state. Everything the step produces
+for the outside is a plain `StreamOutput`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+
+from inferflux.config import Config
+from inferflux.engine.detokenizer import StreamDetokenizer
+from inferflux.engine.kv_cache import PageAllocator
+from inferflux.engine.model_runner import Chunk, ModelRunner
+from inferflux.engine.request import EngineStats, Request, StreamOutput
+from inferflux.engine.sampling_params import SamplingParamsError
+from inferflux.engine.scheduler import ScheduledChunk, Scheduler
+from inferflux.engine.sequence import Sequence
+from inferflux.formats.loader import LoadedModel
+
+
+class _Live:
+    """A request in flight: its samples and their detokenizers."""
+
+    def __init__(self, request: Request, seqs: list[Sequence], detoks: list[StreamDetokenizer]) -> None:
+        self.request = request
+        self.seqs = seqs
+        self.detoks = detoks
+        self.first_token_time: list[float | None] = [None] * len(seqs)
+
+
+class EngineCore:
+    def __init__(self, model: LoadedModel, config: Config) -> None:
+        runtime = config.runtime
+        self.config = config
+        self.model = model
+        self.tokenizer = model.tokenizer
+        self.runner = ModelRunner(model, runtime)
+        self.allocator = PageAllocator(self.runner.num_pages, self.runner.page_size, runtime.prefix_caching)
+        # A sequence must always fit in the cache on its own, or preemption could never make room for it.
+        self.max_model_len = min(self.runner.max_model_len, self.allocator.num_usable * self.runner.page_size)
+        self.scheduler = Scheduler(self.allocator, runtime.max_num_seqs, runtime.max_num_batched_tokens)
+        self._live: dict[str, _Live] = {}  # request id -> request in flight
+        self._by_seq: dict[int, _Live] = {}  # sequence id -> its request
+        self._seeds = random.Random(runtime.seed)
+        self._stats = EngineStats(kv_pages_total=self.allocator.num_usable)
+        if runtime.warmup:
+            self.runner.warmup()
+
+    # --- requests ---
+
+    def validate(self, request: Request) -> None:
+        """Raise `SamplingParamsError` for a request that cannot run; reads no mutable state."""
+        runtime = self.config.runtime
+        request.params.validate(self.model.config.vocab_size, runtime.max_logprobs, runtime.max_logit_bias)
+        if not request.prompt_ids:
+            raise SamplingParamsError("the prompt is empty")
+        if len(request.prompt_ids) >= self.max_model_len:
+            raise SamplingParamsError(
+                f"the prompt has {len(request.prompt_ids)} tokens, but this model's context holds "
+                f"{self.max_model_len}; shorten the prompt")
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= int(t) < vocab for t in request.prompt_ids):
+            raise SamplingParamsError(f"the prompt has token ids outside the vocabulary (0..{vocab - 1})")
+
+    def add_request(self, request: Request) -> None:
+        """Validate and queue a request; a bad one raises here and is never scheduled."""
+        self.validate(request)
+        if request.request_id in self._live:
+            raise SamplingParamsError(f"request id {request.request_id!r} is already in use")
+        params = request.params
+        prompt = [int(t) for t in request.prompt_ids]
+        base_seed = params.seed if params.seed is not None else self._seeds.getrandbits(31)
+        eos = frozenset(self.tokenizer.eos_ids)
+        seqs: list[Sequence] = []
+        for i in range(params.n):
+            seqs.append(Sequence(prompt, params, seed=base_seed + i, max_model_len=self.max_model_len, eos_ids=eos,
+                                 parent=seqs[0] if seqs else None, adapter=request.adapter, index=i))
+        detoks = [StreamDetokenizer(self.tokenizer, prompt, params.stop, params.skip_special_tokens)
+                  for _ in seqs]
+        live = self._live[request.request_id] = _Live(request, seqs, detoks)
+        for seq in seqs:
+            self._by_seq[seq.seq_id] = live
+            self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> list[StreamOutput]:
+        """Drop a request now; its pages are free before the next step. Returns the final outputs."""
+        live = self._live.pop(request_id, None)
+        if live is None:
+            return []
+        outputs = []
+        for i, seq in enumerate(live.seqs):
+            self._by_seq.pop(seq.seq_id, None)
+            if not seq.finished:
+                self.scheduler.remove(seq)
+                seq.finish_reason = "abort"
+                outputs.append(self._output(live, i, [], "", None))
+        return outputs
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self._live)
+
+    # --- stepping ---
+
+    def step(self) -> list[StreamOutput]:
+        """Schedule and run one step; return every sample's new output."""
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            return []
+        start = time.perf_counter()
+        results = self.runner.step([self._chunk(c) for c in chunks])
+        now = time.monotonic()
+        outputs = []
+        for scheduled, result in zip(chunks, results):
+            seq = scheduled.seq
+            self._stats.prompt_tokens += max(0, min(len(seq.prompt_ids) - seq.num_computed, len(scheduled.tokens)))
+            seq.num_computed += len(scheduled.tokens)
+            self.allocator.register(seq.pages, seq.all_ids, seq.num_computed, seq.page_hashes, seq.adapter)
+            if result is not None:
+                outputs.append(self._accept(seq, result, now))
+        elapsed = time.perf_counter() - start
+        self._stats.num_steps += 1
+        self._stats.last_step_seconds = elapsed
+        self._stats.total_step_seconds += elapsed
+        return outputs
+
+    def _chunk(self, scheduled: ScheduledChunk) -> Chunk:
+        seq = scheduled.seq
+        return Chunk(tokens=scheduled.tokens, start_pos=seq.num_computed, pages=seq.pages, history=seq.all_ids,
+                     num_prompt=len(seq.prompt_ids), sampling=seq.row_params() if scheduled.samples else None)
+
+    def _accept(self, seq: Sequence, result, now: float) -> StreamOutput:
+        """A sampled token arrived: extend the sample, detokenize, decide whether it stops."""
+        live = self._by_seq[seq.seq_id]
+        detok = live.detoks[seq.index]
+        seq.append(result.token_id, result.logprob, result.top_ids, result.top_logprobs)
+        self._stats.generation_tokens += 1
+        if live.first_token_time[seq.index] is None:
+            live.first_token_time[seq.index] = now
+        text = detok.push(result.token_id)
+        stop_reason = None
+        if detok.stopped:
+            seq.finish_reason, stop_reason = "stop", detok.stop_string
+        elif seq.finished:
+            text += detok.finish()
+            if seq.finish_reason == "stop" and result.token_id not in seq.eos_ids:
+                stop_reason = result.token_id
+        new_logprobs = seq.logprobs[-1:] if seq.params.logprobs is not None else None
+        out = self._output(live, seq.index, [result.token_id], text, new_logprobs, now, stop_reason)
+        if seq.finished:
+            self.scheduler.remove(seq)
+            del self._by_seq[seq.seq_id]
+            if all(s.finished for s in live.seqs):
+                del self._live[live.request.request_id]
+        return out
+
+    def _output(self, live: _Live, index: int, new_ids: list[int], text: str, logprobs,
+                now: float | None = None, stop_reason: str | int | None = None) -> StreamOutput:
+        seq = live.seqs[index]
+        return StreamOutput(
+            request_id=live.request.request_id, index=index, new_token_ids=new_ids, new_text=text,
+            new_logprobs=logprobs, finish_reason=seq.finish_reason, prompt_tokens=len(seq.prompt_ids),
+            completion_tokens=len(seq.output_ids), cached_tokens=seq.num_cached_tokens,
+            arrival_time=live.request.arrival_time, first_token_time=live.first_token_time[index],
+            last_token_time=now, stop_reason=stop_reason,
+        )
+
+    # --- statistics ---
+
+    def stats(self) -> EngineStats:
+        s = self._stats
+        s.num_running = len(self.scheduler.running)
+        s.num_waiting = len(self.scheduler.waiting)
+        s.kv_pages_used = self.allocator.num_used
+        s.prefix_queries = self.allocator.stats.queries
+        s.prefix_hits = self.allocator.stats.hits
+        s.num_preemptions = self.scheduler.num_preemptions
+        return dataclasses.replace(s)

@@ -1,0 +1,154 @@
+"""The serving engine: one thread owns the device and runs the step loop; asyncio callers stream results.
+
+`await engine.submit(request)` validates the request at once (a bad one
+raises there), hands it to the step-loop thread, and returns an async
+iterator of `StreamOutput` deltas for that request. The two sides exchange
+only plain Python objects: requests and aborts go in through a locked inbox,
+outputs come back through each request's `asyncio.Queue` via
+`loop.call_soon_threadsafe`. The asyncio side never calls JAX.
+
+A consumer that stops iterating (it broke out, or its task was cancelled)
+aborts its request; the pages are free before the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import AsyncIterator
+
+from inferflux.config import Config
+from inferflux.engine.core import EngineCore
+from inferflux.engine.request import EngineStats, Request, StreamOutput
+from inferflux.formats.loader import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The step loop stopped on an error; requests in flight end with it."""
+
+
+class Engine:
+    def __init__(self, model: LoadedModel, config: Config) -> None:
+        self.core = EngineCore(model, config)
+        self.tokenizer = self.core.tokenizer
+        self._cond = threading.Condition()
+        self._inbox: list[tuple[Request, asyncio.Queue, asyncio.AbstractEventLoop]] = []
+        self._aborts: list[str] = []
+        self._streams: dict[str, tuple[asyncio.Queue, asyncio.AbstractEventLoop]] = {}
+        self._stats = self.core.stats()
+        self._stopping = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="inferflux-engine", daemon=True)
+
+    # --- lifecycle ---
+
+    def start(self) -> "Engine":
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Abort whatever is in flight and end the step loop."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread.is_alive()
+
+    # --- requests ---
+
+    async def submit(self, request: Request) -> AsyncIterator[StreamOutput]:
+        """Queue a request; iterate the result for its outputs (the last one of each sample is finished)."""
+        if self._error is not None or self._stopping:
+            raise EngineDeadError(f"the engine is not running: {self._error or 'stopped'}")
+        # Validate in the caller, so bad input is an immediate error and never reaches the loop.
+        self.core.validate(request)
+        queue: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        with self._cond:
+            self._inbox.append((request, queue, loop))
+            self._cond.notify()
+        return self._stream(request, queue)
+
+    async def _stream(self, request: Request, queue: asyncio.Queue) -> AsyncIterator[StreamOutput]:
+        remaining = request.params.n
+        try:
+            while remaining:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finished:
+                    remaining -= 1
+                yield item
+        finally:
+            if remaining:
+                self.abort(request.request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request; safe from any thread, a no-op for unknown or finished ones."""
+        with self._cond:
+            self._aborts.append(request_id)
+            self._cond.notify()
+
+    def stats(self) -> EngineStats:
+        """The latest statistics (a snapshot the loop refreshes after every step)."""
+        return self._stats
+
+    # --- the step loop (engine thread) ---
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not (self._inbox or self._aborts or self._stopping or self.core.has_unfinished):
+                        self._cond.wait()
+                    inbox, self._inbox = self._inbox, []
+                    aborts, self._aborts = self._aborts, []
+                    stopping = self._stopping
+                for request, queue, loop in inbox:
+                    self._admit(request, queue, loop)
+                for request_id in aborts:
+                    for output in self.core.abort(request_id):
+                        self._deliver(output)
+                    self._streams.pop(request_id, None)
+                if stopping:
+                    break
+                for output in self.core.step():
+                    self._deliver(output)
+                self._stats = self.core.stats()
+        except BaseException as exc:  # noqa: BLE001 - every request must hear about it
+            log.exception("engine step loop failed")
+            self._error = exc
+            for queue, loop in self._streams.values():
+                loop.call_soon_threadsafe(queue.put_nowait, EngineDeadError(str(exc)))
+        finally:
+            for request_id in list(self._streams):
+                for output in self.core.abort(request_id):
+                    self._deliver(output)
+            self._streams.clear()
+            self._stats = self.core.stats()
+
+    def _admit(self, request: Request, queue: asyncio.Queue, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            self.core.add_request(request)
+        except Exception as exc:  # noqa: BLE001 - reported to the one caller it concerns
+            loop.call_soon_threadsafe(queue.put_nowait, exc)
+            return
+        self._streams[request.request_id] = (queue, loop)
+
+    def _deliver(self, output: StreamOutput) -> None:
+        target = self._streams.get(output.request_id)
+        if target is None:
+            return
+        queue, loop = target
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, output)
+        except RuntimeError:  # the caller's event loop is closed: nobody is listening
+            self.core.abort(output.request_id)
+        if output.finished and output.request_id not in self.core._live:
+            self._streams.pop(output.request_id, None)

@@ -1,0 +1,65 @@
+"""What goes into the engine (a Request) and what comes out (StreamOutput deltas, EngineStats)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+
+from inferflux.engine.sampling_params import SamplingParams
+from inferflux.engine.sequence import TokenLogprobs
+
+
+@dataclasses.dataclass
+class Request:
+    prompt_ids: list[int]
+    params: SamplingParams = dataclasses.field(default_factory=SamplingParams)
+    request_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
+    arrival_time: float = dataclasses.field(default_factory=time.monotonic)
+    tenant: str | None = None  # for per-tenant fairness and accounting
+    adapter: str | None = None  # LoRA adapter name (later)
+
+
+@dataclasses.dataclass
+class StreamOutput:
+    """One sample's progress since its previous output: the increments, plus running totals."""
+
+    request_id: str
+    index: int  # which of the request's n samples
+    new_token_ids: list[int]
+    new_text: str
+    new_logprobs: list[TokenLogprobs] | None
+    finish_reason: str | None  # None while running; "stop", "length" or "abort"
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int  # prompt tokens served from the prefix cache
+    arrival_time: float
+    first_token_time: float | None
+    last_token_time: float | None
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended it, if any
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclasses.dataclass
+class EngineStats:
+    """Counters for /metrics: queue lengths, KV usage, prefix cache, preemptions, tokens, step time."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_pages_used: int = 0
+    kv_pages_total: int = 0
+    prefix_queries: int = 0
+    prefix_hits: int = 0
+    num_preemptions: int = 0
+    prompt_tokens: int = 0  # prompt tokens computed (excludes cache hits)
+    generation_tokens: int = 0
+    num_steps: int = 0
+    last_step_seconds: float = 0.0
+    total_step_seconds: float = 0.0
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.kv_pages_used / self.kv_pages_total if self.kv_pages_total else 0.0

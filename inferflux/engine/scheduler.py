@@ -1,0 +1,132 @@
+"""Which tokens of which sequences run in the next step (vLLM v1's policy, nano-vllm's size).
+
+Each step has a token budget (`runtime.max_num_batched_tokens`) and a cap on
+sequences (`runtime.max_num_seqs`). Running sequences go first, oldest first:
+a decoding sequence takes one token, a sequence still in its prompt takes the
+next chunk that fits (chunked prefill), so one long prompt never stalls the
+decodes. What budget is left admits waiting sequences in arrival order, each
+starting after whatever prefix of its prompt the prefix cache already holds.
+
+When a running sequence needs a page and none is free, the most recently
+admitted running sequence is preempted: its pages are released (full pages
+stay in the prefix cache) and it goes back to the front of the queue, to be
+recomputed later. Its generated tokens are kept, so it resumes exactly
+where it was. Waiting sequences are not admitted in a step that preempted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+
+from inferflux.engine.kv_cache import PageAllocator
+from inferflux.engine.sequence import Sequence
+
+
+@dataclasses.dataclass
+class ScheduledChunk:
+    seq: Sequence
+    tokens: list[int]
+
+    @property
+    def samples(self) -> bool:
+        """The chunk reaches the sequence's last token, so its logits pick the next one."""
+        return self.seq.num_computed + len(self.tokens) == len(self.seq.all_ids)
+
+
+class Scheduler:
+    def __init__(self, allocator: PageAllocator, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.allocator = allocator
+        self.page_size = allocator.page_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """Take a sequence out of the queues (finished or aborted) and release its pages."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self._release(seq)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[ScheduledChunk]:
+        chunks: list[ScheduledChunk] = []
+        budget = self.max_num_batched_tokens
+        preempted = False
+        for seq in list(self.running):
+            if seq not in self.running:  # preempted earlier in this loop
+                continue
+            if len(chunks) == self.max_num_seqs or budget == 0:
+                break
+            tokens = seq.next_chunk(budget)
+            while not self._reserve(seq, len(tokens)):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            else:
+                chunks.append(ScheduledChunk(seq, tokens))
+                budget -= len(tokens)
+        if not preempted:
+            self._admit(chunks, budget)
+        return chunks
+
+    def _admit(self, chunks: list[ScheduledChunk], budget: int) -> None:
+        for seq in list(self.waiting):
+            if len(chunks) == self.max_num_seqs or budget == 0:
+                return
+            if seq.parent is not None and seq.parent.in_prefill and not seq.parent.finished:
+                continue  # n > 1: wait for the first sample's prompt pages, then share them
+            if not seq.pages:
+                self._attach_prefix(seq)
+            tokens = seq.next_chunk(budget)
+            if not self._reserve(seq, len(tokens)):
+                self._release(seq)  # give back the matched prefix; try again next step
+                return
+            self.waiting.remove(seq)
+            self.running.append(seq)
+            chunks.append(ScheduledChunk(seq, tokens))
+            budget -= len(tokens)
+
+    def _attach_prefix(self, seq: Sequence) -> None:
+        """Start the sequence after the cached full pages of its tokens (at least one token stays to run)."""
+        tokens = seq.all_ids
+        pages = self.allocator.match_prefix(tokens, seq.adapter, limit=(len(tokens) - 1) // self.page_size)
+        seq.pages = pages
+        seq.num_computed = len(pages) * self.page_size
+        if not seq.output_ids:  # first admission: what the prompt got from the cache (usage.cached_tokens)
+            seq.num_cached_tokens = seq.num_computed
+
+    def _reserve(self, seq: Sequence, num_new: int) -> bool:
+        """Make the sequence's pages cover its next `num_new` tokens; False when out of pages."""
+        needed = -(-(seq.num_computed + num_new) // self.page_size) - len(seq.pages)
+        if needed <= 0:
+            return True
+        if needed > self.allocator.num_free:
+            return False
+        seq.pages = seq.pages + self.allocator.allocate(needed)
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self._release(seq)
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.pages:
+            self.allocator.release(seq.pages)
+        seq.pages = []
+        seq.page_hashes = []
+        seq.num_computed = 0

@@ -18,7 +18,7 @@ from inferflux.errors import InferFluxError
 
 
 class InferCtl:
-    """InferFlux: run GGUF and safetensors models. Commands: convert, show, make-demo-model."""
+    """InferFlux: run GGUF and safetensors models. Commands: serve, convert, show, make-demo-model."""
 
     def convert(self, src: str, dst: str, type: str = "F16", name: str | None = None) -> None:
         """Convert a Hugging Face safetensors folder SRC to a GGUF file DST.
@@ -63,6 +63,24 @@ class InferCtl:
         for key, value in rows:
             print(f"  {key:<{width}}  {value}")
 
+    def serve(self, model: str, host: str | None = None, port: int | None = None, config: str | None = None,
+              served_model_name: str | None = None) -> None:
+        """Serve MODEL (a GGUF file or Hugging Face folder) over the OpenAI API until SIGTERM/Ctrl-C.
+
+        --config FILE: a YAML config; --set section.key=value (repeatable) overrides any key.
+        """
+        from inferflux.config import load_config
+        from inferflux.server.serve import serve
+
+        overrides = dict(_SET_OVERRIDES)
+        if host is not None:
+            overrides["server.host"] = host
+        if port is not None:
+            overrides["server.port"] = port
+        if served_model_name is not None:
+            overrides["server.served_model_name"] = served_model_name
+        sys.exit(serve(model, load_config(config, overrides), config))
+
     def make_demo_model(self, out: str = "demo-model") -> None:
         """Build a tiny random-weight Llama model with a trained tokenizer into folder OUT.
 
@@ -79,11 +97,35 @@ def _json_dumps(value: Any) -> str:
     return json.dumps(value, indent=2, ensure_ascii=False)
 
 
+# `--set section.key=value` may repeat; fire keeps only the last, so they are taken out of argv first.
+_SET_OVERRIDES: list[tuple[str, str]] = []
+
+
+def _take_set_flags(argv: list[str]) -> list[str]:
+    rest, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--set" and i + 1 < len(argv):
+            value, i = argv[i + 1], i + 2
+        elif arg.startswith("--set="):
+            value, i = arg[len("--set="):], i + 1
+        else:
+            rest.append(arg)
+            i += 1
+            continue
+        if "=" not in value:
+            raise ValueError(f"--set {value!r}: expected section.key=value")
+        key, _, val = value.partition("=")
+        _SET_OVERRIDES.append((key.strip(), val.strip()))
+    return rest
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `inferctl` and `inferflux` console scripts."""
     try:
-        fire.Fire(InferCtl, command=argv, name="inferctl")
-    except (InferFluxError, ValueError, FileNotFoundError, PermissionError) as exc:
+        args = _take_set_flags(list(sys.argv[1:] if argv is None else argv))
+        fire.Fire(InferCtl, command=args, name="inferctl")
+    except (InferFluxError, ValueError, FileNotFoundError, PermissionError, OSError) as exc:
         print(f"inferctl: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

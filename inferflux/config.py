@@ -59,8 +59,33 @@ class RuntimeConfig:
 
 
 @dataclasses.dataclass
+class ServerConfig:
+    """The HTTP server: where it listens, which model names it answers to, and its limits."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    # The model id clients use; empty = the model file's name. Aliases: comma-separated extra ids.
+    served_model_name: str = ""
+    model_aliases: str = ""
+    # Accept any model id in requests (single-model servers behind tools that send fixed names).
+    accept_any_model: bool = False
+    # On SIGTERM/SIGINT: stop accepting, let running streams finish for this long, then abort the rest.
+    drain_seconds: float = 30.0
+    max_body_bytes: int = 4_194_304
+    # Requests waiting for the engine beyond this get 503.
+    max_queued_requests: int = 1024
+    # Allowed CORS origins, comma-separated; "*" allows any. Default: localhost origins only.
+    cors_origins: str = "http://localhost,http://127.0.0.1"
+    # /admin/* routes (model reload) are served only when true, until API-key auth exists.
+    admin_enabled: bool = False
+    # Default max_tokens when a request gives none; 0 = up to the context window.
+    default_max_tokens: int = 0
+
+
+@dataclasses.dataclass
 class Config:
     runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
+    server: ServerConfig = dataclasses.field(default_factory=ServerConfig)
     # Where models, the XLA compilation cache and state live. Default: $INFERFLUX_HOME or ~/.inferflux.
     home: str = ""
 

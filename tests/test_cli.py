@@ -71,3 +71,19 @@ def test_bad_type_and_corrupt_file(demo: Path, tmp_path: Path) -> None:
     bad.write_bytes(b"GGUF" + b"\xff" * 64)
     result = inferctl("show", str(bad))
     assert result.returncode == 1 and str(bad) in result.stderr and "Traceback" not in result.stderr
+
+
+def test_readme_serve(demo: Path) -> None:
+    """The README's first command ends in `inferctl serve demo-model`: it must answer an OpenAI request."""
+    import httpx
+
+    from tests.test_server import Server
+
+    server = Server(demo, "demo-model")
+    try:
+        response = httpx.post(server.url + "/v1/chat/completions", timeout=120, json={
+            "model": "demo-model", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
+        assert response.status_code == 200
+        assert response.json()["choices"][0]["message"]["role"] == "assistant"
+    finally:
+        assert server.stop() == 0, server.output()

@@ -1,0 +1,227 @@
+"""Prometheus metrics for `/metrics`: request counters, latency histograms, engine gauges.
+
+Each `ServerMetrics` owns a private `CollectorRegistry` instead of the
+process-global one, so several apps (and tests) can live in one process
+without "Duplicated timeseries" errors or leaking counts into each other.
+
+Exposed names (a stable interface, see ARCHITECTURE.md). prometheus_client
+appends `_total` to counter names itself, so counters are declared without it:
+
+    inferflux:requests_total{endpoint,status}
+    inferflux:prompt_tokens_total
+    inferflux:generation_tokens_total
+    inferflux:request_success_total{finish_reason}
+    inferflux:time_to_first_token_seconds      (histogram)
+    inferflux:inter_token_latency_seconds      (histogram)
+    inferflux:e2e_request_latency_seconds      (histogram)
+    inferflux:num_requests_running             (gauge)
+    inferflux:num_requests_waiting             (gauge)
+    inferflux:kv_cache_usage_perc              (gauge, 0..1)
+    inferflux:num_preemptions_total
+    inferflux:prefix_cache_queries_total
+    inferflux:prefix_cache_hits_total
+    vllm:num_requests_running                  (gauge, same value)
+    vllm:num_requests_waiting                  (gauge, same value)
+    vllm:kv_cache_usage_perc                   (gauge, same value)
+
+The `vllm:` gauges exist because KEDA, llm-d and the Gateway API inference
+extension read exactly those names to autoscale and route. Every series carries
+`model_name` (vLLM's label name, which those tools filter on) and `backend`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from inferflux.engine.request import EngineStats
+
+# Buckets span both ends of what we serve: a GPU answers a short prompt in
+# milliseconds, while a 2-core CPU decodes a 1B model at a few tokens/s and a
+# long prompt there takes minutes to prefill. Same spirit as vLLM's ranges,
+# coarser in the tail where no SLO lives.
+TTFT_BUCKETS: tuple[float, ...] = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 0.75,
+    1.0, 1.5, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0,
+)  # fmt: skip
+ITL_BUCKETS: tuple[float, ...] = (
+    0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075,
+    0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0,
+)  # fmt: skip
+E2E_BUCKETS: tuple[float, ...] = (
+    0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0,
+    30.0, 45.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 3600.0,
+)  # fmt: skip
+
+_BASE_LABELS = ("model_name", "backend")
+
+# Engine-side running totals mirrored as counters: EngineStats field -> counter attribute.
+_ENGINE_TOTALS = {
+    "num_preemptions": "_preemptions",
+    "prefix_queries": "_prefix_queries",
+    "prefix_hits": "_prefix_hits",
+}
+
+
+class ServerMetrics:
+    """All server metrics for one model on one backend, in a registry of their own."""
+
+    def __init__(self, model: str, backend: str) -> None:
+        self.model = model
+        self.backend = backend
+        self.registry = CollectorRegistry(auto_describe=True)
+        base = {"model_name": model, "backend": backend}
+        reg = self.registry
+
+        def counter(name: str, doc: str):
+            return Counter(name, doc, _BASE_LABELS, registry=reg).labels(**base)
+
+        def gauge(name: str, doc: str):
+            return Gauge(name, doc, _BASE_LABELS, registry=reg).labels(**base)
+
+        def histogram(name: str, doc: str, buckets: Sequence[float]):
+            return Histogram(name, doc, _BASE_LABELS, registry=reg, buckets=buckets).labels(**base)
+
+        # Labelled per call; the base labels are bound in observe_* below.
+        self._requests = Counter(
+            "inferflux:requests",
+            "HTTP requests by endpoint (route template, not raw path) and status code.",
+            (*_BASE_LABELS, "endpoint", "status"),
+            registry=reg,
+        )
+        self._success = Counter(
+            "inferflux:request_success",
+            "Finished generation requests by finish reason (stop, length, abort).",
+            (*_BASE_LABELS, "finish_reason"),
+            registry=reg,
+        )
+
+        self._prompt_tokens = counter("inferflux:prompt_tokens", "Prompt tokens of finished requests.")
+        self._generation_tokens = counter(
+            "inferflux:generation_tokens", "Generated tokens of finished requests."
+        )
+        self._ttft = histogram(
+            "inferflux:time_to_first_token_seconds", "Time to first token.", TTFT_BUCKETS
+        )
+        self._itl = histogram(
+            "inferflux:inter_token_latency_seconds",
+            "Time between consecutive output tokens (one observation per gap).",
+            ITL_BUCKETS,
+        )
+        self._e2e = histogram(
+            "inferflux:e2e_request_latency_seconds",
+            "Arrival to last token, per finished request.",
+            E2E_BUCKETS,
+        )
+
+        self._running = gauge("inferflux:num_requests_running", "Requests in the running batch.")
+        self._waiting = gauge("inferflux:num_requests_waiting", "Requests queued for admission.")
+        self._kv_usage = gauge(
+            "inferflux:kv_cache_usage_perc", "Fraction of KV cache pages in use (0..1)."
+        )
+        self._vllm_running = gauge(
+            "vllm:num_requests_running", "Requests in the running batch (vLLM-compatible name)."
+        )
+        self._vllm_waiting = gauge(
+            "vllm:num_requests_waiting", "Requests queued for admission (vLLM-compatible name)."
+        )
+        self._vllm_kv_usage = gauge(
+            "vllm:kv_cache_usage_perc",
+            "Fraction of KV cache pages in use, 0..1 (vLLM-compatible name).",
+        )
+
+        self._preemptions = counter(
+            "inferflux:num_preemptions", "Requests preempted because KV pages ran out."
+        )
+        self._prefix_queries = counter(
+            "inferflux:prefix_cache_queries", "Prompt tokens looked up in the prefix cache."
+        )
+        self._prefix_hits = counter(
+            "inferflux:prefix_cache_hits", "Prompt tokens served from the prefix cache."
+        )
+
+        # Last engine totals seen, so counters advance by deltas. Guarded by a lock
+        # because the engine thread and a scrape-time refresh may both call update_engine.
+        self._lock = threading.Lock()
+        self._last_totals: dict[str, int] = {field: 0 for field in _ENGINE_TOTALS}
+
+    # --- per request -------------------------------------------------------------
+
+    def observe_request(self, endpoint: str, status: int) -> None:
+        """Count one HTTP response. Pass the route template so label cardinality stays bounded."""
+        self._requests.labels(self.model, self.backend, endpoint, str(status)).inc()
+
+    def observe_finished(
+        self,
+        prompt_tokens: int,
+        generation_tokens: int,
+        ttft_s: float | None,
+        itl_s: Sequence[float],
+        e2e_s: float,
+        finish_reason: str,
+    ) -> None:
+        """Record one finished generation.
+
+        `ttft_s` is None when the request ended before its first token (aborted,
+        or rejected by the engine): observing a made-up value would skew the
+        TTFT distribution. Negative token counts are clamped to 0 rather than
+        raising, because a metrics bug must never fail the request it measures.
+        """
+        self._prompt_tokens.inc(max(0, prompt_tokens))
+        self._generation_tokens.inc(max(0, generation_tokens))
+        self._success.labels(self.model, self.backend, finish_reason).inc()
+        if ttft_s is not None:
+            self._ttft.observe(ttft_s)
+        for gap in itl_s:
+            self._itl.observe(gap)
+        self._e2e.observe(e2e_s)
+
+    # --- engine state ------------------------------------------------------------
+
+    def update_engine(self, stats: EngineStats) -> None:
+        """Mirror an engine snapshot: gauges take the values, totals advance counters by the delta.
+
+        The engine keeps running totals, and a model reload builds a new engine whose
+        totals restart at 0. A Prometheus counter must never go down (rate() would
+        read a drop as a reset and a huge spike), so a total lower than the last one
+        seen is taken as a restart: the counter advances by the new total itself.
+        """
+        self._running.set(stats.num_running)
+        self._waiting.set(stats.num_waiting)
+        self._kv_usage.set(stats.kv_cache_usage)
+        self._vllm_running.set(stats.num_running)
+        self._vllm_waiting.set(stats.num_waiting)
+        self._vllm_kv_usage.set(stats.kv_cache_usage)
+        with self._lock:
+            for field, attr in _ENGINE_TOTALS.items():
+                value = int(getattr(stats, field))
+                last = self._last_totals[field]
+                delta = value - last if value >= last else value
+                if delta > 0:
+                    getattr(self, attr).inc(delta)
+                self._last_totals[field] = value
+
+    def engine_replaced(self) -> None:
+        """Forget the old engine's totals; call when a reload swaps in a new engine.
+
+        update_engine detects a restart only when the new total is lower than the
+        old one; a new engine that overtook the old count before its first update
+        would otherwise be under-counted by the old engine's total.
+        """
+        with self._lock:
+            self._last_totals = {field: 0 for field in _ENGINE_TOTALS}
+
+    # --- exposition --------------------------------------------------------------
+
+    def render(self) -> tuple[bytes, str]:
+        """The Prometheus text exposition of this registry and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,490 @@
+"""The OpenAI surface: chat and text completions (streamed or not), models, tokenize, WebSocket chat.
+
+Handlers turn a request body into engine `Request`s and engine deltas into
+OpenAI objects; they never touch the device. Streams are Server-Sent Events
+(`data: {chunk}` ... `data: [DONE]`). A client that disconnects cancels the
+handler's generator, which aborts the engine request and frees its pages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import Any, AsyncIterator, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from quart import Blueprint, Response, current_app, request, websocket
+
+from inferflux import __version__
+from inferflux.engine.engine import EngineDeadError
+from inferflux.engine.request import Request, StreamOutput
+from inferflux.engine.sampling_params import SamplingParams, SamplingParamsError
+from inferflux.formats.chat_template import ChatTemplateError
+from inferflux.server.errors import APIError, bad_request, model_not_found, unavailable
+from inferflux.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from inferflux.server.state import ModelHandle, ServerState
+
+bp = Blueprint("openai", __name__)
+M = TypeVar("M", bound=BaseModel)
+
+
+def server_state() -> ServerState:
+    return current_app.extensions["inferflux"]
+
+
+# --- parsing ---
+
+
+def parse_json(raw: bytes | str) -> dict[str, Any]:
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise bad_request(f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise bad_request("the request body must be a JSON object")
+    return data
+
+
+def validate(model: type[M], data: dict[str, Any]) -> M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        raise bad_request(f"invalid value for `{param}`: {first['msg']}", param=param) from None
+
+
+async def body(model: type[M]) -> M:
+    return validate(model, parse_json(await request.get_data()))
+
+
+def sampling_for(req: ChatCompletionRequest | CompletionRequest, prompt_len: int, handle: ModelHandle) -> SamplingParams:
+    """SamplingParams for one prompt, with the context-window check OpenAI clients expect."""
+    context = handle.max_model_len
+    default = server_state().config.server.default_max_tokens
+    requested = req.requested_max_tokens
+    if requested is not None and requested < 1:
+        raise bad_request("max_tokens must be at least 1", param="max_tokens")
+    if req.n < 1:
+        raise bad_request("n must be at least 1", param="n")
+    max_tokens = requested or (min(default, context - prompt_len) if default else context - prompt_len)
+    if prompt_len + max(max_tokens, 1) > context or max_tokens < 1:
+        raise bad_request(
+            f"This model's maximum context length is {context} tokens. However, you requested "
+            f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} for the completion). "
+            "Please reduce the prompt or the completion length.", param="max_tokens",
+            code="context_length_exceeded")
+    params = req.sampling_params(max_tokens, req.num_logprobs)
+    try:
+        runtime = handle.engine.core.config.runtime
+        params.validate(handle.model.config.vocab_size, runtime.max_logprobs, runtime.max_logit_bias)
+    except SamplingParamsError as exc:
+        raise bad_request(str(exc)) from None
+    return params
+
+
+async def submit(handle: ModelHandle, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[StreamOutput]:
+    server_state().check_capacity()
+    try:
+        return await handle.engine.submit(Request(prompt_ids, params))
+    except SamplingParamsError as exc:
+        raise bad_request(str(exc)) from None
+    except EngineDeadError as exc:
+        raise unavailable(str(exc)) from None
+
+
+# --- output formatting ---
+
+
+def token_text(handle: ModelHandle, token_id: int) -> str:
+    return handle.model.tokenizer.token_to_piece(token_id).decode("utf-8", errors="replace")
+
+
+def chat_logprobs(handle: ModelHandle, out: StreamOutput) -> dict[str, Any] | None:
+    if out.new_logprobs is None:
+        return None
+
+    def entry(token_id: int, logprob: float) -> dict[str, Any]:
+        piece = handle.model.tokenizer.token_to_piece(token_id)
+        return {"token": piece.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(piece)}
+
+    return {"content": [
+        {**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top.items()]}
+        for lp in out.new_logprobs
+    ]}
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached: int) -> dict[str, Any]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+class _Tracker:
+    """Per-request latency bookkeeping for /metrics.
+
+    Made in the handler (where the app context exists) because streamed bodies
+    run after the request context is gone.
+    """
+
+    def __init__(self) -> None:
+        self.metrics = server_state().metrics
+        self.times: dict[int, list[float]] = {}
+        self.finished: list[StreamOutput] = []
+
+    def see(self, out: StreamOutput) -> None:
+        if out.new_token_ids and out.last_token_time is not None:
+            self.times.setdefault(out.index, []).append(out.last_token_time)
+        if out.finished:
+            self.finished.append(out)
+
+    def report(self) -> None:
+        metrics = self.metrics
+        for out in self.finished:
+            times = self.times.get(out.index, [])
+            ttft = out.first_token_time - out.arrival_time if out.first_token_time else None
+            gaps = [b - a for a, b in zip(times, times[1:])]
+            e2e = (times[-1] if times else time.monotonic()) - out.arrival_time
+            metrics.observe_finished(out.prompt_tokens, out.completion_tokens, ttft, gaps, e2e,
+                                     out.finish_reason or "abort")
+
+
+async def merged(streams: list[tuple[int, AsyncIterator[StreamOutput]]]) -> AsyncIterator[tuple[int, StreamOutput]]:
+    """Interleave several request streams as their outputs arrive (multi-prompt completions)."""
+    if len(streams) == 1:
+        key, stream = streams[0]
+        async for out in stream:
+            yield key, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(key: int, stream: AsyncIterator[StreamOutput]) -> None:
+        try:
+            async for out in stream:
+                await queue.put((key, out))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
+            await queue.put(exc)
+        finally:
+            await queue.put(None)
+
+    tasks = [asyncio.create_task(pump(k, s)) for k, s in streams]
+    try:
+        done = 0
+        while done < len(tasks):
+            item = await queue.get()
+            if item is None:
+                done += 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def sse(data: dict[str, Any] | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def streaming_response(events: AsyncIterator[str]) -> Response:
+    response = Response(events, mimetype="text/event-stream")
+    response.headers["Cache-Control"] = "no-cache"
+    response.timeout = None
+    return response
+
+
+# --- chat ---
+
+
+def chat_prompt(req: ChatCompletionRequest, handle: ModelHandle) -> list[int]:
+    try:
+        text = handle.model.chat_template.render(
+            [m.for_template() for m in req.messages], add_generation_prompt=req.add_generation_prompt,
+            tools=req.tools, **(req.chat_template_kwargs or {}))
+    except ChatTemplateError as exc:
+        raise bad_request(str(exc), param="messages") from None
+    # The template writes BOS and other special tokens as text itself.
+    return handle.model.tokenizer.encode(text, add_special_tokens=False)
+
+
+async def chat_chunks(req: ChatCompletionRequest, handle: ModelHandle, stream: AsyncIterator[StreamOutput],
+                      with_usage: bool, tracker: _Tracker) -> AsyncIterator[dict[str, Any]]:
+    """The chat.completion.chunk objects of one request: roles first, then text, then usage if asked."""
+    chunk_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    completion, prompt_tokens, cached = 0, 0, 0
+
+    def chunk(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        obj = {"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": handle.name,
+               "choices": choices, **extra}
+        if with_usage and "usage" not in obj:
+            obj["usage"] = None
+        return obj
+
+    try:
+        for i in range(req.n):
+            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None}])
+        async for out in stream:
+            tracker.see(out)
+            _raise_if_aborted(out)
+            prompt_tokens, cached = out.prompt_tokens, out.cached_tokens
+            if out.new_text or out.new_logprobs:
+                yield chunk([{"index": out.index, "delta": {"content": out.new_text},
+                              "logprobs": chat_logprobs(handle, out), "finish_reason": None}])
+            if out.finished:
+                completion += out.completion_tokens
+                yield chunk([{"index": out.index, "delta": {}, "logprobs": None,
+                              "finish_reason": _finish(out.finish_reason)}])
+        if with_usage:
+            yield chunk([], usage=usage(prompt_tokens, completion, cached))
+    finally:
+        tracker.report()
+
+
+def _raise_if_aborted(out: StreamOutput) -> None:
+    if out.finish_reason == "abort":  # the engine stopped under us (shutdown past the drain deadline)
+        raise unavailable("the server shut down before this request finished")
+
+
+def _finish(reason: str | None) -> str:
+    return "length" if reason == "length" else "stop"
+
+
+@bp.post("/v1/chat/completions")
+async def chat_completions() -> Any:
+    req = await body(ChatCompletionRequest)
+    handle = server_state().resolve(req.model).acquire()
+    try:
+        prompt = chat_prompt(req, handle)
+        stream = await submit(handle, prompt, sampling_for(req, len(prompt), handle))
+    except BaseException:
+        handle.release()
+        raise
+    tracker = _Tracker()
+    if req.stream:
+        async def events() -> AsyncIterator[str]:
+            try:
+                async for obj in chat_chunks(req, handle, stream, req.include_usage, tracker):
+                    yield sse(obj)
+            except APIError as exc:  # headers are sent: report it in the stream
+                yield sse(exc.body())
+            finally:
+                handle.release()
+            yield sse("[DONE]")
+
+        return streaming_response(events())
+    try:
+        texts, finish, logprobs = [""] * req.n, ["stop"] * req.n, [[] for _ in range(req.n)]
+        async for obj in chat_chunks(req, handle, stream, True, tracker):
+            for choice in obj["choices"]:
+                texts[choice["index"]] += choice["delta"].get("content", "")
+                if choice["finish_reason"]:
+                    finish[choice["index"]] = choice["finish_reason"]
+                if choice["logprobs"]:
+                    logprobs[choice["index"]] += choice["logprobs"]["content"]
+            last = obj
+    finally:
+        handle.release()
+    return {
+        "id": last["id"], "object": "chat.completion", "created": last["created"], "model": handle.name,
+        "choices": [{"index": i, "message": {"role": "assistant", "content": texts[i]},
+                     "logprobs": {"content": logprobs[i]} if req.logprobs else None, "finish_reason": finish[i]}
+                    for i in range(req.n)],
+        "usage": last["usage"],
+    }
+
+
+# --- text completions ---
+
+
+def completion_prompts(req: CompletionRequest, handle: ModelHandle) -> list[list[int]]:
+    prompt = req.prompt
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if prompt and all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]  # type: ignore[arg-type]
+    if not prompt:
+        raise bad_request("the prompt is empty", param="prompt")
+    tokenizer = handle.model.tokenizer
+    return [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompt]  # type: ignore[union-attr]
+
+
+@bp.post("/v1/completions")
+async def completions() -> Any:
+    req = await body(CompletionRequest)
+    if req.suffix:
+        raise bad_request("`suffix` (fill-in-the-middle) is not supported", param="suffix")
+    if req.echo and req.logprobs is not None:
+        raise bad_request("`echo` together with `logprobs` is not supported (prompt logprobs are not computed)",
+                          param="echo")
+    handle = server_state().resolve(req.model).acquire()
+    try:
+        prompts = completion_prompts(req, handle)
+        params = [sampling_for(req, len(p), handle) for p in prompts]
+        streams = [(i, await submit(handle, p, sp)) for i, (p, sp) in enumerate(zip(prompts, params))]
+    except BaseException:
+        handle.release()
+        raise
+    cmpl_id, created, n = f"cmpl-{uuid.uuid4().hex}", int(time.time()), req.n
+    echo = [handle.model.tokenizer.decode(p) if req.echo else "" for p in prompts]
+
+    tracker = _Tracker()
+
+    async def objects() -> AsyncIterator[dict[str, Any]]:
+        completion = 0
+        prompt_tokens = sum(len(p) for p in prompts)
+        cached = 0
+        try:
+            if req.echo:
+                for pi in range(len(prompts)):
+                    for i in range(n):
+                        yield _cmpl_chunk(cmpl_id, created, handle, pi * n + i, echo[pi], None, None)
+            async for pi, out in merged(streams):
+                tracker.see(out)
+                _raise_if_aborted(out)
+                if out.finished:
+                    completion += out.completion_tokens
+                    cached += out.cached_tokens
+                logprobs = _legacy_logprobs(handle, out) if out.new_logprobs is not None else None
+                if out.new_text or out.finished or logprobs:
+                    yield _cmpl_chunk(cmpl_id, created, handle, pi * n + out.index, out.new_text, logprobs,
+                                      _finish(out.finish_reason) if out.finished else None)
+            if req.include_usage or not req.stream:
+                yield {"id": cmpl_id, "object": "text_completion", "created": created, "model": handle.name,
+                       "choices": [], "usage": usage(prompt_tokens, completion, cached // max(n, 1))}
+        finally:
+            tracker.report()
+
+    if req.stream:
+        async def events() -> AsyncIterator[str]:
+            try:
+                async for obj in objects():
+                    yield sse(obj)
+            except APIError as exc:
+                yield sse(exc.body())
+            finally:
+                handle.release()
+            yield sse("[DONE]")
+
+        return streaming_response(events())
+    total = len(prompts) * n
+    texts, finish = [""] * total, ["stop"] * total
+    logprobs: list[dict[str, list]] = [{"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+                                       for _ in range(total)]
+    try:
+        async for obj in objects():
+            if "usage" in obj and not obj["choices"]:
+                totals = obj["usage"]
+            for choice in obj["choices"]:
+                i = choice["index"]
+                if choice["logprobs"]:
+                    offset = len(texts[i])
+                    for key in ("tokens", "token_logprobs", "top_logprobs"):
+                        logprobs[i][key] += choice["logprobs"][key]
+                    logprobs[i]["text_offset"] += [offset + o for o in choice["logprobs"]["text_offset"]]
+                texts[i] += choice["text"]
+                if choice["finish_reason"]:
+                    finish[i] = choice["finish_reason"]
+    finally:
+        handle.release()
+    return {"id": cmpl_id, "object": "text_completion", "created": created, "model": handle.name,
+            "choices": [{"index": i, "text": texts[i], "logprobs": logprobs[i] if req.logprobs is not None else None,
+                         "finish_reason": finish[i]} for i in range(total)],
+            "usage": totals}
+
+
+def _cmpl_chunk(cmpl_id: str, created: int, handle: ModelHandle, index: int, text: str,
+                logprobs: dict[str, Any] | None, finish: str | None) -> dict[str, Any]:
+    return {"id": cmpl_id, "object": "text_completion", "created": created, "model": handle.name,
+            "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
+
+
+def _legacy_logprobs(handle: ModelHandle, out: StreamOutput) -> dict[str, Any]:
+    tokens = [token_text(handle, lp.token_id) for lp in out.new_logprobs or []]
+    offsets, position = [], 0
+    for token in tokens:
+        offsets.append(position)
+        position += len(token)
+    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in out.new_logprobs or []],
+            "top_logprobs": [{token_text(handle, t): v for t, v in lp.top.items()} for lp in out.new_logprobs or []],
+            "text_offset": offsets}
+
+
+# --- models, tokenizer, version ---
+
+
+def model_card(handle: ModelHandle, name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": handle.created, "owned_by": "inferflux",
+            "root": str(handle.path), "parent": None, "max_model_len": handle.max_model_len}
+
+
+@bp.get("/v1/models")
+async def list_models() -> Any:
+    handle = server_state().handle
+    return {"object": "list", "data": [model_card(handle, name) for name in handle.names()]}
+
+
+@bp.get("/v1/models/<path:model_id>")
+async def get_model(model_id: str) -> Any:
+    handle = server_state().handle
+    if model_id not in handle.names():
+        raise model_not_found(model_id)
+    return model_card(handle, model_id)
+
+
+@bp.post("/tokenize")
+async def tokenize() -> Any:
+    req = await body(TokenizeRequest)
+    handle = server_state().resolve(req.model)
+    if req.messages is not None:
+        ids = chat_prompt(ChatCompletionRequest(model=handle.name, messages=req.messages,
+                                                add_generation_prompt=req.add_generation_prompt), handle)
+    elif req.prompt is not None:
+        ids = handle.model.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+    else:
+        raise bad_request("give `prompt` or `messages`", param="prompt")
+    return {"tokens": ids, "count": len(ids), "max_model_len": handle.max_model_len}
+
+
+@bp.post("/detokenize")
+async def detokenize() -> Any:
+    req = await body(DetokenizeRequest)
+    handle = server_state().resolve(req.model)
+    vocab = handle.model.config.vocab_size
+    if any(not 0 <= t < vocab for t in req.tokens):
+        raise bad_request(f"token ids must be in 0..{vocab - 1}", param="tokens")
+    return {"prompt": handle.model.tokenizer.decode(req.tokens)}
+
+
+@bp.get("/version")
+async def version() -> Any:
+    return {"version": __version__}
+
+
+# --- WebSocket chat ---
+
+
+@bp.websocket("/v1/chat/completions/ws")
+async def chat_websocket() -> None:
+    """One JSON chat request in; its chunk objects out; then `{"object": "done"}` and close."""
+    try:
+        req = validate(ChatCompletionRequest, parse_json(await websocket.receive()))
+        handle = server_state().resolve(req.model).acquire()
+    except APIError as exc:
+        await websocket.send(json.dumps(exc.body()))
+        await websocket.close(1008)
+        return
+    try:
+        prompt = chat_prompt(req, handle)
+        stream = await submit(handle, prompt, sampling_for(req, len(prompt), handle))
+        async for obj in chat_chunks(req, handle, stream, req.include_usage, _Tracker()):
+            await websocket.send(json.dumps(obj, ensure_ascii=False))
+        await websocket.send(json.dumps({"object": "done"}))
+    except APIError as exc:
+        await websocket.send(json.dumps(exc.body()))
+    finally:
+        handle.release()
+    await websocket.close(1000)

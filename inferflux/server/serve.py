@@ -1,0 +1,62 @@
+"""Running the server: load the model, start Hypercorn, and drain cleanly on SIGTERM/SIGINT.
+
+Shutdown order: `/readyz` turns 503 and new requests get 503 at once; running
+requests get `server.drain_seconds` to finish; whatever is still running then
+is aborted (streams end with an error chunk); Hypercorn stops; exit status 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+
+from hypercorn.asyncio import serve as hypercorn_serve
+from hypercorn.config import Config as HypercornConfig
+
+from inferflux.config import Config
+from inferflux.server.app import create_app
+from inferflux.server.state import ServerState, load_handle
+
+log = logging.getLogger(__name__)
+
+
+def serve(model: str, config: Config, config_path: str | None = None) -> int:
+    """Serve `model` until SIGTERM/SIGINT; returns the process exit status."""
+    handle = load_handle(config, model)
+    state = ServerState(config, handle, config_path)
+    app = create_app(state)
+    hconfig = HypercornConfig()
+    hconfig.bind = [f"{config.server.host}:{config.server.port}"]
+    hconfig.graceful_timeout = 5.0
+    hconfig.accesslog = None
+    asyncio.run(_run(app, hconfig, state))
+    return 0
+
+
+async def _run(app, hconfig: HypercornConfig, state: ServerState) -> None:
+    stop = asyncio.Event()
+    shutdown = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("serving %s on %s", state.handle.name, hconfig.bind[0])
+    print(f"InferFlux serving {state.handle.name!r} on http://{hconfig.bind[0]}", flush=True)
+
+    async def drain() -> None:
+        await stop.wait()
+        state.draining = True
+        deadline = time.monotonic() + state.config.server.drain_seconds
+        while state.handle.in_flight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        # Past the deadline: abort the rest; their streams end with an error chunk.
+        await asyncio.to_thread(state.handle.engine.stop)
+        flush_deadline = time.monotonic() + 2.0
+        while state.handle.in_flight > 0 and time.monotonic() < flush_deadline:
+            await asyncio.sleep(0.02)
+        shutdown.set()
+
+    drainer = asyncio.create_task(drain())
+    await hypercorn_serve(app, hconfig, shutdown_trigger=shutdown.wait)
+    await drainer

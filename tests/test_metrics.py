@@ -62,8 +62,8 @@ def _value(m: ServerMetrics, name: str, **labels: str) -> float:
 def _populated() -> ServerMetrics:
     m = ServerMetrics(MODEL, BACKEND)
     m.observe_request("/v1/chat/completions", 200)
-    m.observe_finished(10, 3, 0.05, [0.01, 0.02], 0.1, "stop")
-    m.observe_finished(5, 7, None, [], 0.5, "abort")
+    m.observe_finished(0.05, [0.01, 0.02], 0.1, "stop")
+    m.observe_finished(None, [], 0.5, "abort")
     m.update_engine(
         EngineStats(
             num_running=2,
@@ -114,13 +114,15 @@ def test_request_counter_moves_by_exactly_the_calls() -> None:
     assert _value(m, name, endpoint="/api/generate", status="500") == 0
 
 
-def test_finished_requests_count_tokens_and_finish_reasons() -> None:
+def test_finished_requests_count_finish_reasons_and_engine_counts_tokens() -> None:
     m = ServerMetrics(MODEL, BACKEND)
-    m.observe_finished(10, 3, 0.05, [0.01, 0.02], 0.1, "stop")
-    m.observe_finished(7, 4, 0.2, [0.03, 0.03, 0.03], 0.4, "length")
-    m.observe_finished(5, 0, None, [], 0.5, "stop")
-    assert _value(m, "inferflux:prompt_tokens_total") == 22
-    assert _value(m, "inferflux:generation_tokens_total") == 7
+    m.observe_finished(0.05, [0.01, 0.02], 0.1, "stop")
+    m.observe_finished(0.2, [0.03, 0.03, 0.03], 0.4, "length")
+    m.observe_finished(None, [], 0.5, "stop")
+    m.update_engine(EngineStats(prompt_tokens=22, generation_tokens=7))
+    m.update_engine(EngineStats(prompt_tokens=30, generation_tokens=9))
+    assert _value(m, "inferflux:prompt_tokens_total") == 30
+    assert _value(m, "inferflux:generation_tokens_total") == 9
     assert _value(m, "inferflux:request_success_total", finish_reason="stop") == 2
     assert _value(m, "inferflux:request_success_total", finish_reason="length") == 1
     assert _value(m, "inferflux:request_success_total", finish_reason="abort") == 0
@@ -129,9 +131,9 @@ def test_finished_requests_count_tokens_and_finish_reasons() -> None:
 def test_histograms_hold_exactly_the_observations() -> None:
     """TTFT skips requests without a first token; ITL gets one observation per gap."""
     m = ServerMetrics(MODEL, BACKEND)
-    m.observe_finished(10, 3, 0.05, [0.01, 0.02], 0.1, "stop")
-    m.observe_finished(7, 4, 0.2, [0.03, 0.04, 0.05], 0.4, "length")
-    m.observe_finished(5, 0, None, [], 0.5, "abort")
+    m.observe_finished(0.05, [0.01, 0.02], 0.1, "stop")
+    m.observe_finished(0.2, [0.03, 0.04, 0.05], 0.4, "length")
+    m.observe_finished(None, [], 0.5, "abort")
 
     ttft = "inferflux:time_to_first_token_seconds"
     assert _value(m, ttft + "_count") == 2

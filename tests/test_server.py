@@ -340,3 +340,41 @@ def test_sigterm_drains_streams(tiny_model) -> None:
         last = json.loads(lines[-2])
         finished = "choices" in last and last["choices"] and last["choices"][0]["finish_reason"]
         assert finished or "error" in last
+
+
+def test_client_disconnect_frees_pages(server) -> None:
+    """Closing the connection mid-stream aborts the request: nothing keeps running or holds pages."""
+
+    def gauge(name: str) -> float:
+        text = httpx.get(server.url + "/metrics").text
+        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
+
+    generated_before = gauge("inferflux:generation_tokens_total")
+    for _ in range(3):
+        with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=60, json={
+                "model": "tiny", "messages": MESSAGES, "max_tokens": 200, "stream": True, "ignore_eos": True}) as r:
+            seen = 0
+            for line in r.iter_lines():
+                seen += line.startswith("data: ")
+                if seen == 3:
+                    break  # leaving the block closes the connection
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if gauge("inferflux:num_requests_running") == 0 and gauge("inferflux:kv_cache_usage_perc") == 0:
+            break
+        time.sleep(0.1)
+    assert gauge("inferflux:num_requests_running") == 0
+    assert gauge("inferflux:kv_cache_usage_perc") == 0
+    # Not aborted, each would have generated 200 tokens.
+    assert gauge("inferflux:generation_tokens_total") - generated_before < 100
+
+
+def test_overloaded_server_answers_503(tiny_model) -> None:
+    server = Server(tiny_model("qwen2"), "busy", ["server.max_queued_requests=0"])
+    try:
+        response = httpx.post(server.url + "/v1/completions", json={"model": "busy", "prompt": "hi"})
+        assert response.status_code == 503
+        assert response.json()["error"]["type"] == "service_unavailable"
+        assert httpx.get(server.url + "/healthz").status_code == 200
+    finally:
+        assert server.stop() == 0, server.output()

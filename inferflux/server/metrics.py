@@ -66,6 +66,8 @@ _BASE_LABELS = ("model_name", "backend")
 
 # Engine-side running totals mirrored as counters: EngineStats field -> counter attribute.
 _ENGINE_TOTALS = {
+    "prompt_tokens": "_prompt_tokens",
+    "generation_tokens": "_generation_tokens",
     "num_preemptions": "_preemptions",
     "prefix_queries": "_prefix_queries",
     "prefix_hits": "_prefix_hits",
@@ -105,10 +107,11 @@ class ServerMetrics:
             registry=reg,
         )
 
-        self._prompt_tokens = counter("inferflux:prompt_tokens", "Prompt tokens of finished requests.")
-        self._generation_tokens = counter(
-            "inferflux:generation_tokens", "Generated tokens of finished requests."
+        # Counted by the engine as it computes them, so aborted requests count too (as in vLLM).
+        self._prompt_tokens = counter(
+            "inferflux:prompt_tokens", "Prompt tokens computed (prefix-cache hits excluded)."
         )
+        self._generation_tokens = counter("inferflux:generation_tokens", "Tokens generated.")
         self._ttft = histogram(
             "inferflux:time_to_first_token_seconds", "Time to first token.", TTFT_BUCKETS
         )
@@ -162,8 +165,6 @@ class ServerMetrics:
 
     def observe_finished(
         self,
-        prompt_tokens: int,
-        generation_tokens: int,
         ttft_s: float | None,
         itl_s: Sequence[float],
         e2e_s: float,
@@ -173,11 +174,8 @@ class ServerMetrics:
 
         `ttft_s` is None when the request ended before its first token (aborted,
         or rejected by the engine): observing a made-up value would skew the
-        TTFT distribution. Negative token counts are clamped to 0 rather than
-        raising, because a metrics bug must never fail the request it measures.
+        TTFT distribution. Token counts come from the engine (`update_engine`).
         """
-        self._prompt_tokens.inc(max(0, prompt_tokens))
-        self._generation_tokens.inc(max(0, generation_tokens))
         self._success.labels(self.model, self.backend, finish_reason).inc()
         if ttft_s is not None:
             self._ttft.observe(ttft_s)

@@ -147,8 +147,7 @@ class _Tracker:
             ttft = out.first_token_time - out.arrival_time if out.first_token_time else None
             gaps = [b - a for a, b in zip(times, times[1:])]
             e2e = (times[-1] if times else time.monotonic()) - out.arrival_time
-            metrics.observe_finished(out.prompt_tokens, out.completion_tokens, ttft, gaps, e2e,
-                                     out.finish_reason or "abort")
+            metrics.observe_finished(ttft, gaps, e2e, out.finish_reason or "abort")
 
 
 async def merged(streams: list[tuple[int, AsyncIterator[StreamOutput]]]) -> AsyncIterator[tuple[int, StreamOutput]]:

@@ -11,6 +11,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Mapping, Sequence as Seq
 
+import numpy as np
+
 from inferflux.config import Config, load_config
 from inferflux.engine.compile_cache import enable_persistent_cache
 from inferflux.engine.core import EngineCore
@@ -112,6 +114,15 @@ class LLM:
         # Templates put BOS in the text themselves; encoding must not add another.
         ids = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
         return self.generate(ids, sampling_params)
+
+    def embed(self, inputs: Prompt | Seq[Prompt], pooling: str = "mean", normalize: bool = True) -> np.ndarray:
+        """Embeddings `[N, hidden]` from the model's final hidden states, pooled per input (mean or last)."""
+        if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)):
+            inputs = [inputs]  # type: ignore[list-item]
+        vectors = self.engine.embed([self._encode(p) for p in inputs], pooling)
+        if normalize:
+            vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
+        return vectors
 
     def _encode(self, prompt: Prompt) -> list[int]:
         return self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]

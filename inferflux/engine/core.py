@@ -12,12 +12,14 @@ import dataclasses
 import random
 import time
 
+import numpy as np
+
 from inferflux.config import Config
 from inferflux.engine.detokenizer import StreamDetokenizer
 from inferflux.engine.kv_cache import PageAllocator
 from inferflux.engine.model_runner import Chunk, ModelRunner
 from inferflux.engine.request import EngineStats, Request, StreamOutput
-from inferflux.engine.sampling_params import SamplingParamsError
+from inferflux.engine.sampling_params import SamplingParams, SamplingParamsError
 from inferflux.engine.scheduler import ScheduledChunk, Scheduler
 from inferflux.engine.sequence import Sequence
 from inferflux.formats.loader import LoadedModel
@@ -169,6 +171,58 @@ class EngineCore:
             arrival_time=live.request.arrival_time, first_token_time=live.first_token_time[index],
             last_token_time=now, stop_reason=stop_reason,
         )
+
+    # --- embeddings (LLM embedding mode) ---
+
+    def embed(self, token_lists: list[list[int]], pooling: str = "mean") -> np.ndarray:
+        """Pooled final hidden states `[N, hidden]` (float32, not normalized), one row per input.
+
+        Inputs are packed into ragged steps like prompts; each gets temporary pages that are
+        released afterwards (never registered in the prefix cache). Raises `OutOfPagesError`
+        when generation holds the cache; the async engine then retries after the next step.
+        """
+        if pooling not in ("mean", "last"):
+            raise SamplingParamsError(f"pooling must be 'mean' or 'last', got {pooling!r}")
+        for tokens in token_lists:
+            self.validate(Request(list(tokens), SamplingParams(max_tokens=1)))
+        page_size, budget = self.runner.page_size, self.config.runtime.max_num_batched_tokens
+        pooled: list[np.ndarray] = []
+        i = 0
+        while i < len(token_lists):
+            group, num_tokens, num_pages = [], 0, 0
+            while i < len(token_lists) and len(group) < self.config.runtime.max_num_seqs:
+                n = len(token_lists[i])
+                pages = -(-n // page_size)
+                if group and (num_tokens + n > budget or num_pages + pages > self.allocator.num_free):
+                    break
+                group.append([int(t) for t in token_lists[i]])
+                num_tokens, num_pages, i = num_tokens + n, num_pages + pages, i + 1
+            pooled += self._embed_group(group, pooling, budget)
+        return np.stack(pooled)
+
+    def _embed_group(self, group: list[list[int]], pooling: str, budget: int) -> list[np.ndarray]:
+        page_size = self.runner.page_size
+        counts = [-(-len(tokens) // page_size) for tokens in group]
+        flat = self.allocator.allocate(sum(counts))  # all or nothing; may raise OutOfPagesError
+        pages = [flat[sum(counts[:k]):sum(counts[:k + 1])] for k in range(len(group))]
+        try:
+            states: list[list[np.ndarray]] = [[] for _ in group]
+            done = [0] * len(group)
+            while any(d < len(t) for d, t in zip(done, group)):
+                chunks, members, room = [], [], budget
+                for k, tokens in enumerate(group):
+                    if done[k] < len(tokens) and room > 0:
+                        piece = tokens[done[k]:done[k] + room]
+                        chunks.append(Chunk(tokens=piece, start_pos=done[k], pages=pages[k]))
+                        members.append(k)
+                        room -= len(piece)
+                for k, chunk, hidden in zip(members, chunks, self.runner.hidden_states(chunks)):
+                    states[k].append(hidden)
+                    done[k] += len(chunk.tokens)
+            full = [np.concatenate(s) for s in states]
+            return [h.mean(axis=0) if pooling == "mean" else h[-1] for h in full]
+        finally:
+            self.allocator.release(flat)
 
     # --- statistics ---
 

@@ -16,11 +16,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
+
+import numpy as np
 
 from inferflux.config import Config
 from inferflux.engine.core import EngineCore
+from inferflux.engine.kv_cache import OutOfPagesError
 from inferflux.engine.request import EngineStats, Request, StreamOutput
+from inferflux.engine.sampling_params import SamplingParams
 from inferflux.formats.loader import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -37,6 +41,7 @@ class Engine:
         self._cond = threading.Condition()
         self._inbox: list[tuple[Request, asyncio.Queue, asyncio.AbstractEventLoop]] = []
         self._aborts: list[str] = []
+        self._embed_jobs: list[tuple[list[list[int]], str, asyncio.Future, asyncio.AbstractEventLoop]] = []
         self._streams: dict[str, tuple[asyncio.Queue, asyncio.AbstractEventLoop]] = {}
         self._stats = self.core.stats()
         self._stopping = False
@@ -89,6 +94,19 @@ class Engine:
             if remaining:
                 self.abort(request.request_id)
 
+    async def embed(self, token_lists: list[list[int]], pooling: str = "mean") -> np.ndarray:
+        """Pooled hidden states of the inputs (LLM embedding mode), computed between generation steps."""
+        if self._error is not None or self._stopping:
+            raise EngineDeadError(f"the engine is not running: {self._error or 'stopped'}")
+        for tokens in token_lists:  # bad input fails here, in the caller
+            self.core.validate(Request(list(tokens), SamplingParams(max_tokens=1)))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
+        with self._cond:
+            self._embed_jobs.append((token_lists, pooling, future, loop))
+            self._cond.notify()
+        return await future
+
     def abort(self, request_id: str) -> None:
         """Stop a request; safe from any thread, a no-op for unknown or finished ones."""
         with self._cond:
@@ -105,10 +123,12 @@ class Engine:
         try:
             while True:
                 with self._cond:
-                    while not (self._inbox or self._aborts or self._stopping or self.core.has_unfinished):
+                    while not (self._inbox or self._aborts or self._stopping or self.core.has_unfinished
+                               or self._embed_jobs):
                         self._cond.wait()
                     inbox, self._inbox = self._inbox, []
                     aborts, self._aborts = self._aborts, []
+                    jobs, self._embed_jobs = self._embed_jobs, []
                     stopping = self._stopping
                 for request, queue, loop in inbox:
                     self._admit(request, queue, loop)
@@ -117,7 +137,10 @@ class Engine:
                         self._deliver(output)
                     self._streams.pop(request_id, None)
                 if stopping:
+                    for _, _, future, loop in jobs:
+                        loop.call_soon_threadsafe(_settle, future, None, EngineDeadError("the engine stopped"))
                     break
+                self._run_embeddings(jobs)
                 for output in self.core.step():
                     self._deliver(output)
                 self._stats = self.core.stats()
@@ -132,6 +155,20 @@ class Engine:
                     self._deliver(output)
             self._streams.clear()
             self._stats = self.core.stats()
+
+    def _run_embeddings(self, jobs: list) -> None:
+        """Run embedding jobs between steps; a job that finds the cache full waits for the next round."""
+        for job in jobs:
+            token_lists, pooling, future, loop = job
+            try:
+                result, error = self.core.embed(token_lists, pooling), None
+            except OutOfPagesError:
+                with self._cond:
+                    self._embed_jobs.append(job)
+                continue
+            except Exception as exc:  # noqa: BLE001 - reported to the caller
+                result, error = None, exc
+            loop.call_soon_threadsafe(_settle, future, result, error)
 
     def _admit(self, request: Request, queue: asyncio.Queue, loop: asyncio.AbstractEventLoop) -> None:
         try:
@@ -152,3 +189,12 @@ class Engine:
             self.core.abort(output.request_id)
         if output.finished and output.request_id not in self.core._live:
             self._streams.pop(output.request_id, None)
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.done():  # the caller went away
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

@@ -102,6 +102,9 @@ class ModelRunner:
             for decode in (False, True)
         }
         self._executables: dict[Bucket, Any] = {}
+        # Embedding mode: the same forward pass, returning every token's final hidden state.
+        self._hidden_fn = jax.jit(_make_hidden(graphdef), donate_argnums=(1,))
+        self._hidden_executables: dict[Bucket, Any] = {}
 
     # --- sizing ---
 
@@ -169,6 +172,29 @@ class ModelRunner:
             for i, chunk in enumerate(chunks)
         ]
 
+    def hidden_states(self, chunks: Sequence[Chunk]) -> list[np.ndarray]:
+        """Final-norm hidden states `[len(chunk.tokens), hidden]` of each chunk (for embeddings).
+
+        Same packing and buckets as `step`; compiled on first use per bucket.
+        """
+        num_tokens = sum(len(c.tokens) for c in chunks)
+        bucket = (pick_bucket(self.token_buckets, max(num_tokens, len(chunks))),
+                  pick_bucket(self.seq_buckets, len(chunks)),
+                  pick_bucket(self.page_buckets, max(len(c.pages) for c in chunks)), False)
+        inputs = self._pack(chunks, bucket)[0]
+        exe = self._hidden_executables.get(bucket)
+        if exe is None:
+            abstract = _abstract_inputs(bucket, self)[0]
+            exe = self._hidden_executables[bucket] = self._hidden_fn.lower(self.state, self.kv_cache,
+                                                                           abstract).compile()
+        hidden, self.kv_cache = exe(self.state, self.kv_cache, inputs)
+        hidden = np.asarray(jax.device_get(hidden))
+        out, offset = [], 0
+        for chunk in chunks:
+            out.append(hidden[offset:offset + len(chunk.tokens)])
+            offset += len(chunk.tokens)
+        return out
+
     def _pack(self, chunks: Sequence[Chunk], bucket: Bucket) -> tuple[StepInputs, SamplingTensors, np.ndarray,
                                                                         np.ndarray]:
         num_tokens, num_seqs, num_pages, _ = bucket
@@ -214,6 +240,13 @@ def _make_step(graphdef: nnx.GraphDef, num_logprobs: int, decode_only: bool):
         return sample(logits, sampling, history, history_is_output, num_logprobs=num_logprobs), kv_cache
 
     return step
+
+
+def _make_hidden(graphdef: nnx.GraphDef):
+    def hidden(state: nnx.State, kv_cache: KVCache, inputs: StepInputs) -> tuple[jax.Array, KVCache]:
+        return nnx.merge(graphdef, state).hidden_states(inputs, kv_cache)
+
+    return hidden
 
 
 def _abstract_inputs(bucket: Bucket, runner: ModelRunner) -> tuple[Any, ...]:

@@ -148,16 +148,25 @@ class LlamaModel(nnx.Module):
         `decode_only` (static) promises one token per slot, token t in slot t, so
         attention may use the GPU decode kernel.
         """
+        x, new_cache = self._trunk(inputs, kv_cache, decode_only)
+        last = jnp.take(x, inputs.logits_index, axis=0)
+        last = rms_norm(last, self.norm.get_value(), self.config.rms_norm_eps)
+        head = self.embed.get_value() if self.lm_head is None else self.lm_head.get_value()
+        return linear(last, head, out_dtype=jnp.float32), new_cache
+
+    def hidden_states(self, inputs: StepInputs, kv_cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Final-norm hidden states `[T, hidden]` (float32) of every token: what embeddings pool."""
+        x, new_cache = self._trunk(inputs, kv_cache, False)
+        return rms_norm(x, self.norm.get_value(), self.config.rms_norm_eps).astype(jnp.float32), new_cache
+
+    def _trunk(self, inputs: StepInputs, kv_cache: KVCache, decode_only: bool) -> tuple[jax.Array, KVCache]:
         x = embed(self.embed.get_value(), inputs.tokens, self.dtype)
         inv_freq = self.inv_freq.get_value()
         new_cache = []
         for layer, kv in zip(self.layers, kv_cache):
             x, kv = layer(x, inputs, inv_freq, kv, decode_only)
             new_cache.append(kv)
-        last = jnp.take(x, inputs.logits_index, axis=0)
-        last = rms_norm(last, self.norm.get_value(), self.config.rms_norm_eps)
-        head = self.embed.get_value() if self.lm_head is None else self.lm_head.get_value()
-        return linear(last, head, out_dtype=jnp.float32), tuple(new_cache)
+        return x, tuple(new_cache)
 
 
 def init_kv_cache(config: ModelConfig, num_pages: int, page_size: int, dtype: jnp.dtype) -> KVCache:

@@ -54,6 +54,8 @@ class RuntimeConfig:
     warmup_threads: int = 4
     # "auto" (float32 on CPU, bfloat16 elsewhere), "float32" or "bfloat16".
     dtype: str = "auto"
+    # How LLM embeddings pool the final hidden states: "mean" or "last" (token).
+    embedding_pooling: str = "mean"
     # Default seed for requests that give none (each request still gets its own stream).
     seed: int = 0
 

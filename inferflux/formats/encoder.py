@@ -43,7 +43,14 @@ from typing import Any, Literal
 import gguf
 import numpy as np
 import tokenizers
-from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import (
+    AddedToken,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+)
 
 from inferflux.errors import ModelFormatError
 from inferflux.formats.gguf_file import GGUFFile

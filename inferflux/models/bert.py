@@ -23,16 +23,14 @@ and only `[B, H]` leaves the device.
 from __future__ import annotations
 
 import math
-from typing import Literal, Mapping
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from inferflux.formats.encoder import EncoderConfig
+from inferflux.formats.encoder import EncoderConfig, PoolingMode
 from inferflux.kernels.quant_matmul import linear
-
-PoolingMode = Literal["mean", "cls", "lasttoken"]
 
 _MASKED = float(jnp.finfo(jnp.float32).min)
 

@@ -8,7 +8,7 @@ from typing import Any
 from quart import Quart, Response, request
 from werkzeug.exceptions import HTTPException
 
-from inferflux.server import openai_api, ops_api
+from inferflux.server import embeddings_api, openai_api, ops_api
 from inferflux.server.errors import APIError, error_body
 from inferflux.server.state import ServerState
 
@@ -22,6 +22,7 @@ def create_app(state: ServerState) -> Quart:
     app.config["MAX_CONTENT_LENGTH"] = state.config.server.max_body_bytes
     app.config["RESPONSE_TIMEOUT"] = None
     app.register_blueprint(openai_api.bp)
+    app.register_blueprint(embeddings_api.bp)
     app.register_blueprint(ops_api.bp)
     if state.config.server.admin_enabled:
         app.register_blueprint(ops_api.admin_bp)

@@ -34,6 +34,14 @@ def server_state() -> ServerState:
     return current_app.extensions["inferflux"]
 
 
+def generative(handle: ModelHandle) -> ModelHandle:
+    """Refuse generation on an embedding-only model, with a clear 400."""
+    if handle.engine is None:
+        handle.release()
+        raise bad_request(f"the model `{handle.name}` is an embedding model; use /v1/embeddings", param="model")
+    return handle
+
+
 # --- parsing ---
 
 
@@ -255,7 +263,7 @@ def _finish(reason: str | None) -> str:
 @bp.post("/v1/chat/completions")
 async def chat_completions() -> Any:
     req = await body(ChatCompletionRequest)
-    handle = server_state().resolve(req.model).acquire()
+    handle = generative(server_state().resolve(req.model).acquire())
     try:
         prompt = chat_prompt(req, handle)
         stream = await submit(handle, prompt, sampling_for(req, len(prompt), handle))
@@ -319,7 +327,7 @@ async def completions() -> Any:
     if req.echo and req.logprobs is not None:
         raise bad_request("`echo` together with `logprobs` is not supported (prompt logprobs are not computed)",
                           param="echo")
-    handle = server_state().resolve(req.model).acquire()
+    handle = generative(server_state().resolve(req.model).acquire())
     try:
         prompts = completion_prompts(req, handle)
         params = [sampling_for(req, len(p), handle) for p in prompts]
@@ -439,10 +447,11 @@ async def tokenize() -> Any:
     req = await body(TokenizeRequest)
     handle = server_state().resolve(req.model)
     if req.messages is not None:
+        generative(handle.acquire()).release()
         ids = chat_prompt(ChatCompletionRequest(model=handle.name, messages=req.messages,
                                                 add_generation_prompt=req.add_generation_prompt), handle)
     elif req.prompt is not None:
-        ids = handle.model.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        ids = handle.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
     else:
         raise bad_request("give `prompt` or `messages`", param="prompt")
     return {"tokens": ids, "count": len(ids), "max_model_len": handle.max_model_len}
@@ -452,10 +461,10 @@ async def tokenize() -> Any:
 async def detokenize() -> Any:
     req = await body(DetokenizeRequest)
     handle = server_state().resolve(req.model)
-    vocab = handle.model.config.vocab_size
+    vocab = handle.tokenizer.vocab_size
     if any(not 0 <= t < vocab for t in req.tokens):
         raise bad_request(f"token ids must be in 0..{vocab - 1}", param="tokens")
-    return {"prompt": handle.model.tokenizer.decode(req.tokens)}
+    return {"prompt": handle.tokenizer.decode(req.tokens)}
 
 
 @bp.get("/version")
@@ -471,7 +480,7 @@ async def chat_websocket() -> None:
     """One JSON chat request in; its chunk objects out; then `{"object": "done"}` and close."""
     try:
         req = validate(ChatCompletionRequest, parse_json(await websocket.receive()))
-        handle = server_state().resolve(req.model).acquire()
+        handle = generative(server_state().resolve(req.model).acquire())
     except APIError as exc:
         await websocket.send(json.dumps(exc.body()))
         await websocket.close(1008)

@@ -21,7 +21,7 @@ admin_bp = Blueprint("admin", __name__)
 @bp.get("/healthz")
 async def healthz() -> Any:
     """200 while the process and the engine's step loop are alive."""
-    alive = server_state().handle.engine.is_running
+    alive = server_state().handle.is_running
     return ({"status": "ok"}, 200) if alive else ({"status": "engine stopped"}, 503)
 
 
@@ -37,7 +37,7 @@ async def readyz() -> Any:
 @bp.get("/metrics")
 async def metrics() -> Response:
     state = server_state()
-    state.metrics.update_engine(state.handle.engine.stats())
+    state.metrics.update_engine(state.handle.stats())
     payload, content_type = state.metrics.render()
     return Response(payload, content_type=content_type)
 

@@ -128,6 +128,16 @@ class CompletionRequest(_Sampling):
         return self.logprobs
 
 
+class EmbeddingRequest(_Request):
+    model: str
+    input: Union[str, list[str], list[int], list[list[int]]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+    truncate: bool = False  # cut inputs to the model's maximum length instead of refusing them
+    truncate_prompt_tokens: int | None = None  # vLLM: keep at most this many tokens (the first ones)
+
+
 class TokenizeRequest(_Request):
     model: str | None = None
     prompt: str | None = None

@@ -51,7 +51,7 @@ async def _run(app, hconfig: HypercornConfig, state: ServerState) -> None:
         while state.handle.in_flight > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         # Past the deadline: abort the rest; their streams end with an error chunk.
-        await asyncio.to_thread(state.handle.engine.stop)
+        await asyncio.to_thread(state.handle.stop)
         flush_deadline = time.monotonic() + 2.0
         while state.handle.in_flight > 0 and time.monotonic() < flush_deadline:
             await asyncio.sleep(0.02)

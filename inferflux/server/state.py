@@ -11,14 +11,23 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import threading
 import time
 from pathlib import Path
+
+import numpy as np
 
 from inferflux.config import Config
 from inferflux.engine import device
 from inferflux.engine.compile_cache import enable_persistent_cache
+from inferflux.engine.embedder import Embedder
 from inferflux.engine.engine import Engine
+from inferflux.engine.request import EngineStats
+from inferflux.formats.encoder import load_encoder
+from inferflux.formats.gguf_file import GGUFFile
+from inferflux.formats.json_file import read_json_object
 from inferflux.formats.loader import LoadedModel, load_model
+from inferflux.formats.tokenizer import Tokenizer
 from inferflux.server.errors import model_not_found, unavailable
 from inferflux.server.metrics import ServerMetrics
 
@@ -27,18 +36,44 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class ModelHandle:
+    """A served model: a generative LLM with its engine, or an encoder (embeddings only) with its embedder."""
+
     name: str
     aliases: tuple[str, ...]
     path: Path
-    model: LoadedModel
-    engine: Engine
+    model: LoadedModel | None
+    engine: Engine | None
+    embedder: Embedder | None = None
+    # The embedder holds device state and compiles on demand: one caller at a time.
+    embed_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+    def embed_encoder(self, token_lists: list[list[int]]) -> np.ndarray:
+        with self.embed_lock:
+            return self.embedder.embed(token_lists)
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
     in_flight: int = 0
     retired: bool = False
 
     @property
     def max_model_len(self) -> int:
+        if self.engine is None:
+            return self.embedder.model.max_seq_length
         return self.engine.core.max_model_len
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.model.tokenizer if self.model is not None else self.embedder.model.tokenizer
+
+    @property
+    def is_running(self) -> bool:
+        return self.engine is None or self.engine.is_running
+
+    def stats(self) -> EngineStats:
+        return EngineStats() if self.engine is None else self.engine.stats()
+
+    def stop(self) -> None:
+        if self.engine is not None:
+            self.engine.stop()
 
     def names(self) -> tuple[str, ...]:
         return (self.name, *self.aliases)
@@ -50,17 +85,30 @@ class ModelHandle:
     def release(self) -> None:
         self.in_flight -= 1
         if self.retired and self.in_flight == 0:
-            self.engine.stop()
+            self.stop()
 
 
 def load_handle(config: Config, path: str | Path, served_name: str | None = None) -> ModelHandle:
     """Load a model and start its engine (blocking: run it off the event loop)."""
     enable_persistent_cache(config.home_path / "xla-cache")
-    model = load_model(path)
-    engine = Engine(model, config).start()
     name = served_name or config.server.served_model_name or Path(path).name
     aliases = tuple(a.strip() for a in config.server.model_aliases.split(",") if a.strip())
+    if is_encoder(path):
+        embedder = Embedder(load_encoder(path))
+        return ModelHandle(name=name, aliases=aliases, path=Path(path), model=None, engine=None, embedder=embedder)
+    model = load_model(path)
+    engine = Engine(model, config).start()
     return ModelHandle(name=name, aliases=aliases, path=Path(path), model=model, engine=engine)
+
+
+def is_encoder(path: str | Path) -> bool:
+    """BERT-family embedding models are served by the embedder, not the generation engine."""
+    path = Path(path)
+    if path.is_dir():
+        config = read_json_object(path / "config.json", missing_ok=True)
+        archs = config.get("architectures") or []
+        return config.get("model_type") == "bert" or any(a.startswith("Bert") for a in archs)
+    return path.is_file() and GGUFFile(path).metadata.get("general.architecture") == "bert"
 
 
 class ServerState:
@@ -83,13 +131,13 @@ class ServerState:
         raise model_not_found(model)
 
     def check_capacity(self) -> None:
-        stats = self.handle.engine.stats()
+        stats = self.handle.stats()
         if stats.num_waiting >= self.config.server.max_queued_requests:
             raise unavailable(f"the server is overloaded ({stats.num_waiting} requests waiting); retry later")
 
     @property
     def ready(self) -> bool:
-        return not self.draining and self.handle.engine.is_running
+        return not self.draining and self.handle.is_running
 
     async def swap(self, new: ModelHandle) -> ModelHandle:
         """Serve `new` from now on; the old engine stops when its last request finishes."""
@@ -98,6 +146,6 @@ class ServerState:
             self.metrics.engine_replaced()
             old.retired = True
             if old.in_flight == 0:
-                old.engine.stop()
+                old.stop()
             log.info("now serving %s (was %s)", new.name, old.name)
             return old

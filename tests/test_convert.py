@@ -14,7 +14,7 @@ from convert.hf_to_gguf import OUTPUT_TYPES, convert_hf_to_gguf
 from inferflux.formats.gguf_file import GGUFFile
 from inferflux.formats.hf_folder import SafetensorsFolder
 
-llama_cpp = pytest.importorskip("llama_cpp")
+import llama_cpp  # noqa: E402 - the reference implementation is a hard test dependency
 
 PROMPT_IDS = [5, 17, 42, 99, 7, 230, 64, 3, 150, 11]
 NEW_TOKENS = 32

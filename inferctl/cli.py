@@ -18,7 +18,7 @@ from inferflux.errors import InferFluxError
 
 
 class InferCtl:
-    """InferFlux: run GGUF and safetensors models. Commands: serve, convert, show, make-demo-model."""
+    """InferFlux: run GGUF and safetensors models. Commands: serve, pull, list, show, rm, convert, make-demo-model."""
 
     def convert(self, src: str, dst: str, type: str = "F16", name: str | None = None) -> None:
         """Convert a Hugging Face safetensors folder SRC to a GGUF file DST.
@@ -37,31 +37,35 @@ class InferCtl:
         print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {str(type).upper()})")
 
     def show(self, model: str, json: bool = False) -> None:  # noqa: A002 - the flag is --json
-        """Describe a model file or folder: architecture, size, context, quantization, template."""
-        from inferflux.formats.describe import describe_model
+        """Describe a model (store name, GGUF file or folder): architecture, size, context, quantization."""
+        from inferctl import store_cmds
+        from inferflux.store import open_store
 
-        info = describe_model(model)
-        if json:
-            print(_json_dumps(info))
-            return
-        template = info["chat_template"]
-        rows = [
-            ("path", info["path"]),
-            ("format", info["format"]),
-            ("architecture", info["architecture"]),
-            ("parameters", f'{info["parameter_size"]} ({info["parameters"]:,})'),
-            ("context length", info["context_length"]),
-            ("embedding length", info["embedding_length"]),
-            ("layers / heads / kv heads", f'{info["layers"]} / {info["heads"]} / {info["kv_heads"]}'),
-            ("vocabulary", info["vocab_size"]),
-            ("quantization", info["quantization"]),
-            ("size", f'{info["size_bytes"] / 1e6:.1f} MB'),
-            ("chat template", "none (plain-text fallback)" if not template else f"{len(template)} chars"),
-            ("license", info["license"] or "unknown"),
-        ]
-        width = max(len(k) for k, _ in rows)
-        for key, value in rows:
-            print(f"  {key:<{width}}  {value}")
+        store_cmds.show(open_store(), str(model), as_json=json)
+
+    def pull(self, source: str, name: str | None = None, quantize: str | None = None) -> None:
+        """Add a model to the store from SOURCE: a GGUF file, a safetensors folder, ollama://NAME:TAG, hf://ORG/REPO.
+
+        --quantize Q4_K|Q6_K|Q8_0|F16 converts a safetensors folder to GGUF at that type; --name NAME[:TAG].
+        """
+        from inferctl import store_cmds
+        from inferflux.store import open_store
+
+        store_cmds.pull(open_store(), str(source), name, quantize)
+
+    def list(self) -> None:  # noqa: A003 - the command is `inferctl list`
+        """Models in the store: name, size, format, quantization, modified."""
+        from inferctl import store_cmds
+        from inferflux.store import open_store
+
+        store_cmds.list_models(open_store())
+
+    def rm(self, name: str) -> None:
+        """Remove a model from the store (blobs no other model uses are deleted)."""
+        from inferctl import store_cmds
+        from inferflux.store import open_store
+
+        store_cmds.rm(open_store(), str(name))
 
     def serve(self, model: str, host: str | None = None, port: int | None = None, config: str | None = None,
               served_model_name: str | None = None) -> None:
@@ -71,6 +75,7 @@ class InferCtl:
         """
         from inferflux.config import load_config
         from inferflux.server.serve import serve
+        from inferflux.store import open_store
 
         overrides = dict(_SET_OVERRIDES)
         if host is not None:
@@ -79,18 +84,28 @@ class InferCtl:
             overrides["server.port"] = port
         if served_model_name is not None:
             overrides["server.served_model_name"] = served_model_name
-        sys.exit(serve(model, load_config(config, overrides), config))
+        elif not Path(str(model)).expanduser().exists():
+            overrides["server.served_model_name"] = str(model)  # a store name is what clients should send
+        settings = load_config(config, overrides)
+        path = open_store(settings.home_path).resolve(str(model))
+        sys.exit(serve(str(path), settings, config))
 
-    def make_demo_model(self, out: str = "demo-model") -> None:
-        """Build a tiny random-weight Llama model with a trained tokenizer into folder OUT.
+    def make_demo_model(self, out: str | None = None, name: str = "demo") -> None:
+        """Build a tiny random-weight Llama model with a trained tokenizer and a chat template.
 
-        Its answers are gibberish: it exists so every command can be tried in a minute
-        without downloading anything.
+        Into the store as NAME (default "demo"), or into folder --out DIR. Its answers are gibberish:
+        it exists so every command can be tried in a minute without downloading anything.
         """
-        from convert.demo_model import make_demo_model
+        if out is not None:
+            from convert.demo_model import make_demo_model
 
-        path = make_demo_model(Path(out))
-        print(f"wrote {path} (random weights: it produces gibberish)")
+            path = make_demo_model(Path(out))
+            print(f"wrote {path} (random weights: it produces gibberish)")
+            return
+        from inferctl import store_cmds
+        from inferflux.store import open_store
+
+        store_cmds.make_demo(open_store(), str(name))
 
 
 def _json_dumps(value: Any) -> str:

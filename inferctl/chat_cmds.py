@@ -34,11 +34,14 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol, TextIO, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TextIO, runtime_checkable
 
 import httpx
 
 from inferflux.errors import InferFluxError
+
+if TYPE_CHECKING:
+    from inferflux.config import Config
 
 Message = Mapping[str, str]
 
@@ -225,14 +228,15 @@ class LocalBackend:
 
     It steps `llm.engine` itself rather than calling `LLM.chat`, because `chat` returns only when
     the whole answer is done, and a terminal chat must show tokens as they are produced and be able
-    to stop mid-answer. `**runtime` are runtime config keys, as for `LLM(path, **runtime)`.
+    to stop mid-answer. `config` and `**runtime` (runtime keys, e.g. `max_model_len=256`) are passed
+    to `LLM(path, config, **runtime)`, so the CLI can honour `--config` / `--set` as `serve` does.
     """
 
-    def __init__(self, model_path: str, **runtime: Any) -> None:
+    def __init__(self, model_path: str, config: Config | None = None, **runtime: Any) -> None:
         # JAX starts here, not when the CLI module is imported.
         from inferflux import LLM
 
-        self.llm = LLM(model_path, **runtime)
+        self.llm = LLM(model_path, config, **runtime)
         self.name = Path(model_path).name
         self._request_id: str | None = None
         self._owner: int | None = None  # the thread that steps the engine; only it may touch the engine
@@ -301,16 +305,20 @@ class LocalBackend:
             self._abort()
 
 
-def backend_for(target: str, model: str | None = None, **runtime: Any) -> ChatBackend:
-    """The backend a CLI argument names: an `http(s)://` URL is a server, anything else a model path."""
+def backend_for(target: str, model: str | None = None, config: Config | None = None,
+                **runtime: Any) -> ChatBackend:
+    """The backend a CLI argument names: an `http(s)://` URL is a server, anything else a model path.
+
+    Settings that cannot apply are refused rather than ignored, so a user who passes them learns why
+    they have no effect.
+    """
     if target.startswith(("http://", "https://")):
-        if runtime:
-            raise ValueError(f"runtime settings ({', '.join(sorted(runtime))}) apply to a local model, "
-                             f"not to the server at {target}")
+        if runtime or config is not None:
+            raise ValueError(f"runtime settings apply to a local model, not to the server at {target}")
         return ServerBackend(target, model)
     if model is not None:
         raise ValueError("--model picks a model on a server; for a local file, give its path instead")
-    return LocalBackend(target, **runtime)
+    return LocalBackend(target, config, **runtime)
 
 
 # --- run: one answer, or the REPL ---

@@ -8,6 +8,7 @@ status 1, never a traceback.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,10 @@ from inferflux.errors import InferFluxError
 
 
 class InferCtl:
-    """InferFlux: run GGUF and safetensors models. Commands: serve, pull, list, show, rm, convert, make-demo-model."""
+    """InferFlux: run GGUF and safetensors models.
+
+    Commands: serve, run, chat, status, pull, list, show, rm, convert, replay, make-demo-model.
+    """
 
     def convert(self, src: str, dst: str, type: str = "F16", name: str | None = None) -> None:
         """Convert a Hugging Face safetensors folder SRC to a GGUF file DST.
@@ -89,6 +93,58 @@ class InferCtl:
         settings = load_config(config, overrides)
         path = open_store(settings.home_path).resolve(str(model))
         sys.exit(serve(str(path), settings, config))
+
+    def run(self, model: str | None = None, prompt: str | None = None, url: str | None = None,
+            temperature: float = 0.8, max_tokens: int = 256, transcript: str | None = None,
+            config: str | None = None) -> None:
+        """Chat with MODEL (store name or path): one streamed answer with --prompt, else an interactive chat.
+
+        Uses a running server when --url or INFERFLUX_URL is given (MODEL then picks the server's model),
+        else runs the engine in this process. In the chat: /bye, /clear, /set temperature 0.2,
+        /set max_tokens N, /save FILE; Ctrl-C cancels the current answer. --transcript FILE records every
+        turn as JSON lines with timings (see `inferctl replay`).
+        """
+        from inferctl import chat_cmds
+
+        url = url or os.environ.get("INFERFLUX_URL")
+        if url:
+            backend = chat_cmds.backend_for(url, None if model is None else str(model))
+        else:
+            if model is None:
+                raise ValueError("name a model (`inferctl list` shows the stored ones), or give --url")
+            from inferflux.config import load_config
+            from inferflux.store import open_store
+
+            settings = load_config(config, dict(_SET_OVERRIDES))
+            path = open_store(settings.home_path).resolve(str(model))
+            backend = chat_cmds.backend_for(str(path), None, settings)
+        chat_cmds.run(backend, None if prompt is None else str(prompt), temperature, max_tokens, transcript)
+
+    def chat(self, url: str | None = None, model: str | None = None, temperature: float = 0.8,
+             max_tokens: int = 256, transcript: str | None = None) -> None:
+        """Interactive chat against any OpenAI-compatible server (--url, or INFERFLUX_URL)."""
+        from inferctl import chat_cmds
+
+        url = url or os.environ.get("INFERFLUX_URL")
+        if not url:
+            raise ValueError("give the server with --url http://HOST:PORT (or set INFERFLUX_URL)")
+        chat_cmds.run(chat_cmds.backend_for(url, model), None, temperature, max_tokens, transcript)
+
+    def replay(self, file: str, speed: float = 1.0) -> None:
+        """Play a chat transcript back with its original pacing (--speed 2 plays twice as fast)."""
+        from inferctl import chat_cmds
+
+        chat_cmds.replay(str(file), float(speed))
+
+    def status(self, url: str | None = None, json: bool = False, window: float = 1.0) -> None:  # noqa: A002
+        """Health, readiness, models, queue, tokens/s and KV-cache use of a running server, as a table.
+
+        --url (default INFERFLUX_URL or http://127.0.0.1:8080); tokens/s is measured over --window seconds.
+        """
+        from inferctl import chat_cmds
+
+        target = url or os.environ.get("INFERFLUX_URL") or "http://127.0.0.1:8080"
+        chat_cmds.status(target, as_json=json, window=float(window))
 
     def make_demo_model(self, out: str | None = None, name: str = "demo") -> None:
         """Build a tiny random-weight Llama model with a trained tokenizer and a chat template.

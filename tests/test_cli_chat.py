@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
 import re
 import signal
 import sys
@@ -172,9 +173,29 @@ def spawn(code: str, *args: str, timeout: int = 60):
 
 
 def spawn_repl(server: Server):
-    # Greedy first, so the first answer is known to be non-empty (the random model may sample EOS).
-    return spawn("import sys; from inferctl.chat_cmds import ServerBackend, run; "
-                 "run(ServerBackend(sys.argv[1]), None, temperature=0, max_tokens=8)", server.url)
+    """`inferctl run --url URL` in a pseudo-terminal, as a user types it.
+
+    Greedy first, so the first answer is known to be non-empty (the random model may sample EOS).
+    """
+    return spawn("import sys; from inferctl.cli import main; sys.exit(main(sys.argv[1:]))",
+                 "run", "--url", server.url, "--temperature", "0", "--max-tokens", "8")
+
+
+def test_inferctl_run_with_prompt_streams_and_exits(tmp_path: Path, tiny_model) -> None:
+    """`inferctl run NAME --prompt hi` on a stored model, in-process engine: text out, exit 0."""
+    env = {**os.environ, "INFERFLUX_HOME": str(tmp_path / "home"), "PYTHONPATH": str(REPO)}
+    cli = [sys.executable, "-m", "inferctl.cli"]
+    pulled = subprocess.run([*cli, "pull", str(tiny_model("llama")), "--name", "demo"], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert pulled.returncode == 0, pulled.stderr
+    result = subprocess.run([*cli, "run", "demo", "--prompt", "hi", "--temperature", "0", "--max-tokens", "8",
+                             "--set", "runtime.max_model_len=128", "--set", "runtime.num_pages=32"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() and "Traceback" not in result.stderr
+    missing = subprocess.run([*cli, "run", "nope", "--prompt", "hi"], env=env, capture_output=True, text=True,
+                             timeout=120)
+    assert missing.returncode == 1 and missing.stderr.count("\n") == 1 and "not found" in missing.stderr
 
 
 def terminal_text(text: str) -> str:
@@ -335,3 +356,12 @@ def test_unreachable_server_is_one_line(call) -> None:
         call(url)
     message = str(info.value)
     assert message.startswith(f"cannot reach the server at {url}: ") and "\n" not in message
+
+
+def test_backend_for_refuses_settings_that_cannot_apply() -> None:
+    from inferctl.chat_cmds import backend_for
+
+    with pytest.raises(ValueError, match="local model"):
+        backend_for("http://127.0.0.1:1", max_model_len=256)
+    with pytest.raises(ValueError, match="--model"):
+        backend_for("model.gguf", model="tiny")

@@ -146,10 +146,10 @@ class ServerMetrics:
             "inferflux:num_preemptions", "Requests preempted because KV pages ran out."
         )
         self._prefix_queries = counter(
-            "inferflux:prefix_cache_queries", "Prompt tokens looked up in the prefix cache."
+            "inferflux:prefix_cache_queries", "Full prompt pages looked up in the prefix cache."
         )
         self._prefix_hits = counter(
-            "inferflux:prefix_cache_hits", "Prompt tokens served from the prefix cache."
+            "inferflux:prefix_cache_hits", "Full prompt pages found in the prefix cache."
         )
 
         # Last engine totals seen, so counters advance by deltas. Guarded by a lock

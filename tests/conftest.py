@@ -79,3 +79,21 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory, tiny_model):
         return built[key]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model):
+    """`inferctl serve` on the tiny llama model as "tiny", one per test module."""
+    from tests.fixtures.server import Server
+
+    srv = Server(tiny_model("llama"), "tiny")
+    yield srv
+    assert srv.stop() == 0, srv.output()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """The real `openai` client pointed at `server`."""
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)

@@ -77,7 +77,7 @@ def test_readme_serve(demo: Path) -> None:
     """The README's first command ends in `inferctl serve demo-model`: it must answer an OpenAI request."""
     import httpx
 
-    from tests.test_server import Server
+    from tests.fixtures.server import Server
 
     server = Server(demo, "demo-model")
     try:

@@ -20,23 +20,11 @@ import pytest
 from inferctl import chat_cmds
 from inferctl.chat_cmds import LocalBackend, ServerBackend, replay, run, status
 from inferflux.errors import InferFluxError
-from tests.test_server import Server, free_port
+from tests.fixtures.server import Server, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 QUESTION = "Tell me about llamas."
 MESSAGES = [{"role": "user", "content": QUESTION}]
-
-
-@pytest.fixture(scope="module")
-def server(tiny_model):
-    srv = Server(tiny_model("llama"), "tiny")
-    yield srv
-    assert srv.stop() == 0, srv.output()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
 
 
 def greedy(client: openai.OpenAI, messages: list[dict[str, str]], max_tokens: int) -> str:

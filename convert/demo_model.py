@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import save_file
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
 from inferflux.formats.model_config import ModelConfig
 from inferflux.formats.weights import expected_shapes, iter_names
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 # Llama 3's pre-tokenizer split (what llama.cpp calls "llama-bpe").
 SPLIT_REGEX = (

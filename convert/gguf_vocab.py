@@ -27,8 +27,8 @@ from gguf.vocab import SentencePieceVocab, SpecialVocab
 from tokenizers import Tokenizer
 
 from inferflux.errors import ModelFormatError
-from inferflux.formats.json_file import read_json_object
 from inferflux.formats.gguf_tokenizer import GPT2_REGEX, LLAMA3_REGEX, QWEN2_REGEX
+from inferflux.formats.json_file import read_json_object
 
 # Split regex in tokenizer.json -> the llama.cpp `tokenizer.ggml.pre` that reproduces it.
 _PRE_BY_SPLIT_REGEX = {LLAMA3_REGEX: "llama-bpe", QWEN2_REGEX: "qwen2"}

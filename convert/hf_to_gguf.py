@@ -18,8 +18,8 @@ The file appears under its final name only when complete.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import gguf
 import numpy as np

@@ -8,8 +8,10 @@ until every request is done.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+from collections.abc import Sequence as Seq
 from pathlib import Path
-from typing import Any, Mapping, Sequence as Seq
+from typing import Any
 
 import numpy as np
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import io
 import json
 import os
-import subprocess
 import re
 import signal
+import subprocess
 import sys
 import threading
 from collections.abc import Iterator, Sequence

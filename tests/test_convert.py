@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import gguf
+import llama_cpp  # noqa: E402 - the reference implementation is a hard test dependency
 import numpy as np
 import pytest
 import torch
@@ -13,8 +14,6 @@ from transformers import AutoModelForCausalLM
 from convert.hf_to_gguf import OUTPUT_TYPES, convert_hf_to_gguf
 from inferflux.formats.gguf_file import GGUFFile
 from inferflux.formats.hf_folder import SafetensorsFolder
-
-import llama_cpp  # noqa: E402 - the reference implementation is a hard test dependency
 
 PROMPT_IDS = [5, 17, 42, 99, 7, 230, 64, 3, 150, 11]
 NEW_TOKENS = 32

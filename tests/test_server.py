@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from inferflux import LLM, SamplingParams
 from tests.fixtures.server import Server
 
+
 @pytest.fixture(scope="module")
 def reference(tiny_model):
     return LLM(tiny_model("llama"), max_model_len=256, num_pages=200, max_logprobs=5)

@@ -14,10 +14,10 @@ import json
 import random
 import shutil
 import unicodedata
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import gguf
 import llama_cpp

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict, deque
-from typing import Hashable, Sequence
+from collections.abc import Hashable, Sequence
 
 NULL_PAGE = 0
 

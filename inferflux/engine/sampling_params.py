@@ -8,11 +8,10 @@ values into one clear `SamplingParamsError` before anything is scheduled.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 from inferflux.engine.sampler import RowParams
 from inferflux.errors import InferFluxError
-
 
 # While min_tokens is unmet, stop ids are banned through logit-bias slots reserved for them.
 MAX_STOP_TOKEN_IDS = 32
@@ -44,7 +43,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
 
     def validate(self, vocab_size: int | None = None, max_logprobs: int = 20,
-                 max_logit_bias: int | None = None) -> "SamplingParams":
+                 max_logit_bias: int | None = None) -> SamplingParams:
         """Check every field; the sampling knobs through the sampler's own `RowParams.validate`."""
         checks = [
             (self.max_tokens is None or self.max_tokens >= 1, "max_tokens must be at least 1"),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Sequence as Seq
+from collections.abc import Sequence as Seq
 
 from inferflux.engine.sampler import RowParams
 from inferflux.engine.sampling_params import SamplingParams
@@ -39,7 +39,7 @@ class Sequence:
     num_computed: int = 0  # tokens whose K/V is in the cache
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
     finish_reason: str | None = None  # "stop", "length" or "abort"
-    parent: "Sequence | None" = None  # n > 1: the sample whose prompt pages this one reuses
+    parent: Sequence | None = None  # n > 1: the sample whose prompt pages this one reuses
     adapter: str | None = None  # LoRA adapter (prefix-cache keys include it)
     index: int = 0  # which of the request's n samples
 

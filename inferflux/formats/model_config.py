@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -67,7 +68,7 @@ class ModelConfig:
     sliding_window: int | None = None
 
     @classmethod
-    def from_hf_config(cls, config: Mapping[str, Any], path: str | Path = "config.json") -> "ModelConfig":
+    def from_hf_config(cls, config: Mapping[str, Any], path: str | Path = "config.json") -> ModelConfig:
         """Build from a parsed Hugging Face `config.json`."""
         archs = config.get("architectures") or []
         hf_arch = archs[0] if archs else None
@@ -106,7 +107,7 @@ class ModelConfig:
             raise ModelFormatError(path, f"bad or missing config key: {exc}") from None
 
     @classmethod
-    def from_hf_dir(cls, folder: str | Path) -> "ModelConfig":
+    def from_hf_dir(cls, folder: str | Path) -> ModelConfig:
         path = Path(folder) / "config.json"
         return cls.from_hf_config(read_json_object(path), path)
 
@@ -121,7 +122,7 @@ class ModelConfig:
         qkv_bias: bool,
         o_bias: bool,
         rope_freq_factors: np.ndarray | None = None,
-    ) -> "ModelConfig":
+    ) -> ModelConfig:
         """Build from GGUF key/values; tensor-derived facts are passed in by the loader."""
         arch = meta.get("general.architecture")
         if arch not in GGUF_ARCHITECTURES:

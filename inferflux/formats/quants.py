@@ -61,15 +61,16 @@ so there only NaN-ness, not payload, can match).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Callable, NamedTuple, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.typing import DTypeLike
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from jax.typing import DTypeLike
 
 from inferflux.errors import ModelFormatError, UnsupportedQuantError
 

@@ -17,18 +17,19 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Literal
 
 import gguf
 import tokenizers
 from gguf.vocab import SpecialVocab, bytes_to_unicode
 
 from inferflux.errors import ModelFormatError
-from inferflux.formats.json_file import read_json_object
 from inferflux.formats.gguf_tokenizer import SPM_SPACE, GGUFVocab, build_tokenizer, default_add_bos
+from inferflux.formats.json_file import read_json_object
 
 # Token texts llama.cpp treats as end-of-generation whatever the configured EOS is
 # (llama-vocab.cpp, special_eog_ids); a chat model ends its turn with one of these.

@@ -12,8 +12,9 @@ row-major, with GGML quant blocks running along `in_features`.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Union
 
 import gguf
 import numpy as np
@@ -79,7 +80,7 @@ class QuantizedWeight:
     qtype: gguf.GGMLQuantizationType
     shape: tuple[int, ...]
 
-    def take_rows(self, index: np.ndarray) -> "QuantizedWeight":
+    def take_rows(self, index: np.ndarray) -> QuantizedWeight:
         """Reorder rows; blocks run along a row, so this is exact on packed data."""
         return dataclasses.replace(self, raw=self.raw[index])
 
@@ -88,7 +89,7 @@ class QuantizedWeight:
         return int(self.raw.nbytes)
 
 
-Weight = Union[np.ndarray, QuantizedWeight]
+Weight = np.ndarray | QuantizedWeight
 
 
 def undo_llama_rope_permutation(weight: Weight, num_heads: int) -> Weight:

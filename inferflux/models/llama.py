@@ -20,7 +20,7 @@ file formats give the same parameters (see formats/weights.py).
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp

@@ -12,7 +12,8 @@ import asyncio
 import json
 import time
 import uuid
-from typing import Any, AsyncIterator, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from quart import Blueprint, Response, current_app, request, websocket

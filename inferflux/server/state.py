@@ -78,7 +78,7 @@ class ModelHandle:
     def names(self) -> tuple[str, ...]:
         return (self.name, *self.aliases)
 
-    def acquire(self) -> "ModelHandle":
+    def acquire(self) -> ModelHandle:
         self.in_flight += 1
         return self
 

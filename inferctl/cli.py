@@ -72,7 +72,7 @@ class InferCtl:
         store_cmds.rm(open_store(), str(name))
 
     def serve(self, model: str, host: str | None = None, port: int | None = None, config: str | None = None,
-              served_model_name: str | None = None) -> None:
+              served_model_name: str | None = None, ollama_port: int | None = None) -> None:
         """Serve MODEL (a GGUF file or Hugging Face folder) over the OpenAI API until SIGTERM/Ctrl-C.
 
         --config FILE: a YAML config; --set section.key=value (repeatable) overrides any key.
@@ -86,6 +86,8 @@ class InferCtl:
             overrides["server.host"] = host
         if port is not None:
             overrides["server.port"] = port
+        if ollama_port is not None:
+            overrides["server.ollama_port"] = ollama_port
         if served_model_name is not None:
             overrides["server.served_model_name"] = served_model_name
         elif not Path(str(model)).expanduser().exists():

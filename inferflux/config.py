@@ -77,8 +77,11 @@ class ServerConfig:
     max_body_bytes: int = 4_194_304
     # Requests waiting for the engine beyond this get 503.
     max_queued_requests: int = 1024
-    # Allowed CORS origins, comma-separated; "*" allows any. Default: localhost origins only.
-    cors_origins: str = "http://localhost,http://127.0.0.1"
+    # Browser origins allowed to call the server, comma-separated, any port; "*" allows any. Requests from
+    # other origins get 403 (as Ollama does). OLLAMA_ORIGINS, if set, adds to the list.
+    cors_origins: str = "http://localhost,https://localhost,http://127.0.0.1,https://127.0.0.1,http://0.0.0.0"
+    # Also listen on this port (e.g. 11434, Ollama's), serving the same app; 0 = off.
+    ollama_port: int = 0
     # /admin/* routes (model reload) are served only when true, until API-key auth exists.
     admin_enabled: bool = False
     # Default max_tokens when a request gives none; 0 = up to the context window.

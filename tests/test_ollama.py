@@ -9,18 +9,12 @@ import numpy as np
 import ollama
 import pytest
 
-from tests.fixtures.server import Server
-
-
-@pytest.fixture(scope="module")
-def server(tiny_model):
-    srv = Server(tiny_model("llama"), "tiny")
-    yield srv
-    assert srv.stop() == 0, srv.output()
+from tests.fixtures.server import Server, free_port
 
 
 @pytest.fixture(scope="module")
 def client(server):
+    """The real `ollama` client, on the conftest's `server` (this module's `client` is Ollama's, not OpenAI's)."""
     return ollama.Client(host=server.url)
 
 
@@ -158,3 +152,17 @@ def test_errors(server, client) -> None:
     assert ok.done and ok.eval_count <= 2
     empty = client.generate(model="tiny", prompt="")
     assert empty.done and empty.done_reason == "load"
+
+
+def test_second_port_for_ollama_clients(tiny_model) -> None:
+    """`server.ollama_port` (`inferctl serve --ollama-port 11434`) serves the same app on Ollama's port too."""
+    port = free_port()
+    server = Server(tiny_model("qwen2"), "qwen", [f"server.ollama_port={port}"])
+    try:
+        client = ollama.Client(host=f"http://127.0.0.1:{port}")
+        reply = client.chat(model="qwen", messages=[{"role": "user", "content": "hi"}], options=GREEDY)
+        assert reply["done"] and reply["message"]["role"] == "assistant"
+        assert [m["model"] for m in client.list()["models"]] == ["qwen:latest"]
+        assert httpx.get(server.url + "/api/version", timeout=60).status_code == 200  # main port still serves
+    finally:
+        assert server.stop() == 0, server.output()

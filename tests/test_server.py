@@ -195,7 +195,12 @@ def test_cors(server) -> None:
     assert allowed.status_code == 204
     assert allowed.headers["access-control-allow-origin"] == "http://localhost:3000"
     other = httpx.get(server.url + "/v1/models", headers={"Origin": "https://evil.example"}, timeout=120)
-    assert "access-control-allow-origin" not in other.headers
+    assert other.status_code == 403 and "access-control-allow-origin" not in other.headers
+    assert "evil.example" in other.json()["error"]["message"]
+    preflight = httpx.options(server.url + "/api/chat", headers={"Origin": "https://evil.example"}, timeout=120)
+    assert preflight.status_code == 403
+    plain = httpx.get(server.url + "/v1/models", timeout=120)  # no Origin: not a browser, allowed
+    assert plain.status_code == 200
 
 
 def test_websocket_chat(server) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from quart import Quart, Response, request
@@ -30,6 +31,10 @@ def create_app(state: ServerState) -> Quart:
 
     @app.before_request
     async def limits_and_preflight() -> Any:
+        origin = request.headers.get("Origin")
+        if origin and not _origin_allowed(origin, _allowed_origins(state)):
+            # A web page from another site must not drive a local model server (Ollama's rule).
+            return error_body(f"origin {origin} is not allowed (server.cors_origins)", code="origin_not_allowed"), 403
         length = request.content_length
         if length is not None and length > state.config.server.max_body_bytes:
             return error_body(f"the request body is {length} bytes; the limit is "
@@ -41,7 +46,7 @@ def create_app(state: ServerState) -> Quart:
     @app.after_request
     async def cors_and_count(response: Response) -> Response:
         origin = request.headers.get("Origin")
-        if origin and _origin_allowed(origin, state.config.server.cors_origins):
+        if origin and _origin_allowed(origin, _allowed_origins(state)):
             response.headers["Access-Control-Allow-Origin"] = origin
             response.headers["Vary"] = "Origin"
             response.headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE, OPTIONS"
@@ -72,6 +77,11 @@ def create_app(state: ServerState) -> Quart:
         return error_body(f"internal error: {type(exc).__name__}", "server_error"), 500
 
     return app
+
+
+def _allowed_origins(state: ServerState) -> str:
+    extra = os.environ.get("OLLAMA_ORIGINS", "")
+    return f"{state.config.server.cors_origins},{extra}" if extra else state.config.server.cors_origins
 
 
 def _origin_allowed(origin: str, allowed: str) -> bool:

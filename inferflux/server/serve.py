@@ -29,6 +29,8 @@ def serve(model: str, config: Config, config_path: str | None = None) -> int:
     app = create_app(state)
     hconfig = HypercornConfig()
     hconfig.bind = [f"{config.server.host}:{config.server.port}"]
+    if config.server.ollama_port:
+        hconfig.bind.append(f"{config.server.host}:{config.server.ollama_port}")
     hconfig.graceful_timeout = 5.0
     hconfig.accesslog = None
     asyncio.run(_run(app, hconfig, state))
@@ -42,7 +44,8 @@ async def _run(app, hconfig: HypercornConfig, state: ServerState) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     log.info("serving %s on %s", state.handle.name, hconfig.bind[0])
-    print(f"InferFlux serving {state.handle.name!r} on http://{hconfig.bind[0]}", flush=True)
+    addresses = " and ".join(f"http://{b}" for b in hconfig.bind)
+    print(f"InferFlux serving {state.handle.name!r} on {addresses}", flush=True)
 
     async def drain() -> None:
         await stop.wait()

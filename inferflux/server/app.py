@@ -9,7 +9,7 @@ from typing import Any
 from quart import Quart, Response, request
 from werkzeug.exceptions import HTTPException
 
-from inferflux.server import embeddings_api, ollama_api, openai_api, ops_api
+from inferflux.server import embeddings_api, lmstudio_api, ollama_api, openai_api, ops_api
 from inferflux.server.errors import APIError, error_body
 from inferflux.server.state import ServerState
 
@@ -24,6 +24,7 @@ def create_app(state: ServerState) -> Quart:
     app.config["RESPONSE_TIMEOUT"] = None
     app.register_blueprint(openai_api.bp)
     app.register_blueprint(embeddings_api.bp)
+    app.register_blueprint(lmstudio_api.bp)
     app.register_blueprint(ops_api.bp)
     if state.config.server.admin_enabled:
         app.register_blueprint(ops_api.admin_bp)

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
-from quart import Blueprint, Response, current_app, request, websocket
+from quart import Blueprint, Response, current_app, g, request, websocket
 
 from inferflux import __version__
 from inferflux.engine.engine import EngineDeadError
@@ -74,10 +74,12 @@ def sampling_for(req: ChatCompletionRequest | CompletionRequest, prompt_len: int
     context = handle.max_model_len
     default = server_state().config.server.default_max_tokens
     requested = req.requested_max_tokens
-    if requested is not None and requested < 1:
-        raise bad_request("max_tokens must be at least 1", param="max_tokens")
+    if requested is not None and requested < 1 and requested != -1:
+        raise bad_request("max_tokens must be at least 1 (or -1 for no limit)", param="max_tokens")
     if req.n < 1:
         raise bad_request("n must be at least 1", param="n")
+    if requested == -1:  # LM Studio's "no limit": up to the context window
+        requested = None
     max_tokens = requested or (min(default, context - prompt_len) if default else context - prompt_len)
     if prompt_len + max(max_tokens, 1) > context or max_tokens < 1:
         raise bad_request(
@@ -148,6 +150,24 @@ class _Tracker:
             self.times.setdefault(out.index, []).append(out.last_token_time)
         if out.finished:
             self.finished.append(out)
+
+    def stats(self) -> dict[str, Any]:
+        """LM Studio's `stats` of the first sample: speed, time to first token, generation time, stop reason."""
+        out = self.finished[0] if self.finished else None
+        times = self.times.get(0, [])
+        if out is None or not times:
+            return {"tokens_per_second": 0.0, "time_to_first_token": None, "generation_time": 0.0,
+                    "stop_reason": "userStopped"}
+        generation = times[-1] - out.arrival_time
+        ttft = (out.first_token_time or times[0]) - out.arrival_time
+        if out.finish_reason == "length":
+            reason = "maxPredictedTokensReached"
+        elif isinstance(out.stop_reason, str):
+            reason = "stopStringFound"
+        else:
+            reason = "eosFound"
+        return {"tokens_per_second": out.completion_tokens / generation if generation > 0 else 0.0,
+                "time_to_first_token": ttft, "generation_time": generation, "stop_reason": reason}
 
     def report(self) -> None:
         metrics = self.metrics
@@ -271,7 +291,7 @@ async def chat_completions() -> Any:
     except BaseException:
         handle.release()
         raise
-    tracker = _Tracker()
+    tracker = g.inferflux_tracker = _Tracker()
     if req.stream:
         async def events() -> AsyncIterator[str]:
             try:
@@ -339,7 +359,7 @@ async def completions() -> Any:
     cmpl_id, created, n = f"cmpl-{uuid.uuid4().hex}", int(time.time()), req.n
     echo = [handle.model.tokenizer.decode(p) if req.echo else "" for p in prompts]
 
-    tracker = _Tracker()
+    tracker = g.inferflux_tracker = _Tracker()
 
     async def objects() -> AsyncIterator[dict[str, Any]]:
         completion = 0

@@ -68,6 +68,8 @@ class _Sampling(_Request):
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
+    repeat_penalty: float | None = None  # LM Studio's (and llama.cpp's) name for repetition_penalty
+    ttl: int | None = None  # LM Studio: idle seconds before unloading; accepted, the model stays loaded
     min_tokens: int = 0
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
@@ -82,7 +84,7 @@ class _Sampling(_Request):
             top_k=0 if self.top_k is None else self.top_k,
             min_p=0.0 if self.min_p is None else self.min_p,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            repetition_penalty=next((p for p in (self.repetition_penalty, self.repeat_penalty) if p is not None), 1.0),
             logit_bias={int(k): float(v) for k, v in (self.logit_bias or {}).items()} or None,
             seed=self.seed, stop=stop or None, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
             logprobs=logprobs, n=self.n, skip_special_tokens=self.skip_special_tokens,

@@ -71,9 +71,10 @@ class ModelHandle:
     def stats(self) -> EngineStats:
         return EngineStats() if self.engine is None else self.engine.stats()
 
-    def stop(self) -> None:
+    def stop(self, wait: bool = True) -> None:
+        """Stop the engine; `wait=False` from the event loop, which must not block on the join."""
         if self.engine is not None:
-            self.engine.stop()
+            self.engine.stop(timeout=30.0 if wait else 0)
 
     def names(self) -> tuple[str, ...]:
         return (self.name, *self.aliases)
@@ -85,7 +86,7 @@ class ModelHandle:
     def release(self) -> None:
         self.in_flight -= 1
         if self.retired and self.in_flight == 0:
-            self.stop()
+            self.stop(wait=False)
 
 
 def load_handle(config: Config, path: str | Path, served_name: str | None = None) -> ModelHandle:
@@ -146,6 +147,6 @@ class ServerState:
             self.metrics.engine_replaced()
             old.retired = True
             if old.in_flight == 0:
-                old.stop()
+                old.stop(wait=False)
             log.info("now serving %s (was %s)", new.name, old.name)
             return old

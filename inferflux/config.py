@@ -86,6 +86,14 @@ class ServerConfig:
     admin_enabled: bool = False
     # Default max_tokens when a request gives none; 0 = up to the context window.
     default_max_tokens: int = 0
+    # How long a model loaded on demand (a stored model) stays loaded after its last request when the
+    # request gives no keep_alive: a duration ("5m", "1h30m", "30s"), seconds ("300"), "0" (unload once
+    # idle) or negative (forever). The model given to `inferctl serve` stays loaded unless a request's
+    # keep_alive (or the loaded-model cap) says otherwise.
+    keep_alive: str = "5m"
+    # Most models loaded at once, each with its own engine and KV cache; 0 = no limit. A request for
+    # another model first unloads the least recently used idle one.
+    max_loaded_models: int = 1
 
 
 @dataclasses.dataclass

@@ -44,6 +44,8 @@ from inferflux.errors import InferFluxError, ModelFormatError
 
 # progress(label, done, total, unit): unit is "B" for bytes hashed or copied, "tensors" for conversion.
 Progress = Callable[[str, int, int, str], None]
+# on_layer("sha256:<hex>", size): a file's digest is known (it is verified or copied next).
+LayerHook = Callable[[str, int], None]
 
 DEFAULT_TAG = "latest"
 CHUNK_SIZE = 8 << 20
@@ -157,12 +159,14 @@ class ModelStore:
     # ------------------------------------------------------------------ pull
 
     def pull(self, source: str, name: str | None = None, quantize: str | None = None,
-             progress: Progress | None = None) -> str:
+             progress: Progress | None = None, on_layer: LayerHook | None = None) -> str:
         """Store `source` under `name` (default: its stem or Ollama name); return the stored `name:tag`.
 
         Sources: a GGUF file; a safetensors folder (converted to GGUF when `quantize`
         is given, else stored file by file); `ollama://NAME[:TAG]` from the local
-        Ollama store; `hf://ORG/REPO[/FILE]` through huggingface_hub.
+        Ollama store; `hf://ORG/REPO[/FILE]` through huggingface_hub. `on_layer(digest, size)`
+        is called as soon as each file's digest is known, before it is verified or copied
+        (the HTTP pull reports progress per digest, as Ollama's does).
         """
         quant = _check_quantize(quantize)
         ref = parse_name(name) if name is not None else None
@@ -171,9 +175,9 @@ class ModelStore:
             src = self._open_source(str(source), progress)
             ref = ref or parse_name(src.default_name)
             if src.path.is_file():
-                manifest = self._pull_gguf(src, quant, progress)
+                manifest = self._pull_gguf(src, quant, progress, on_layer)
             else:
-                manifest = self._pull_folder(src, quant, progress)
+                manifest = self._pull_folder(src, quant, progress, on_layer)
             replaced = self._write_manifest(ref, manifest)
         if replaced:
             self._try_collect_garbage()
@@ -194,36 +198,41 @@ class ModelStore:
             stem = path.resolve().name
         return _Source(path.resolve(), default_name(stem), str(path.resolve()))
 
-    def _pull_gguf(self, src: _Source, quant: str | None, progress: Progress | None) -> dict[str, Any]:
+    def _pull_gguf(self, src: _Source, quant: str | None, progress: Progress | None,
+                   on_layer: LayerHook | None = None) -> dict[str, Any]:
         if quant is not None:
             raise StoreError(
                 f"{src.label}: --quantize converts safetensors folders; this is already a GGUF file"
             )
         _check_gguf(src.path)
         facts = _facts(src.path)
-        layer = self._store_file(src.path, src.path.name, progress, src.expected_digest)
+        layer = self._store_file(src.path, src.path.name, progress, src.expected_digest, on_layer)
         return _manifest("gguf", [dict(layer, role=MODEL_ROLE)], src.label, facts)
 
-    def _pull_folder(self, src: _Source, quant: str | None, progress: Progress | None) -> dict[str, Any]:
+    def _pull_folder(self, src: _Source, quant: str | None, progress: Progress | None,
+                     on_layer: LayerHook | None = None) -> dict[str, Any]:
         from inferflux.formats.hf_folder import is_hf_folder
 
         if not is_hf_folder(src.path):
             raise StoreError(f"{src.label}: not a model folder (no config.json)")
         if quant is not None:
-            layer = self._store_converted(src.path, quant, progress)
+            layer = self._store_converted(src.path, quant, progress, on_layer)
             facts = _facts(self._blob_path(layer["digest"]))
             return _manifest("gguf", [dict(layer, role=MODEL_ROLE)], src.label, facts)
         facts = _facts(src.path)
-        layers = [dict(self._store_file(path, rel, progress), role=rel) for rel, path in _folder_files(src.path)]
+        layers = [dict(self._store_file(path, rel, progress, on_layer=on_layer), role=rel)
+                  for rel, path in _folder_files(src.path)]
         return _manifest("safetensors", layers, src.label, facts)
 
     # ----------------------------------------------------------------- blobs
 
     def _store_file(self, path: Path, label: str, progress: Progress | None,
-                    expected_hex: str | None = None) -> dict[str, Any]:
+                    expected_hex: str | None = None, on_layer: LayerHook | None = None) -> dict[str, Any]:
         """Put one file's bytes in `blobs/`, unless a verified blob with its digest is already there."""
         size = path.stat().st_size
         digest_hex = expected_hex or _hash_file(path, self.chunk_size, f"hashing {label}", progress)
+        if on_layer is not None:
+            on_layer(f"sha256:{digest_hex}", size)
         if not self._blob_is_valid(digest_hex, size, label, progress):
             self._copy_into_blob(path, digest_hex, size, label, progress)
         return {"digest": f"sha256:{digest_hex}", "size": size}
@@ -257,7 +266,8 @@ class ModelStore:
                 )
             os.replace(tmp, self.blobs / f"sha256-{digest_hex}")
 
-    def _store_converted(self, folder: Path, quant: str, progress: Progress | None) -> dict[str, Any]:
+    def _store_converted(self, folder: Path, quant: str, progress: Progress | None,
+                         on_layer: LayerHook | None = None) -> dict[str, Any]:
         """Convert into a temp file beside the blobs, then rename it into place (no copy)."""
         from convert.hf_to_gguf import convert_hf_to_gguf
 
@@ -269,6 +279,8 @@ class ModelStore:
             convert_hf_to_gguf(folder, tmp, quant, progress=on_tensor)
             size = tmp.stat().st_size
             digest_hex = _hash_file(tmp, self.chunk_size, f"hashing {quant} GGUF", progress)
+            if on_layer is not None:
+                on_layer(f"sha256:{digest_hex}", size)
             if not self._blob_is_valid(digest_hex, size, f"{quant} GGUF", progress):
                 os.chmod(tmp, _FILE_MODE)
                 os.replace(tmp, self.blobs / f"sha256-{digest_hex}")
@@ -385,6 +397,13 @@ class ModelStore:
             "blobs": manifest["layers"],  # not "layers": describe_model's "layers" is the layer count
         }
 
+    def has(self, name: str) -> bool:
+        """Whether `name[:tag]` is a stored model (its manifest exists; not checked for damage)."""
+        try:
+            return self._manifest_path(parse_name(name)).is_file()
+        except StoreError:
+            return False
+
     def path(self, name: str) -> Path:
         """Where the runtime can read the model: the GGUF blob, or the materialized folder."""
         ref = parse_name(name)
@@ -444,6 +463,21 @@ class ModelStore:
         if not _folder_complete(final, layers):
             raise StoreError(f"model '{ref}': could not materialize {final}")
         return final
+
+    # ----------------------------------------------------------------- copy
+
+    def copy(self, source: str, destination: str) -> str:
+        """Give a stored model a second name (`ollama cp`): a new manifest, the same blobs. Returns it."""
+        src = self._lookup(str(source))
+        dst = parse_name(destination)
+        with self._lock(exclusive=False):
+            manifest = self._read_manifest(src)
+            manifest = {k: v for k, v in manifest.items() if k not in ("name", "tag")}
+            manifest["modified"] = datetime.now(UTC).isoformat(timespec="seconds")
+            replaced = self._write_manifest(dst, manifest)
+        if replaced:
+            self._try_collect_garbage()
+        return str(dst)
 
     # ------------------------------------------------------------------- rm
 
@@ -642,7 +676,8 @@ def _load_manifest(path: Path) -> dict[str, Any]:
 
 def _layers_digest(layers: list[dict[str, Any]]) -> str:
     """sha256 of the (role, digest) list: the identity of a model's content, whatever its name."""
-    canonical = json.dumps(sorted((str(l["role"]), str(l["digest"])) for l in layers), separators=(",", ":"))
+    canonical = json.dumps(sorted((str(layer["role"]), str(layer["digest"])) for layer in layers),
+                           separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import numpy as np
@@ -152,6 +153,39 @@ def test_errors(server, client) -> None:
     assert ok.done and ok.eval_count <= 2
     empty = client.generate(model="tiny", prompt="")
     assert empty.done and empty.done_reason == "load"
+
+
+def test_options_are_honoured(client) -> None:
+    """seed makes sampling reproducible, num_predict caps eval_count, stop strings end the output."""
+
+    def gen(**options) -> ollama.GenerateResponse:
+        started = time.monotonic()
+        reply = client.generate(model="tiny", prompt="Tell me a story.", options=options, stream=False)
+        check_final(reply.model_dump())
+        # Durations add up, and none is longer than the request took.
+        assert reply.total_duration >= reply.prompt_eval_duration + reply.eval_duration - 1
+        assert reply.total_duration <= (time.monotonic() - started) * 1e9
+        # eval_count is the number of tokens produced: the context is the prompt plus them.
+        assert len(reply.context) == reply.prompt_eval_count + reply.eval_count
+        return reply
+
+    first = gen(seed=7, temperature=1.0, num_predict=12)
+    assert gen(seed=7, temperature=1.0, num_predict=12).context == first.context
+    others = {tuple(gen(seed=seed, temperature=1.0, num_predict=12).context) for seed in (8, 9, 10)}
+    assert others - {tuple(first.context)}, "three other seeds all gave the same tokens"
+    for cap in (1, 3, 9):
+        capped = gen(temperature=0, num_predict=cap)
+        assert capped.eval_count <= cap and (capped.eval_count == cap or capped.done_reason == "stop")
+    free = gen(temperature=0, num_predict=24)
+    cuts = [i for i in range(len(free.response) // 3, len(free.response) - 1)
+            if free.response[i:i + 2].isascii() and free.response[i:i + 2].strip() == free.response[i:i + 2]]
+    assert cuts, f"no usable stop string in {free.response!r}"
+    stop = free.response[cuts[0]:cuts[0] + 2]
+    cut = gen(temperature=0, num_predict=24, stop=[stop])
+    assert cut.response == free.response[:free.response.find(stop)] and cut.done_reason == "stop"
+    streamed = list(client.generate(model="tiny", prompt="Tell me a story.", stream=True,
+                                    options={"temperature": 0, "num_predict": 24, "stop": [stop]}))
+    assert "".join(p.response for p in streamed) == cut.response and streamed[-1].eval_count == cut.eval_count
 
 
 def test_second_port_for_ollama_clients(tiny_model) -> None:

@@ -35,11 +35,11 @@ def create_app(state: ServerState) -> Quart:
         origin = request.headers.get("Origin")
         if origin and not _origin_allowed(origin, _allowed_origins(state)):
             # A web page from another site must not drive a local model server (Ollama's rule).
-            return error_body(f"origin {origin} is not allowed (server.cors_origins)", code="origin_not_allowed"), 403
+            return _error(f"origin {origin} is not allowed (server.cors_origins)", code="origin_not_allowed"), 403
         length = request.content_length
         if length is not None and length > state.config.server.max_body_bytes:
-            return error_body(f"the request body is {length} bytes; the limit is "
-                              f"{state.config.server.max_body_bytes}", code="body_too_large"), 413
+            return _error(f"the request body is {length} bytes; the limit is "
+                          f"{state.config.server.max_body_bytes}", code="body_too_large"), 413
         if request.method == "OPTIONS":
             return Response("", status=204)
         return None
@@ -70,14 +70,21 @@ def create_app(state: ServerState) -> Quart:
                    404: f"no route for {request.method} {request.path}",
                    405: f"{request.method} is not allowed on {request.path}"}.get(code, exc.description or str(exc))
         kind = "invalid_request_error" if code < 500 else "server_error"
-        return error_body(message, kind), code
+        return _error(message, kind), code
 
     @app.errorhandler(Exception)
     async def unexpected(exc: Exception) -> Any:
         log.exception("unhandled error on %s %s", request.method, request.path)
-        return error_body(f"internal error: {type(exc).__name__}", "server_error"), 500
+        return _error(f"internal error: {type(exc).__name__}", "server_error"), 500
 
     return app
+
+
+def _error(message: str, kind: str = "invalid_request_error", code: str | None = None) -> dict[str, Any]:
+    """Ollama's `{"error": "..."}` on its routes (`/api/*` but LM Studio's `/api/v0/*`), else OpenAI's object."""
+    if request.path.startswith("/api/") and not request.path.startswith("/api/v0/"):
+        return {"error": message}
+    return error_body(message, kind, code=code)
 
 
 def _allowed_origins(state: ServerState) -> str:

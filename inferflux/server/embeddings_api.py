@@ -20,7 +20,7 @@ from inferflux.engine.embedder import truncate_dimensions
 from inferflux.engine.engine import EngineDeadError
 from inferflux.engine.sampling_params import SamplingParamsError
 from inferflux.server.errors import bad_request, unavailable
-from inferflux.server.openai_api import body, server_state
+from inferflux.server.openai_api import acquire, body, server_state
 from inferflux.server.protocol import EmbeddingRequest
 from inferflux.server.state import ModelHandle
 
@@ -78,7 +78,7 @@ async def compute(handle: ModelHandle, lists: list[list[int]]) -> np.ndarray:
 @bp.post("/v1/embeddings")
 async def embeddings() -> Any:
     req = await body(EmbeddingRequest)
-    handle = server_state().resolve(req.model).acquire()
+    handle = await acquire(req.model, req.ttl)
     try:
         lists = input_ids(req, handle)
         vectors = await compute(handle, lists)

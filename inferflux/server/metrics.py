@@ -142,6 +142,14 @@ class ServerMetrics:
             "Fraction of KV cache pages in use, 0..1 (vLLM-compatible name).",
         )
 
+        self._model_loads = counter(
+            "inferflux:model_loads", "Models loaded on demand (Ollama-style keep-alive and eviction)."
+        )
+        self._model_unloads = counter(
+            "inferflux:model_unloads", "Models unloaded (keep-alive expired, evicted, deleted or replaced)."
+        )
+        self._models_loaded = gauge("inferflux:models_loaded", "Models loaded now.")
+
         self._preemptions = counter(
             "inferflux:num_preemptions", "Requests preempted because KV pages ran out."
         )
@@ -182,6 +190,17 @@ class ServerMetrics:
         for gap in itl_s:
             self._itl.observe(gap)
         self._e2e.observe(e2e_s)
+
+    # --- models ------------------------------------------------------------------
+
+    def model_loaded(self) -> None:
+        self._model_loads.inc()
+
+    def model_unloaded(self) -> None:
+        self._model_unloads.inc()
+
+    def set_models_loaded(self, count: int) -> None:
+        self._models_loaded.set(count)
 
     # --- engine state ------------------------------------------------------------
 

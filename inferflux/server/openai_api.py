@@ -24,8 +24,10 @@ from inferflux.engine.request import Request, StreamOutput
 from inferflux.engine.sampling_params import SamplingParams, SamplingParamsError
 from inferflux.formats.chat_template import ChatTemplateError
 from inferflux.server.errors import APIError, bad_request, model_not_found, unavailable
+from inferflux.server.model_pool import Listed, parse_keep_alive, tagged
 from inferflux.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from inferflux.server.state import ModelHandle, ServerState
+from inferflux.server.tool_calls import ToolCallStream, tool_names
 
 bp = Blueprint("openai", __name__)
 M = TypeVar("M", bound=BaseModel)
@@ -33,6 +35,16 @@ M = TypeVar("M", bound=BaseModel)
 
 def server_state() -> ServerState:
     return current_app.extensions["inferflux"]
+
+
+async def acquire(model: str | None, ttl: int | None = None) -> ModelHandle:
+    """The model a request names, loaded if need be and held until `release()`.
+
+    `ttl` (LM Studio's idle time-to-live, in seconds; negative = forever) sets its keep-alive.
+    """
+    handle = await server_state().acquire(model, parse_keep_alive(ttl))
+    g.inferflux_handle = handle
+    return handle
 
 
 def generative(handle: ModelHandle) -> ModelHandle:
@@ -69,7 +81,8 @@ async def body(model: type[M]) -> M:
     return validate(model, parse_json(await request.get_data()))
 
 
-def sampling_for(req: ChatCompletionRequest | CompletionRequest, prompt_len: int, handle: ModelHandle) -> SamplingParams:
+def sampling_for(req: ChatCompletionRequest | CompletionRequest, prompt_len: int,
+                 handle: ModelHandle) -> SamplingParams:
     """SamplingParams for one prompt, with the context-window check OpenAI clients expect."""
     context = handle.max_model_len
     default = server_state().config.server.default_max_tokens
@@ -97,7 +110,7 @@ def sampling_for(req: ChatCompletionRequest | CompletionRequest, prompt_len: int
 
 
 async def submit(handle: ModelHandle, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[StreamOutput]:
-    server_state().check_capacity()
+    server_state().check_capacity(handle)
     try:
         return await handle.engine.submit(Request(prompt_ids, params))
     except SamplingParamsError as exc:
@@ -243,6 +256,9 @@ async def chat_chunks(req: ChatCompletionRequest, handle: ModelHandle, stream: A
     """The chat.completion.chunk objects of one request: roles first, then text, then usage if asked."""
     chunk_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     completion, prompt_tokens, cached = 0, 0, 0
+    # With tools, each choice's text goes through the tool-call parser: calls become `tool_calls` deltas.
+    parsers = {i: ToolCallStream(tool_names(req.tools)) for i in range(req.n)} if req.parses_tools else {}
+    num_calls = [0] * req.n
 
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         obj = {"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": handle.name,
@@ -259,13 +275,25 @@ async def chat_chunks(req: ChatCompletionRequest, handle: ModelHandle, stream: A
             tracker.see(out)
             _raise_if_aborted(out)
             prompt_tokens, cached = out.prompt_tokens, out.cached_tokens
-            if out.new_text or out.new_logprobs:
-                yield chunk([{"index": out.index, "delta": {"content": out.new_text},
+            text, calls = out.new_text, []
+            parser = parsers.get(out.index)
+            if parser is not None:
+                text, calls = parser.feed(out.new_text)
+                if out.finished:
+                    rest, more = parser.finish()
+                    text, calls = text + rest, calls + more
+            if text or out.new_logprobs:
+                yield chunk([{"index": out.index, "delta": {"content": text},
                               "logprobs": chat_logprobs(handle, out), "finish_reason": None}])
+            if calls:
+                first = num_calls[out.index]
+                num_calls[out.index] += len(calls)
+                yield chunk([{"index": out.index, "logprobs": None, "finish_reason": None, "delta": {
+                    "tool_calls": [call.openai(first + j) for j, call in enumerate(calls)]}}])
             if out.finished:
                 completion += out.completion_tokens
-                yield chunk([{"index": out.index, "delta": {}, "logprobs": None,
-                              "finish_reason": _finish(out.finish_reason)}])
+                reason = "tool_calls" if num_calls[out.index] else _finish(out.finish_reason)
+                yield chunk([{"index": out.index, "delta": {}, "logprobs": None, "finish_reason": reason}])
         if with_usage:
             yield chunk([], usage=usage(prompt_tokens, completion, cached))
     finally:
@@ -284,7 +312,7 @@ def _finish(reason: str | None) -> str:
 @bp.post("/v1/chat/completions")
 async def chat_completions() -> Any:
     req = await body(ChatCompletionRequest)
-    handle = generative(server_state().resolve(req.model).acquire())
+    handle = generative(await acquire(req.model, req.ttl))
     try:
         prompt = chat_prompt(req, handle)
         stream = await submit(handle, prompt, sampling_for(req, len(prompt), handle))
@@ -306,9 +334,12 @@ async def chat_completions() -> Any:
         return streaming_response(events())
     try:
         texts, finish, logprobs = [""] * req.n, ["stop"] * req.n, [[] for _ in range(req.n)]
+        calls: list[list[dict[str, Any]]] = [[] for _ in range(req.n)]
         async for obj in chat_chunks(req, handle, stream, True, tracker):
             for choice in obj["choices"]:
                 texts[choice["index"]] += choice["delta"].get("content", "")
+                calls[choice["index"]] += [{k: v for k, v in c.items() if k != "index"}
+                                           for c in choice["delta"].get("tool_calls", [])]
                 if choice["finish_reason"]:
                     finish[choice["index"]] = choice["finish_reason"]
                 if choice["logprobs"]:
@@ -318,11 +349,17 @@ async def chat_completions() -> Any:
         handle.release()
     return {
         "id": last["id"], "object": "chat.completion", "created": last["created"], "model": handle.name,
-        "choices": [{"index": i, "message": {"role": "assistant", "content": texts[i]},
+        "choices": [{"index": i, "message": _message(texts[i], calls[i]),
                      "logprobs": {"content": logprobs[i]} if req.logprobs else None, "finish_reason": finish[i]}
                     for i in range(req.n)],
         "usage": last["usage"],
     }
+
+
+def _message(text: str, calls: list[dict[str, Any]]) -> dict[str, Any]:
+    if not calls:
+        return {"role": "assistant", "content": text}
+    return {"role": "assistant", "content": text or None, "tool_calls": calls}
 
 
 # --- text completions ---
@@ -348,7 +385,7 @@ async def completions() -> Any:
     if req.echo and req.logprobs is not None:
         raise bad_request("`echo` together with `logprobs` is not supported (prompt logprobs are not computed)",
                           param="echo")
-    handle = generative(server_state().resolve(req.model).acquire())
+    handle = generative(await acquire(req.model, req.ttl))
     try:
         prompts = completion_prompts(req, handle)
         params = [sampling_for(req, len(p), handle) for p in prompts]
@@ -444,48 +481,69 @@ def _legacy_logprobs(handle: ModelHandle, out: StreamOutput) -> dict[str, Any]:
 # --- models, tokenizer, version ---
 
 
-def model_card(handle: ModelHandle, name: str) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": handle.created, "owned_by": "inferflux",
-            "root": str(handle.path), "parent": None, "max_model_len": handle.max_model_len}
+def model_card(row: Listed) -> dict[str, Any]:
+    """One `/v1/models` entry: the default model's names, then the stored models (`name:tag`)."""
+    pool = server_state().pool
+    handle = pool.default_handle() if row.default else None
+    created = handle.created if handle is not None else (
+        int(row.stored.modified.timestamp()) if row.stored is not None else int(server_state().started))
+    card = {"id": row.name, "object": "model", "created": created, "owned_by": "inferflux",
+            "root": str(pool.default.path) if row.default else row.name, "parent": None}
+    if handle is not None:
+        card["max_model_len"] = handle.max_model_len
+    return card
+
+
+def find_model(model_id: str) -> Listed:
+    """The listed model called `model_id` (`name` also matches `name:latest`), or a 404."""
+    for row in server_state().pool.names():
+        if model_id == row.name or tagged(model_id) == tagged(row.name):
+            return row
+    raise model_not_found(model_id)
 
 
 @bp.get("/v1/models")
 async def list_models() -> Any:
-    handle = server_state().handle
-    return {"object": "list", "data": [model_card(handle, name) for name in handle.names()]}
+    rows = await asyncio.to_thread(server_state().pool.names)
+    return {"object": "list", "data": [model_card(row) for row in rows]}
 
 
 @bp.get("/v1/models/<path:model_id>")
 async def get_model(model_id: str) -> Any:
-    handle = server_state().handle
-    if model_id not in handle.names():
-        raise model_not_found(model_id)
-    return model_card(handle, model_id)
+    return model_card(await asyncio.to_thread(find_model, model_id))
 
 
 @bp.post("/tokenize")
 async def tokenize() -> Any:
     req = await body(TokenizeRequest)
-    handle = server_state().resolve(req.model)
-    if req.messages is not None:
-        generative(handle.acquire()).release()
-        ids = chat_prompt(ChatCompletionRequest(model=handle.name, messages=req.messages,
-                                                add_generation_prompt=req.add_generation_prompt), handle)
-    elif req.prompt is not None:
-        ids = handle.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
-    else:
+    if req.messages is None and req.prompt is None:
         raise bad_request("give `prompt` or `messages`", param="prompt")
-    return {"tokens": ids, "count": len(ids), "max_model_len": handle.max_model_len}
+    handle = await acquire(req.model)
+    try:
+        if req.messages is not None:
+            if handle.engine is None:
+                raise bad_request(f"the model `{handle.name}` is an embedding model; it has no chat template",
+                                  param="messages")
+            ids = chat_prompt(ChatCompletionRequest(model=handle.name, messages=req.messages,
+                                                    add_generation_prompt=req.add_generation_prompt), handle)
+        else:
+            ids = handle.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        return {"tokens": ids, "count": len(ids), "max_model_len": handle.max_model_len}
+    finally:
+        handle.release()
 
 
 @bp.post("/detokenize")
 async def detokenize() -> Any:
     req = await body(DetokenizeRequest)
-    handle = server_state().resolve(req.model)
-    vocab = handle.tokenizer.vocab_size
-    if any(not 0 <= t < vocab for t in req.tokens):
-        raise bad_request(f"token ids must be in 0..{vocab - 1}", param="tokens")
-    return {"prompt": handle.tokenizer.decode(req.tokens)}
+    handle = await acquire(req.model)
+    try:
+        vocab = handle.tokenizer.vocab_size
+        if any(not 0 <= t < vocab for t in req.tokens):
+            raise bad_request(f"token ids must be in 0..{vocab - 1}", param="tokens")
+        return {"prompt": handle.tokenizer.decode(req.tokens)}
+    finally:
+        handle.release()
 
 
 @bp.get("/version")
@@ -501,7 +559,7 @@ async def chat_websocket() -> None:
     """One JSON chat request in; its chunk objects out; then `{"object": "done"}` and close."""
     try:
         req = validate(ChatCompletionRequest, parse_json(await websocket.receive()))
-        handle = generative(server_state().resolve(req.model).acquire())
+        handle = generative(await server_state().acquire(req.model, parse_keep_alive(req.ttl)))
     except APIError as exc:
         await websocket.send(json.dumps(exc.body()))
         await websocket.close(1008)

@@ -21,13 +21,13 @@ admin_bp = Blueprint("admin", __name__)
 @bp.get("/healthz")
 async def healthz() -> Any:
     """200 while the process and the engine's step loop are alive."""
-    alive = server_state().handle.is_running
+    alive = server_state().healthy
     return ({"status": "ok"}, 200) if alive else ({"status": "engine stopped"}, 503)
 
 
 @bp.get("/readyz")
 async def readyz() -> Any:
-    """200 when the model is loaded and warm and the server is not draining."""
+    """200 when the server is not draining and every loaded engine runs (others load on first use)."""
     state = server_state()
     if state.draining:
         return {"status": "draining"}, 503
@@ -37,7 +37,8 @@ async def readyz() -> Any:
 @bp.get("/metrics")
 async def metrics() -> Response:
     state = server_state()
-    state.metrics.update_engine(state.handle.stats())
+    state.metrics.update_engine(state.pool.stats())
+    state.metrics.set_models_loaded(len(state.pool.loaded()))
     payload, content_type = state.metrics.render()
     return Response(payload, content_type=content_type)
 
@@ -51,14 +52,14 @@ async def reload() -> Any:
         fresh = load_config(state.config_path)
         state.config.server = fresh.server  # names, limits, defaults change live
     if req.model is None:
-        handle = state.handle
-        handle.aliases = tuple(a.strip() for a in state.config.server.model_aliases.split(",") if a.strip())
-        return {"status": "reloaded", "model": handle.name}
+        state.pool.rename_default(state.config)
+        return {"status": "reloaded", "model": state.default_name}
     try:
         new = await asyncio.to_thread(load_handle, state.config, req.model, req.served_model_name)
     except InferFluxError as exc:
         raise bad_request(str(exc), param="model") from None
     except OSError as exc:
         raise APIError(400, f"cannot load {req.model}: {exc}", param="model") from None
-    old = await state.swap(new)
-    return {"status": "reloaded", "model": new.name, "previous": old.name}
+    previous = state.default_name
+    await state.swap(new)
+    return {"status": "reloaded", "model": new.name, "previous": previous}

@@ -69,7 +69,7 @@ class _Sampling(_Request):
     min_p: float | None = None
     repetition_penalty: float | None = None
     repeat_penalty: float | None = None  # LM Studio's (and llama.cpp's) name for repetition_penalty
-    ttl: int | None = None  # LM Studio: idle seconds before unloading; accepted, the model stays loaded
+    ttl: int | None = None  # LM Studio: idle seconds before the model unloads (its keep-alive; negative = never)
     min_tokens: int = 0
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
@@ -102,8 +102,14 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
+
+    @property
+    def parses_tools(self) -> bool:
+        """Tool calls in the output become `tool_calls` when tools were given and not switched off."""
+        return bool(self.tools) and self.tool_choice != "none"
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -138,6 +144,7 @@ class EmbeddingRequest(_Request):
     user: str | None = None
     truncate: bool = False  # cut inputs to the model's maximum length instead of refusing them
     truncate_prompt_tokens: int | None = None  # vLLM: keep at most this many tokens (the first ones)
+    ttl: int | None = None  # LM Studio: idle seconds before the model unloads
 
 
 class TokenizeRequest(_Request):

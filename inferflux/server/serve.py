@@ -24,8 +24,8 @@ log = logging.getLogger(__name__)
 
 def serve(model: str, config: Config, config_path: str | None = None) -> int:
     """Serve `model` until SIGTERM/SIGINT; returns the process exit status."""
-    handle = load_handle(config, model)
-    state = ServerState(config, handle, config_path)
+    # No reference to the handle here: the pool alone holds it, so unloading it frees its memory.
+    state = ServerState(config, load_handle(config, model), config_path)
     app = create_app(state)
     hconfig = HypercornConfig()
     hconfig.bind = [f"{config.server.host}:{config.server.port}"]
@@ -43,20 +43,21 @@ async def _run(app, hconfig: HypercornConfig, state: ServerState) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    log.info("serving %s on %s", state.handle.name, hconfig.bind[0])
+    log.info("serving %s on %s", state.default_name, hconfig.bind[0])
     addresses = " and ".join(f"http://{b}" for b in hconfig.bind)
-    print(f"InferFlux serving {state.handle.name!r} on {addresses}", flush=True)
+    print(f"InferFlux serving {state.default_name!r} on {addresses}", flush=True)
 
     async def drain() -> None:
         await stop.wait()
         state.draining = True
+        pool = state.pool
         deadline = time.monotonic() + state.config.server.drain_seconds
-        while state.handle.in_flight > 0 and time.monotonic() < deadline:
+        while pool.in_flight > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         # Past the deadline: abort the rest; their streams end with an error chunk.
-        await asyncio.to_thread(state.handle.stop)
+        await pool.shutdown()
         flush_deadline = time.monotonic() + 2.0
-        while state.handle.in_flight > 0 and time.monotonic() < flush_deadline:
+        while pool.in_flight > 0 and time.monotonic() < flush_deadline:
             await asyncio.sleep(0.02)
         shutdown.set()
 

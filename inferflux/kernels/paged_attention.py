@@ -247,6 +247,9 @@ def _decode_kernel(
     else:
         lo = jnp.minimum(jnp.maximum(ctx - sliding_window, 0) // block_len, hi)
     q = q_ref[...]
+    # float32 caches get true float32 products: Triton (and XLA:GPU in interpret mode) would otherwise use
+    # TF32, ~1e-3 off. bfloat16 inputs are exact in any mode, so they keep the default.
+    precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
 
     def body(b, carry):
         out, row_max, row_sum = carry
@@ -258,13 +261,13 @@ def _decode_kernel(
         valid = (pos < ctx) & page_ok
         if sliding_window is not None:
             valid &= pos >= ctx - sliding_window
-        logits = plgpu.dot(q, k, trans_b=True) * scale  # [block_h, block_len] f32
+        logits = plgpu.dot(q, k, trans_b=True, precision=precision) * scale  # [block_h, block_len] f32
         logits = jnp.where(valid[None, :], logits, _MASK_VALUE)
         new_max = jnp.maximum(row_max, jnp.max(logits, axis=1))
         correction = jnp.exp(row_max - new_max)
         probs = jnp.where(valid[None, :], jnp.exp(logits - new_max[:, None]), 0.0)
         v = jnp.where(valid[:, None], v, jnp.zeros_like(v))
-        out = correction[:, None] * out + plgpu.dot(probs.astype(v.dtype), v)
+        out = correction[:, None] * out + plgpu.dot(probs.astype(v.dtype), v, precision=precision)
         row_sum = correction * row_sum + jnp.sum(probs, axis=1)
         return out, new_max, row_sum
 

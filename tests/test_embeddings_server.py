@@ -57,9 +57,11 @@ def test_llm_embedding_length_checks(llm_server) -> None:
     long = [5] * 400
     refused = httpx.post(llm_server.url + "/v1/embeddings", json={"model": "tiny", "input": long}, timeout=120)
     assert refused.status_code == 400 and "400 tokens" in refused.json()["error"]["message"]
-    cut = httpx.post(llm_server.url + "/v1/embeddings", json={"model": "tiny", "input": long, "truncate": True}, timeout=120)
+    cut = httpx.post(llm_server.url + "/v1/embeddings", json={"model": "tiny", "input": long, "truncate": True},
+                     timeout=120)
     assert cut.status_code == 200 and cut.json()["usage"]["prompt_tokens"] == 255
-    wrong = httpx.post(llm_server.url + "/v1/embeddings", json={"model": "tiny", "input": "x", "dimensions": 0}, timeout=120)
+    wrong = httpx.post(llm_server.url + "/v1/embeddings", json={"model": "tiny", "input": "x", "dimensions": 0},
+                       timeout=120)
     assert wrong.status_code == 400
 
 

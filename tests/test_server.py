@@ -152,7 +152,8 @@ def test_bad_input(server, body, status: int, fragment: str) -> None:
     assert response.status_code == status
     error = response.json()["error"]
     assert fragment in error["message"] and set(error) == {"message", "type", "param", "code"}
-    ok = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2}, timeout=120)
+    ok = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2},
+                    timeout=120)
     assert ok.status_code == 200  # still serving
 
 
@@ -238,7 +239,8 @@ def test_reload_swaps_model_mid_stream(tiny_model) -> None:
         after = httpx.post(server.url + "/v1/chat/completions", json={"model": "second", "messages": MESSAGES,
                                                                       "max_tokens": 3}, timeout=120)
         assert after.status_code == 200 and after.json()["model"] == "second"
-        gone = httpx.post(server.url + "/v1/chat/completions", json={"model": "first", "messages": MESSAGES}, timeout=120)
+        gone = httpx.post(server.url + "/v1/chat/completions", json={"model": "first", "messages": MESSAGES},
+                          timeout=120)
         assert gone.status_code == 404
     finally:
         assert server.stop() == 0, server.output()

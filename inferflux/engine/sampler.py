@@ -100,7 +100,8 @@ class RowParams:
     engine that wants a reproducible stream per request fixes one at
     admission. Seeds outside ``[0, 2**32)`` are folded to 32 bits (the low
     half of the 64-bit value xor a multiplicative hash of the high half, so
-    seeds in ``[0, 2**32)`` map to themselves and -1 does not collide with 0). ``step`` is the row's position (tokens generated so far); it
+    seeds in ``[0, 2**32)`` map to themselves and -1 does not collide with 0). ``step`` is the row's position
+    (tokens generated so far); it
     is folded into the key, so each step draws fresh noise.
     """
 

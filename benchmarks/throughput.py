@@ -33,7 +33,7 @@ def lengths(dist: str, mean: int, count: int, rng: np.random.Generator) -> list[
     return [int(x) for x in rng.integers(max(1, mean // 2), mean * 3 // 2 + 1, size=count)]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="GGUF file or Hugging Face folder")
@@ -47,7 +47,7 @@ def main() -> None:
                         help="runtime config override, e.g. max_num_seqs=64 (repeatable)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the result to this file")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     from inferflux import LLM, SamplingParams
 
@@ -97,7 +97,8 @@ def main() -> None:
           f"{result['output_tokens_per_s']} | {result['total_tokens_per_s']} |")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -21,8 +21,14 @@ from inferflux.errors import InferFluxError
 class InferCtl:
     """InferFlux: run GGUF and safetensors models.
 
-    Commands: serve, run, chat, status, pull, list, show, rm, convert, replay, make-demo-model.
+    Commands: serve, run, chat, status, pull, list, show, rm, convert, replay, make-demo-model, bench.
     """
+
+    def bench(self) -> None:
+        """Benchmarks (`inferctl bench NAME --help`): serving, decode, side-by-side, make-model, throughput, ..."""
+        from inferctl.bench_cmds import usage
+
+        print(usage())
 
     def convert(self, src: str, dst: str, type: str = "F16", name: str | None = None) -> None:
         """Convert a Hugging Face safetensors folder SRC to a GGUF file DST.
@@ -195,8 +201,13 @@ def _take_set_flags(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `inferctl` and `inferflux` console scripts."""
+    raw = list(sys.argv[1:] if argv is None else argv)
+    if raw[:1] == ["bench"]:  # argparse programs: they take their own flags, --set included
+        from inferctl.bench_cmds import bench
+
+        return bench(raw[1:])
     try:
-        args = _take_set_flags(list(sys.argv[1:] if argv is None else argv))
+        args = _take_set_flags(raw)
         fire.Fire(InferCtl, command=args, name="inferctl")
     except (InferFluxError, ValueError, FileNotFoundError, PermissionError, OSError) as exc:
         print(f"inferctl: error: {exc}", file=sys.stderr)

@@ -87,3 +87,21 @@ def test_readme_serve(demo: Path) -> None:
         assert response.json()["choices"][0]["message"]["role"] == "assistant"
     finally:
         assert server.stop() == 0, server.output()
+
+
+def test_bench_dispatches_to_the_benchmark_scripts(tmp_path: Path) -> None:
+    """`inferctl bench NAME` is `python -m benchmarks.NAME`: same flags, same result file."""
+    listing = inferctl("bench", "--help")
+    assert listing.returncode == 0
+    for name in ("serving", "decode", "side-by-side", "make-model", "hf-baseline"):
+        assert name in listing.stdout
+    unknown = inferctl("bench", "nope")
+    assert unknown.returncode == 2 and "unknown benchmark 'nope'" in unknown.stderr
+    usage = inferctl("bench", "decode", "--help")
+    assert usage.returncode == 0 and "usage: inferctl bench decode" in usage.stdout and "--batch" in usage.stdout
+    out = tmp_path / "throughput.json"
+    ran = inferctl("bench", "throughput", "--make", "tiny", "--num-prompts", "2", "--input-len", "8",
+                   "--output-len", "4", "--json", str(out))
+    assert ran.returncode == 0, ran.stderr
+    result = json.loads(out.read_text())
+    assert result["num_prompts"] == 2 and result["output_tokens_per_s"] > 0

@@ -273,15 +273,17 @@ def test_no_recompilation_after_warmup(tiny_model) -> None:
 
 
 def test_decode_only_buckets(tiny_model) -> None:
-    """The GPU's decode-only programs (token t in slot t) give the same tokens as mixed steps.
+    """Decode-only programs (token t in slot t) give the same tokens as mixed steps.
 
     On CPU both run the reference attention; this checks the bucket choice and the packing contract.
     """
     prompts = [PROMPT, PROMPT[:5], PROMPT[2:9]]
     params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
     llm = make_llm(tiny_model("llama"))
+    llm.runner.decode_buckets = False
     mixed = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
-    llm.runner.decode_kernel = True
+    assert not any(bucket[3] for bucket in llm.runner.compiled_buckets)
+    llm.runner.decode_buckets = True
     decode = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
     assert decode == mixed
     assert any(bucket[3] for bucket in llm.runner.compiled_buckets)

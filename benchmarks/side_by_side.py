@@ -12,7 +12,9 @@ the next, ...), so neither server always runs on a machine still warm (or hot) f
 Fair settings: both greedy (`temperature: 0`), both with `ignore_eos` semantics (`ignore_eos: true` for InferFlux,
 `min_tokens = max_tokens` for llama.cpp) so every request produces exactly its output length, both with the
 same context length (`--ctx`, default: the longest prompt + output, rounded up to 256) and prompt batch
-(`--n-batch` = InferFlux's `runtime.max_num_batched_tokens`, default 512). llama.cpp gets `--threads`
+(`--n-batch` = InferFlux's `runtime.max_num_batched_tokens`, default 512). InferFlux's KV pool
+(`runtime.num_pages`, `runtime.max_num_seqs`) is sized for `concurrency` sequences of `--ctx` tokens at each
+level, llama.cpp's KV cache holds one sequence of `--ctx` (it serves one request at a time). llama.cpp gets `--threads`
 (default: every core) for generation and batches; InferFlux's XLA CPU backend uses every core too. llama.cpp
 gets `interrupt_requests=False` (by default llama-cpp-python ends a running stream when another request
 arrives) and serves one request at a time (its server holds a lock per model); InferFlux batches continuously.
@@ -218,14 +220,15 @@ def run_side_by_side(model: Path, *, concurrency: Sequence[int] = (1, 8), num_pr
     threads = threads or os.cpu_count() or 1
     log_dir = Path(log_dir or tempfile.mkdtemp(prefix="side-by-side-"))
     log_dir.mkdir(parents=True, exist_ok=True)
-    max_seqs = max(concurrency)
-    specs = {INFERFLUX: inferflux_spec(model, ctx, n_batch, max_seqs, extra_sets=inferflux_sets),
-             LLAMA_CPP: llama_cpp_spec(model, ctx, n_batch, threads, llama_args)}
+    # InferFlux's KV pool is sized per level for `concurrency` sequences of `ctx` tokens (llama.cpp's is one
+    # sequence of `ctx`): on CPU its decode steps currently cost time in proportion to the pool's size.
+    specs = {(INFERFLUX, c): inferflux_spec(model, ctx, n_batch, c, extra_sets=inferflux_sets) for c in concurrency}
+    specs.update({(LLAMA_CPP, c): llama_cpp_spec(model, ctx, n_batch, threads, llama_args) for c in concurrency})
     config = {"model": str(model), "model_bytes": model.stat().st_size, "concurrency": list(concurrency),
               "num_prompts": num_prompts, "input_len": input_len, "output_len": output_len, "dist": dist,
               "seed": seed, "endpoint": endpoint, "ctx": ctx, "n_batch": n_batch, "threads": threads,
               "order": order, "log_dir": str(log_dir), "cpu_count": os.cpu_count(),
-              "commands": {name: " ".join(spec.argv) for name, spec in specs.items()}}
+              "commands": {f"{name} c={c}": " ".join(spec.argv) for (name, c), spec in specs.items()}}
     # The same prompts for every server, calibrated with llama.cpp's tokenizer of the file (InferFlux's gives the
     # same ids); each server then recounts them with its own tokenize route.
     requests = asyncio.run(bench_serving.build_requests(
@@ -236,8 +239,9 @@ def run_side_by_side(model: Path, *, concurrency: Sequence[int] = (1, 8), num_pr
         for name in order_for(level, order, servers):
             label = f"{name} c={conc}"
             log_path = log_dir / f"{name.replace('.', '')}-c{conc}.log"
-            server = ServerProcess(specs[name], log_path, start_timeout)
-            run: dict[str, Any] = {"server": name, "concurrency": conc, "log": str(log_path)}
+            server = ServerProcess(specs[name, conc], log_path, start_timeout)
+            run: dict[str, Any] = {"server": name, "concurrency": conc, "log": str(log_path),
+                                   "command": " ".join(server.argv)}
             try:
                 server.start()
                 run["startup_s"] = server.startup_s

@@ -97,10 +97,11 @@ class ModelRunner:
         self.page_buckets = power_of_two_buckets(1, self.pages_per_seq)
         self.num_logprobs = runtime.max_logprobs
         self.num_bias_slots = runtime.max_logit_bias + RESERVED_BIAS_SLOTS
-        # Decode-only steps (one token per sequence) get their own programs, token t in slot t, with no
-        # padding to `min_token_bucket`: on GPU they run the Pallas decode kernel, and on CPU a batch-1
-        # step padded to 8 rows cost 2x (XLA:CPU's multi-row f32 dot is ~4.6x slower than its GEMV).
-        self.decode_buckets = True
+        # Decode-only steps (one token per sequence) get their own programs on GPU, token t in slot t, running
+        # the Pallas decode kernel. Not on CPU yet: there the decode-only program (reference attention) made
+        # XLA copy the whole KV cache every step (time grew with runtime.num_pages), although it would save
+        # the padding of a batch-1 step to `min_token_bucket` rows (2x on XLA:CPU). See benchmarks/RESULTS.md.
+        self.decode_buckets = self.backend == "gpu"
         self._step_fns = {
             decode: jax.jit(_make_step(graphdef, self.num_logprobs, decode), donate_argnums=(1,))
             for decode in (False, True)

@@ -84,7 +84,6 @@ class InferCtl:
         --config FILE: a YAML config; --set section.key=value (repeatable) overrides any key.
         """
         from inferflux.config import load_config
-        from inferflux.server.serve import serve
         from inferflux.store import open_store
 
         overrides = dict(_SET_OVERRIDES)
@@ -98,8 +97,10 @@ class InferCtl:
             overrides["server.served_model_name"] = served_model_name
         elif not Path(str(model)).expanduser().exists():
             overrides["server.served_model_name"] = str(model)  # a store name is what clients should send
-        settings = load_config(config, overrides)
+        settings = load_config(config, overrides)  # a bad value fails here, before JAX is imported
         path = open_store(settings.home_path).resolve(str(model))
+        from inferflux.server.serve import serve
+
         sys.exit(serve(str(path), settings, config))
 
     def run(self, model: str | None = None, prompt: str | None = None, url: str | None = None,

@@ -5,13 +5,22 @@ Precedence, lowest to highest: the dataclass defaults (which equal
 variables (e.g. `INFERFLUX_RUNTIME__PAGE_SIZE=32`), then `key=value`
 overrides from the command line (`--set runtime.page_size=32`). Unknown keys
 are errors, so a typo never silently does nothing.
+
+Every key declares its allowed values once, next to its field (`key(default,
+lo=..., hi=..., choices=...)`, kept in the field's metadata), and `load_config`
+checks every field of every section, plus the rules between keys
+(`CROSS_RULES`), before anything heavy starts: a bad value is a one-line
+`ConfigError` naming the key, where it came from and the allowed range, not a
+ZeroDivisionError or a dead engine at the first request.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,76 +33,133 @@ class ConfigError(InferFluxError):
     """A configuration key or value is wrong."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """The values one key allows. Empty means any value of the field's type (booleans, free text)."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False  # lo itself is not allowed (e.g. memory_fraction > 0)
+    zero: bool = False  # 0 is allowed besides [lo, hi]: the "derive it" / "off" value
+    choices: tuple[str, ...] = ()
+    pattern: str = ""  # a full-match regex for strings, described by `what`
+    what: str = ""
+
+    def describe(self) -> str:
+        """The allowed range as an error message shows it."""
+        if self.choices:
+            return "one of " + ", ".join(self.choices)
+        if self.pattern:
+            return self.what
+        lo, hi = _number(self.lo), _number(self.hi)
+        if self.lo is None or self.hi is None:
+            text = (f"at least {lo}" if self.lo is not None else f"at most {hi}" if self.hi is not None
+                    else self.what or "any value")
+        else:
+            text = f"more than {lo} and at most {hi}" if self.lo_open else f"{lo} to {hi}"
+        return f"0, or {text}" if self.zero else text
+
+    def allows(self, value: Any) -> bool:
+        if self.choices:
+            return value in self.choices
+        if self.pattern:
+            return isinstance(value, str) and re.fullmatch(self.pattern, value) is not None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return True  # the type is checked separately
+        if self.zero and value == 0:
+            return True
+        if math.isnan(value):
+            return False
+        if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
+            return False
+        return self.hi is None or value <= self.hi
+
+
+def _number(value: float | None) -> str:
+    return "" if value is None else str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def key(default: Any, **check: Any) -> Any:
+    """A config field with its default and its allowed values (`Check`'s fields) in one place."""
+    return dataclasses.field(default=default, metadata={"check": Check(**check)})
+
+
+_MAX = 1 << 24  # upper bound for counts that only need to be "not absurd" (pages, tokens, lengths)
+_PORT = {"lo": 1, "hi": 65535}
+# Ollama's keep_alive forms: seconds ("300", "-1") or a Go duration ("5m", "1h30m", "250ms").
+_DURATION = r"[+-]?((\d+\.?\d*|\.\d+)|((\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h))+)"
+
+
 @dataclasses.dataclass
 class RuntimeConfig:
     """How the model runs: KV cache size, batching limits, compilation buckets."""
 
     # Tokens per KV-cache page.
-    page_size: int = 16
+    page_size: int = key(16, lo=1, hi=1024)
     # Pages in the KV cache (page 0 is reserved as the null page). 0 = derive from memory_fraction.
-    num_pages: int = 0
+    num_pages: int = key(0, lo=2, hi=_MAX, zero=True)
     # Reuse KV pages of prompts that share a prefix (chained page hashes, LRU eviction).
-    prefix_caching: bool = True
+    prefix_caching: bool = key(True)
     # Fraction of free device memory (after weights) given to the KV cache when num_pages is 0.
-    memory_fraction: float = 0.5
+    memory_fraction: float = key(0.5, lo=0.0, lo_open=True, hi=1.0)
     # Hard cap on pages when derived from memory (CPU hosts report little about free memory).
-    max_pages_from_memory: int = 16384
+    max_pages_from_memory: int = key(16384, lo=2, hi=_MAX)
     # Longest sequence (prompt + output) in tokens; 0 = the model's context length.
-    max_model_len: int = 0
+    max_model_len: int = key(0, lo=1, hi=_MAX, zero=True)
     # Most sequences in one step.
-    max_num_seqs: int = 32
+    max_num_seqs: int = key(32, lo=1, hi=4096)
     # Most tokens (prefill chunk tokens + decode tokens) in one step.
-    max_num_batched_tokens: int = 512
+    max_num_batched_tokens: int = key(512, lo=1, hi=1 << 20)
     # Smallest bucket of tokens per step (buckets are powers of two up to max_num_batched_tokens).
-    min_token_bucket: int = 8
+    min_token_bucket: int = key(8, lo=1, hi=1 << 20)
     # Top logprobs computed per row in every step (requests may ask for up to this many).
-    max_logprobs: int = 20
+    max_logprobs: int = key(20, lo=0, hi=1024)
     # Most logit_bias entries per request (OpenAI allows 300); sets a fixed width of the compiled step.
-    max_logit_bias: int = 300
+    max_logit_bias: int = key(300, lo=0, hi=16384)
     # Compile every bucket at start-up, in a thread pool.
-    warmup: bool = False
-    warmup_threads: int = 4
+    warmup: bool = key(False)
+    warmup_threads: int = key(4, lo=1, hi=256)
     # "auto" (float32 on CPU, bfloat16 elsewhere), "float32" or "bfloat16".
-    dtype: str = "auto"
+    dtype: str = key("auto", choices=("auto", "float32", "bfloat16", "float16"))
     # How LLM embeddings pool the final hidden states: "mean" or "last" (token).
-    embedding_pooling: str = "mean"
+    embedding_pooling: str = key("mean", choices=("mean", "last"))
     # Default seed for requests that give none (each request still gets its own stream).
-    seed: int = 0
+    seed: int = key(0, lo=0, hi=(1 << 63) - 1)
 
 
 @dataclasses.dataclass
 class ServerConfig:
     """The HTTP server: where it listens, which model names it answers to, and its limits."""
 
-    host: str = "127.0.0.1"
-    port: int = 8080
+    host: str = key("127.0.0.1", pattern=r"\S+", what="a host name or address (not empty)")
+    port: int = key(8080, **_PORT)
     # The model id clients use; empty = the model file's name. Aliases: comma-separated extra ids.
-    served_model_name: str = ""
-    model_aliases: str = ""
+    served_model_name: str = key("")
+    model_aliases: str = key("")
     # Accept any model id in requests (single-model servers behind tools that send fixed names).
-    accept_any_model: bool = False
+    accept_any_model: bool = key(False)
     # On SIGTERM/SIGINT: stop accepting, let running streams finish for this long, then abort the rest.
-    drain_seconds: float = 30.0
-    max_body_bytes: int = 4_194_304
+    drain_seconds: float = key(30.0, lo=0, hi=86400)
+    max_body_bytes: int = key(4_194_304, lo=1, hi=1 << 40)
     # Requests waiting for the engine beyond this get 503.
-    max_queued_requests: int = 1024
+    max_queued_requests: int = key(1024, lo=1, hi=_MAX)
     # Browser origins allowed to call the server, comma-separated, any port; "*" allows any. Requests from
     # other origins get 403 (as Ollama does). OLLAMA_ORIGINS, if set, adds to the list.
-    cors_origins: str = "http://localhost,https://localhost,http://127.0.0.1,https://127.0.0.1,http://0.0.0.0"
+    cors_origins: str = key("http://localhost,https://localhost,http://127.0.0.1,https://127.0.0.1,http://0.0.0.0")
     # Also listen on this port (e.g. 11434, Ollama's), serving the same app; 0 = off.
-    ollama_port: int = 0
+    ollama_port: int = key(0, **_PORT, zero=True)
     # /admin/* routes (model reload) are served only when true, until API-key auth exists.
-    admin_enabled: bool = False
+    admin_enabled: bool = key(False)
     # Default max_tokens when a request gives none; 0 = up to the context window.
-    default_max_tokens: int = 0
+    default_max_tokens: int = key(0, lo=1, hi=_MAX, zero=True)
     # How long a model loaded on demand (a stored model) stays loaded after its last request when the
     # request gives no keep_alive: a duration ("5m", "1h30m", "30s"), seconds ("300"), "0" (unload once
     # idle) or negative (forever). The model given to `inferctl serve` stays loaded unless a request's
     # keep_alive (or the loaded-model cap) says otherwise.
-    keep_alive: str = "5m"
+    keep_alive: str = key("5m", pattern=_DURATION, what="seconds or a duration like 5m, 1h30m, 30s, 0, -1")
     # Most models loaded at once, each with its own engine and KV cache; 0 = no limit. A request for
     # another model first unloads the least recently used idle one.
-    max_loaded_models: int = 1
+    max_loaded_models: int = key(1, lo=0, hi=1024)
 
 
 @dataclasses.dataclass
@@ -101,7 +167,7 @@ class Config:
     runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
     server: ServerConfig = dataclasses.field(default_factory=ServerConfig)
     # Where models, the XLA compilation cache and state live. Default: $INFERFLUX_HOME or ~/.inferflux.
-    home: str = ""
+    home: str = key("")
 
     @property
     def home_path(self) -> Path:
@@ -113,51 +179,122 @@ def load_config(
     overrides: Mapping[str, Any] | list[str] | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> Config:
-    """Defaults <- YAML file <- INFERFLUX_* environment <- overrides."""
+    """Defaults <- YAML file <- INFERFLUX_* environment <- overrides, then every value checked."""
     config = Config()
+    sources: dict[str, str] = {}
     if path is not None:
         try:
             data = yaml.safe_load(Path(path).read_text()) or {}
         except (OSError, yaml.YAMLError) as exc:
             raise ConfigError(f"{path}: cannot read config: {exc}") from None
-        _apply_mapping(config, data, source=str(path))
+        _apply_mapping(config, data, source=str(path), sources=sources)
     env = os.environ if environ is None else environ
     for name, value in env.items():
         if name.startswith("INFERFLUX_") and "__" in name:
             dotted = name[len("INFERFLUX_"):].lower().replace("__", ".")
-            set_key(config, dotted, value, source=name)
+            set_key(config, dotted, value, source=name, sources=sources)
     if isinstance(overrides, list):
         overrides = dict(_split_assignment(item) for item in overrides)
     for dotted, value in (overrides or {}).items():
-        set_key(config, dotted, value, source="override")
-    return config
+        set_key(config, dotted, value, source="override", sources=sources)
+    return validate_config(config, sources)
 
 
-def set_key(config: Any, dotted: str, value: Any, source: str = "override") -> None:
-    """Set `section.key` on a config, converting strings to the field's type."""
-    *sections, key = dotted.split(".")
+def set_key(config: Any, dotted: str, value: Any, source: str = "override",
+            sources: dict[str, str] | None = None) -> None:
+    """Set `section.key` on a config, converting strings to the field's type; `sources` records who set it."""
+    *sections, name = dotted.split(".")
     target = config
     for section in sections:
         if not dataclasses.is_dataclass(target) or section not in _field_names(target):
             raise ConfigError(f"{source}: unknown config section {section!r} in {dotted!r}")
         target = getattr(target, section)
-    if not dataclasses.is_dataclass(target) or key not in _field_names(target):
+    if not dataclasses.is_dataclass(target) or name not in _field_names(target):
         raise ConfigError(f"{source}: unknown config key {dotted!r}")
-    current = getattr(target, key)
+    current = getattr(target, name)
     if dataclasses.is_dataclass(current):
         raise ConfigError(f"{source}: {dotted!r} is a section, not a key")
-    setattr(target, key, _coerce(value, type(current), dotted, source))
+    setattr(target, name, _coerce(value, type(current), dotted, source))
+    if sources is not None:
+        sources[dotted] = source
 
 
-def _apply_mapping(config: Any, data: Mapping[str, Any], source: str, prefix: str = "") -> None:
+# Rules between keys: (the keys, what must hold, the rule as the error states it).
+CROSS_RULES: list[tuple[tuple[str, ...], Callable[[Config], bool], str]] = [
+    (("runtime.min_token_bucket", "runtime.max_num_batched_tokens"),
+     lambda c: c.runtime.min_token_bucket <= c.runtime.max_num_batched_tokens,
+     "runtime.min_token_bucket must be <= runtime.max_num_batched_tokens"),
+    (("runtime.max_num_seqs", "runtime.max_num_batched_tokens"),
+     lambda c: c.runtime.max_num_seqs <= c.runtime.max_num_batched_tokens,
+     "runtime.max_num_seqs must be <= runtime.max_num_batched_tokens (each sequence in a step has a token)"),
+    (("server.ollama_port", "server.port"),
+     lambda c: c.server.ollama_port == 0 or c.server.ollama_port != c.server.port,
+     "server.ollama_port must differ from server.port"),
+]
+
+
+def validate_config(config: Config, sources: Mapping[str, str] | None = None) -> Config:
+    """Check every field of every section against its declared `Check`, then `CROSS_RULES`.
+
+    Raises one `ConfigError` whose single line names each bad key, its value, where the value came from
+    (`sources`: dotted key -> YAML path, environment variable or "override") and what is allowed.
+    Returns `config` so callers can chain it.
+    """
+    sources = sources or {}
+    problems: list[str] = []
+    for dotted, value, kind, check in iter_fields(config):
+        where = f"{sources[dotted]}: " if dotted in sources else ""
+        if not _is_type(value, kind):
+            problems.append(f"{where}{dotted} must be {kind.__name__}, got {value!r}")
+        elif not check.allows(value):
+            problems.append(f"{where}{dotted}={value!r} is out of range: allowed {check.describe()}")
+    for keys, holds, rule in CROSS_RULES if not problems else ():
+        if not holds(config):
+            values = ", ".join(f"{k}={_get(config, k)!r}" for k in keys)
+            where = ", ".join(sorted({sources[k] for k in keys if k in sources}))
+            problems.append(f"{where + ': ' if where else ''}{rule} (got {values})")
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return config
+
+
+def iter_fields(config: Any, prefix: str = "") -> list[tuple[str, Any, type, Check]]:
+    """(dotted key, value, field type, Check) for every key of every section, in declaration order."""
+    out: list[tuple[str, Any, type, Check]] = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            out += iter_fields(value, prefix=f"{prefix}{f.name}.")
+        else:
+            kind = type(f.default) if f.default is not dataclasses.MISSING else type(value)
+            out.append((f"{prefix}{f.name}", value, kind, f.metadata.get("check", Check())))
+    return out
+
+
+def _is_type(value: Any, kind: type) -> bool:
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def _get(config: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def _apply_mapping(config: Any, data: Mapping[str, Any], source: str, prefix: str = "",
+                   sources: dict[str, str] | None = None) -> None:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{source}: expected a mapping at {prefix or 'top level'}")
     for key, value in data.items():
         dotted = f"{prefix}{key}"
         if isinstance(value, Mapping):
-            _apply_mapping(config, value, source, prefix=dotted + ".")
+            _apply_mapping(config, value, source, prefix=dotted + ".", sources=sources)
         else:
-            set_key(config, dotted, value, source)
+            set_key(config, dotted, value, source, sources)
 
 
 def _coerce(value: Any, kind: type, dotted: str, source: str) -> Any:

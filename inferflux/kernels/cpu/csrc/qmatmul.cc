@@ -1,0 +1,79 @@
+// XLA FFI handler `inferflux_qmatmul_v1`: y[M, N] = x[M, K] . W[N, K]^T on raw GGUF blocks (see qmm.h).
+//
+// Work split: activation rows are quantized in parallel chunks of rows, then weight rows are dealt out in
+// chunks over XLA's intra-op pool (common.h, ParallelFor). One thread computes a whole output element, so
+// the result does not depend on the number of threads, on M or on a row's position in the batch.
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "common.h"
+#include "qmm.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace inferflux {
+namespace {
+
+QmmKernels KernelsFor(Isa isa) {
+  switch (isa) {
+    case kAvx512Vnni: return QmmAvx512Vnni();
+    case kAvxVnni: return QmmAvxVnni();
+    case kAvx2: return QmmAvx2();
+    default: return QmmScalar();
+  }
+}
+
+ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
+                   ffi::ResultBuffer<ffi::F32> y, int64_t qtype, int64_t isa) {
+  auto xd = x.dimensions();
+  auto wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2) return ffi::Error::InvalidArgument("qmatmul: x and w must be 2-D");
+  const int64_t M = xd[0], K = xd[1], N = wd[0];
+  int64_t bvals = 0, bbytes = 0;
+  WeightBlock(qtype, &bvals, &bbytes);
+  if (bvals == 0) return ffi::Error::InvalidArgument("qmatmul: no kernel for ggml type " + std::to_string(qtype));
+  if (K % bvals != 0 || wd[1] != K / bvals * bbytes)
+    return ffi::Error::InvalidArgument("qmatmul: weight row bytes do not match K for this type");
+  if (y->element_count() != static_cast<size_t>(M * N))
+    return ffi::Error::InvalidArgument("qmatmul: output must be [M, N]");
+  const Isa chosen = ResolveIsa(isa);
+  if (chosen == 0) return ffi::Error::InvalidArgument("qmatmul: this CPU lacks the requested instruction set");
+  const QmmKernels kernels = KernelsFor(chosen);
+  if (M == 0 || N == 0) return ffi::Error::Success();
+
+  const int64_t qb = ActBlock(qtype);
+  std::vector<int8_t> qa(static_cast<size_t>(M * K));
+  std::vector<float> da(static_cast<size_t>(M * (K / qb)));
+  std::vector<int32_t> asum16(static_cast<size_t>(M * (K / 16)));
+  const float* xp = x.typed_data();
+  const int64_t mchunk = M * K < (1 << 16) ? M : 16;
+  ParallelFor(pool, (M + mchunk - 1) / mchunk, [&](int64_t c) {
+    const int64_t m0 = c * mchunk, m1 = m0 + mchunk < M ? m0 + mchunk : M;
+    kernels.quantize(xp, K, qb, m0, m1, qa.data(), da.data(), asum16.data());
+  });
+
+  QmmArgs args{M, N, K, qtype, w.typed_data(), wd[1], qa.data(), da.data(), asum16.data(), y->typed_data()};
+  // Enough chunks to balance a busy pool, each at least a few rows so a chunk amortises its claim.
+  const int64_t threads = pool.num_threads() > 0 ? pool.num_threads() : 1;
+  int64_t nchunk = N / (8 * threads);
+  nchunk = nchunk < 4 ? 4 : (nchunk > 64 ? 64 : nchunk);
+  ParallelFor(pool, (N + nchunk - 1) / nchunk, [&](int64_t c) {
+    const int64_t n0 = c * nchunk, n1 = n0 + nchunk < N ? n0 + nchunk : N;
+    kernels.rows(args, n0, n1);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace inferflux
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(inferflux_qmatmul_v1, inferflux::QMatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("qtype")
+                                  .Attr<int64_t>("isa"));

@@ -1,0 +1,58 @@
+// Quantized matmul on raw GGUF blocks: the problem description shared by the FFI handler (qmatmul.cc) and
+// the per-ISA kernels (qmm_*.cc, each compiling qmm_body.inc under its own `target` pragma).
+//
+// y[M, N] = x[M, K] . W[N, K]^T with W as the file stores it: row n is `row_bytes` of GGUF blocks.
+// x is first quantized per block to int8 (Q8_K-style blocks of 256 for K-quants and IQ4_XS, Q8_0-style
+// blocks of 32 for Q8_0/Q4_0): d = absmax / 127, q = rint(x * (127 / absmax)). Every weight block is then
+// decoded to unsigned bytes u = q_true + offset, and per (sub-)block the integer dot u . q_x is exact in
+// int32 whatever the instruction set; the float epilogue runs in one fixed order, so every ISA path, every
+// M and every thread count give the same bits (docs/runtime.md, "CPU kernels").
+#pragma once
+
+#include <cstdint>
+
+namespace inferflux {
+
+// ggml type ids (GGMLQuantizationType) with a kernel.
+enum QType : int64_t { kQ4_0 = 2, kQ8_0 = 8, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14, kIQ4_XS = 23 };
+
+struct QmmArgs {
+  int64_t M, N, K;
+  int64_t qtype;
+  const uint8_t* w;      // [N, row_bytes]
+  int64_t row_bytes;
+  const int8_t* qa;      // [M, K] quantized activations
+  const float* da;       // [M, K / act_block] activation block scales
+  const int32_t* asum16; // [M, K / 16] sums of 16 consecutive quantized activations
+  float* y;              // [M, N]
+};
+
+// Activation block size for a weight type: 256 (Q8_K) or 32 (Q8_0).
+inline int64_t ActBlock(int64_t qtype) { return (qtype == kQ8_0 || qtype == kQ4_0) ? 32 : 256; }
+// (values per weight block, bytes per weight block); (0, 0) for a type without a kernel.
+inline void WeightBlock(int64_t qtype, int64_t* values, int64_t* bytes) {
+  switch (qtype) {
+    case kQ4_0: *values = 32; *bytes = 18; return;
+    case kQ8_0: *values = 32; *bytes = 34; return;
+    case kQ4_K: *values = 256; *bytes = 144; return;
+    case kQ5_K: *values = 256; *bytes = 176; return;
+    case kQ6_K: *values = 256; *bytes = 210; return;
+    case kIQ4_XS: *values = 256; *bytes = 136; return;
+    default: *values = 0; *bytes = 0;
+  }
+}
+
+// One instruction set's kernels. `quantize` fills qa/da/asum16 for rows [m0, m1); `rows` computes y[:, n]
+// for weight rows [n0, n1) and every activation row (an output element is never split between calls).
+struct QmmKernels {
+  void (*quantize)(const float* x, int64_t K, int64_t act_block, int64_t m0, int64_t m1, int8_t* qa,
+                   float* da, int32_t* asum16);
+  void (*rows)(const QmmArgs& args, int64_t n0, int64_t n1);
+};
+
+QmmKernels QmmScalar();
+QmmKernels QmmAvx2();
+QmmKernels QmmAvxVnni();
+QmmKernels QmmAvx512Vnni();
+
+}  // namespace inferflux

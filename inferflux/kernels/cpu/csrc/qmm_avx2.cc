@@ -1,0 +1,19 @@
+// The quantized-matmul kernels built for avx2,fma,f16c (selected at run time; see qmatmul.cc).
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#include <cmath>
+#include <cstring>
+
+#include "qmm.h"  // before the pragma: its inline helpers must stay generic code
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#define QMM_ENTRY QmmAvx2
+#define QMM_AVX2
+#include "qmm_body.inc"
+#pragma GCC pop_options
+#else
+#include "qmm.h"
+namespace inferflux {
+QmmKernels QmmAvx2() { return QmmKernels{nullptr, nullptr}; }
+}  // namespace inferflux
+#endif

@@ -1,0 +1,65 @@
+"""Quantized matmul on raw GGUF blocks (`inferflux_qmatmul_v1`), and the weight type it reads.
+
+`GGUFBlocks` is a matrix exactly as the GGUF file stores it: `uint8[rows, row_bytes]` of GGML blocks, with
+the type and logical shape as static pytree data, so it passes through `jax.jit` and `nnx` state like any
+array. `qmatmul(x, w)` computes `x @ dequantize(w).T` in the C++ kernel: x is quantized per block to int8
+inside the kernel (as ggml does), the weight blocks are never expanded in memory. Its results are bitwise
+independent of the batch size, of a row's position in the batch and of the thread count
+(docs/runtime.md, "CPU kernels"; tests/test_cpu_kernels.py has the bit-exact numpy reference).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+
+import gguf
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from inferflux.kernels import cpu
+
+_T = gguf.GGMLQuantizationType
+QMATMUL_TARGET = "inferflux_qmatmul_v1"
+
+#: GGML types with an integer kernel (every type common Q4_K_M/Q5_K_M/Q6_K/Q8_0/Q4_0 files use).
+KERNEL_TYPES: frozenset[gguf.GGMLQuantizationType] = frozenset(
+    {_T.Q4_0, _T.Q8_0, _T.Q4_K, _T.Q5_K, _T.Q6_K, _T.IQ4_XS})
+
+
+@partial(jax.tree_util.register_dataclass, data_fields=["raw"], meta_fields=["qtype", "shape", "mode"])
+@dataclasses.dataclass(frozen=True)
+class GGUFBlocks:
+    """A GGUF-quantized matrix `[rows, cols]` kept as the file's bytes, `raw` uint8 `[rows, row_bytes]`.
+
+    `mode` says how `linear` multiplies it: "int8" (the kernel: activations quantized per block, integer
+    dots) or "exact" (the blocks dequantized to float32 inside the step, f32 products: slower, for checks).
+    """
+
+    raw: jax.Array
+    qtype: gguf.GGMLQuantizationType
+    shape: tuple[int, int]
+    mode: str = "int8"
+
+    def rows(self, ids: jax.Array) -> GGUFBlocks:
+        """Rows `ids` (traced indices are fine); blocks run along a row, so this is exact."""
+        return dataclasses.replace(self, raw=jnp.take(self.raw, ids, axis=0), shape=(int(ids.shape[0]),
+                                                                                      self.shape[1]))
+
+
+def supports(qtype: gguf.GGMLQuantizationType, cols: int) -> bool:
+    """Whether the kernel handles a `[rows, cols]` matrix of this type."""
+    return qtype in KERNEL_TYPES and cols % gguf.GGML_QUANT_SIZES[qtype][0] == 0
+
+
+def qmatmul(x: jax.Array, w: GGUFBlocks, isa: cpu.Isa = cpu.Isa.AUTO) -> jax.Array:
+    """`x[..., K] @ W[N, K].T` in float32 via the FFI kernel; x is cast to float32 first."""
+    cpu.register(QMATMUL_TARGET)
+    lead, k = x.shape[:-1], x.shape[-1]
+    if k != w.shape[1]:
+        raise ValueError(f"qmatmul: x has {k} features, the weight {w.shape[1]}")
+    x2 = x.reshape(-1, k).astype(jnp.float32)
+    out = jax.ffi.ffi_call(QMATMUL_TARGET, jax.ShapeDtypeStruct((x2.shape[0], w.shape[0]), jnp.float32))(
+        x2, w.raw, qtype=np.int64(int(w.qtype)), isa=np.int64(int(isa)))
+    return out.reshape(*lead, w.shape[0])

@@ -121,6 +121,11 @@ class RuntimeConfig:
     warmup_threads: int = key(4, lo=1, hi=256)
     # "auto" (float32 on CPU, bfloat16 elsewhere), "float32" or "bfloat16".
     dtype: str = key("auto", choices=("auto", "float32", "bfloat16", "float16"))
+    # CPU matmuls on quantized GGUF weights: "auto" (the C++ kernels on the raw blocks, activations quantized
+    # to int8 per block as llama.cpp does; float32 weights where the kernels are unavailable), "exact" (blocks
+    # kept packed, dequantized to float32 inside the step: f32 products, slow, a check) or "off" (dequantize
+    # to float32 at load). The INFERFLUX_CPU_KERNELS=off environment variable forces "off".
+    cpu_kernels: str = key("auto", choices=("auto", "exact", "off"))
     # How LLM embeddings pool the final hidden states: "mean" or "last" (token).
     embedding_pooling: str = key("mean", choices=("mean", "last"))
     # Default seed for requests that give none (each request still gets its own stream).

@@ -1,6 +1,6 @@
 """`inferctl pull / list / show / rm / make-demo-model` over the model store.
 
-Plain functions taking a `ModelStore`, so the fire CLI (`inferctl/cli.py`) can
+Plain functions taking a `ModelStore`, so the CLI (`inferctl/cli.py`) can
 wire them as thin methods and tests can call them directly. Output for people
 goes to stdout; progress bars go to stderr, and only when stderr is a terminal,
 so logs and pipes stay clean.
@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from inferflux.store import ModelEntry, ModelStore, Progress
+from inferflux.store import ModelEntry, ModelStore, Progress, StoreError
 
 
 def pull(store: ModelStore, source: str, name: str | None = None, quantize: str | None = None) -> str:
@@ -59,16 +59,55 @@ def rm(store: ModelStore, name: str) -> None:
     print(f"deleted {store_name(name)}" + (f" (freed {human_size(freed)})" if freed else ""))
 
 
-def make_demo(store: ModelStore, name: str = "demo") -> str:
-    """Build the random-weight demo model and store it as a safetensors folder under NAME."""
+def make_demo(store: ModelStore, name: str = "demo", force: bool = False) -> str:
+    """Build the random-weight demo model and store it as a safetensors folder under NAME.
+
+    A stored model of that name is kept unless `force`: replacing someone's `demo` (or a real model
+    they happened to call that) without asking would lose it.
+    """
     from convert.demo_model import make_demo_model
 
+    target = store_name(name)
+    if store.has(target) and not force:
+        raise StoreError(f"{target} is already in the store; `inferctl make-demo-model --force` replaces it, "
+                         f"--name NAME stores the demo under another name")
     with tempfile.TemporaryDirectory(prefix="inferflux-demo-") as tmp:
         folder = make_demo_model(Path(tmp) / "demo-model")
         with _ProgressBars.for_stderr() as progress:
-            stored = store.pull(str(folder), name=str(name), progress=progress)
+            stored = store.pull(str(folder), name=target, progress=progress)
     print(f"pulled {stored} (random weights: it produces gibberish); try `inferctl serve {stored}`")
     return stored
+
+
+def make_demo_folder(out: Path, force: bool = False) -> Path:
+    """Write the demo model into folder `out`.
+
+    A folder that holds anything but an earlier demo model is refused unless `force` (the demo's
+    files would overwrite a real model's `config.json` and weights); rewriting an earlier demo is
+    allowed, since it is rebuilt identically, so the README's first command can be run twice.
+    """
+    from convert.demo_model import make_demo_model
+
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise StoreError(f"{out} is a file; give --out a folder")
+    if out.is_dir() and any(out.iterdir()) and not force and not _is_demo_folder(out):
+        raise StoreError(f"{out} already holds files that are not a demo model; "
+                         "choose another --out, or --force to write into it")
+    path = make_demo_model(out)
+    print(f"wrote {path} (random weights: it produces gibberish)")
+    return path
+
+
+def _is_demo_folder(folder: Path) -> bool:
+    """An earlier `make-demo-model --out`: its config.json has the demo's exact shape."""
+    from convert.demo_model import SHAPE
+
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and all(config.get(key) == value for key, value in SHAPE.items())
 
 
 def store_name(name: str) -> str:
@@ -193,6 +232,7 @@ __all__ = [
     "human_size",
     "list_models",
     "make_demo",
+    "make_demo_folder",
     "pull",
     "relative_time",
     "rm",

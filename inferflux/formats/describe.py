@@ -16,21 +16,72 @@ from inferflux.errors import ModelFormatError
 from inferflux.formats.chat_template import template_from_hf_dir
 from inferflux.formats.gguf_file import GGUFFile
 from inferflux.formats.hf_folder import SafetensorsFolder, is_hf_folder
+from inferflux.formats.json_file import read_json_object
 from inferflux.formats.model_config import ModelConfig
 
 
 def describe_model(path: str | Path) -> dict[str, Any]:
-    """Architecture, size, context length, quantization, template and license of a model path."""
+    """Architecture, size, context length, quantization, template and license of a model path.
+
+    BERT-family embedding models (a sentence-transformers folder, a `bert` GGUF) are described too,
+    without a chat template: `serve` handles them, so `show` must not refuse them.
+    """
     path = Path(path).expanduser()
     if path.is_file():
-        return _describe_gguf(path)
+        file = GGUFFile(path)
+        if file.metadata.get("general.architecture") == "bert":
+            return _describe_encoder(path, file)
+        return _describe_gguf(path, file)
     if is_hf_folder(path):
+        if _is_bert_folder(path):
+            return _describe_encoder(path)
         return _describe_hf(path)
     raise ModelFormatError(path, "no such model file or folder")
 
 
-def _describe_gguf(path: Path) -> dict[str, Any]:
-    file = GGUFFile(path)
+def _is_bert_folder(path: Path) -> bool:
+    config = read_json_object(path / "config.json", missing_ok=True)
+    archs = config.get("architectures") or []
+    return config.get("model_type") == "bert" or any(str(a).startswith("Bert") for a in archs)
+
+
+def _describe_encoder(path: Path, file: GGUFFile | None = None) -> dict[str, Any]:
+    """An embedding model's summary: the encoder's shape, parameters and size; no chat template."""
+    from inferflux.formats.encoder import read_encoder_config
+
+    config = read_encoder_config(path)
+    if file is not None:
+        parameters = sum(int(t.n_elements) for t in file.tensors.values())
+        quantization = _gguf_quantization(file)
+        size = path.stat().st_size
+    else:
+        tensors = SafetensorsFolder(path)
+        parameters = sum(int(np.prod(tensors.shape(name))) for name in tensors.names)
+        quantization = "none"
+        size = sum(f.stat().st_size for f in set(tensors.files.values()))
+    return {
+        "path": str(path), "format": "gguf" if file is not None else "safetensors", "architecture": "bert",
+        "parameters": parameters, "parameter_size": human_parameter_count(parameters),
+        "context_length": config.max_position, "embedding_length": config.hidden_size,
+        "layers": config.num_layers, "heads": config.num_heads, "kv_heads": config.num_heads,
+        "vocab_size": config.vocab_size, "quantization": quantization, "tensor_types": {}, "size_bytes": size,
+        "license": None, "note": "embedding model: served on /v1/embeddings and /api/embed, not for chat",
+    }
+
+
+def _gguf_quantization(file: GGUFFile) -> str:
+    counts: dict[str, int] = {}
+    for tensor in file.tensors.values():
+        name = gguf.GGMLQuantizationType(tensor.tensor_type).name
+        counts[name] = counts.get(name, 0) + int(tensor.n_elements)
+    try:
+        return gguf.LlamaFileType(file.metadata.get("general.file_type")).name.removeprefix("MOSTLY_") \
+            .removeprefix("ALL_")
+    except ValueError:
+        return max(counts, key=counts.get) if counts else "unknown"
+
+
+def _describe_gguf(path: Path, file: GGUFFile) -> dict[str, Any]:
     config = file.model_config()
     meta = file.metadata
     counts: dict[str, int] = {}

@@ -162,6 +162,14 @@ def load_encoder(path: str | Path) -> EncoderModel:
     raise ModelFormatError(path, "no such file or folder")
 
 
+def read_encoder_config(path: str | Path) -> EncoderConfig:
+    """The encoder's shape from a folder's config.json or a GGUF file's `bert.*` metadata; no weights read."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        return _gguf_encoder_config(GGUFFile(path))
+    return _hf_encoder_config(path)
+
+
 # --- folders -------------------------------------------------------------------------------------
 
 

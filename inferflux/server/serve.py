@@ -1,4 +1,9 @@
-"""Running the server: load the model, start Hypercorn, and drain cleanly on SIGTERM/SIGINT.
+"""Running the server: bind, load the model, start Hypercorn, and drain cleanly on SIGTERM/SIGINT.
+
+The listening sockets are bound before anything else (and handed to Hypercorn as `fd://`), so a
+port that is taken fails in a second with the address in the message, rather than after the model
+has loaded and after the "serving" line claimed the server was up. That line is printed only once
+every socket is bound.
 
 Shutdown order: `/readyz` turns 503 and new requests get 503 at once; running
 requests get `server.drain_seconds` to finish; whatever is still running then
@@ -8,14 +13,17 @@ is aborted (streams end with an error chunk); Hypercorn stops; exit status 0.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
+import socket
 import time
 
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config as HypercornConfig
 
 from inferflux.config import Config
+from inferflux.errors import InferFluxError
 from inferflux.server.app import create_app
 from inferflux.server.state import ServerState, load_handle
 
@@ -24,28 +32,86 @@ log = logging.getLogger(__name__)
 
 def serve(model: str, config: Config, config_path: str | None = None) -> int:
     """Serve `model` until SIGTERM/SIGINT; returns the process exit status."""
-    # No reference to the handle here: the pool alone holds it, so unloading it frees its memory.
-    state = ServerState(config, load_handle(config, model), config_path)
+    addresses = [(config.server.host, config.server.port)]
+    if config.server.ollama_port:
+        addresses.append((config.server.host, config.server.ollama_port))
+    sockets = bind_sockets(addresses)
+    try:
+        # No reference to the handle here: the pool alone holds it, so unloading it frees its memory.
+        state = ServerState(config, load_handle(config, model), config_path)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    # The ports actually bound: `--port 0` asks the system for a free one.
+    urls = [url_of(host, sock.getsockname()[1]) for (host, _), sock in zip(addresses, sockets)]
     app = create_app(state)
     hconfig = HypercornConfig()
-    hconfig.bind = [f"{config.server.host}:{config.server.port}"]
-    if config.server.ollama_port:
-        hconfig.bind.append(f"{config.server.host}:{config.server.ollama_port}")
+    # Hypercorn owns the sockets from here (it wraps each descriptor in its own socket object).
+    hconfig.bind = [f"fd://{sock.detach()}" for sock in sockets]
     hconfig.graceful_timeout = 5.0
     hconfig.accesslog = None
-    asyncio.run(_run(app, hconfig, state))
+    asyncio.run(_run(app, hconfig, state, urls))
     return 0
 
 
-async def _run(app, hconfig: HypercornConfig, state: ServerState) -> None:
+def url_of(host: str, port: int) -> str:
+    """`http://host:port` as a client would type it (IPv6 literals in brackets; no host = every address)."""
+    host = host or "0.0.0.0"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def bind_sockets(addresses: list[tuple[str, int]]) -> list[socket.socket]:
+    """Bound TCP sockets for `(host, port)` pairs, or an error that names the address that failed.
+
+    SO_REUSEADDR (as Hypercorn sets it) lets a restarted server take its port while old connections
+    are in TIME_WAIT; on Linux it never lets two servers listen on one port.
+    """
+    sockets: list[socket.socket] = []
+    try:
+        for host, port in addresses:
+            sockets.append(_bind(host, port))
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    where = url_of(host, port).removeprefix("http://")
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, OverflowError, UnicodeError) as exc:
+        raise InferFluxError(f"cannot listen on {where}: {_reason(exc)}") from None
+    family, kind, proto, _, sockaddr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+    except (OSError, OverflowError) as exc:
+        sock.close()
+        hint = " (another server is listening there; pick another with --port)" \
+            if getattr(exc, "errno", None) == errno.EADDRINUSE else ""
+        raise InferFluxError(f"cannot listen on {where}: {_reason(exc)}{hint}") from None
+    sock.setblocking(False)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _reason(exc: BaseException) -> str:
+    text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    return text[0].lower() + text[1:]
+
+
+async def _run(app, hconfig: HypercornConfig, state: ServerState, urls: list[str]) -> None:
     stop = asyncio.Event()
     shutdown = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    log.info("serving %s on %s", state.default_name, hconfig.bind[0])
-    addresses = " and ".join(f"http://{b}" for b in hconfig.bind)
-    print(f"InferFlux serving {state.default_name!r} on {addresses}", flush=True)
+    log.info("serving %s on %s", state.default_name, urls[0])
+    print(f"InferFlux serving {state.default_name!r} on {' and '.join(urls)}", flush=True)
 
     async def drain() -> None:
         await stop.wait()

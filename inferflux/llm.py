@@ -40,6 +40,8 @@ class RequestOutput:
     prompt: str | None
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
+    # With SamplingParams.prompt_logprobs: one entry per prompt token, None for the first (vLLM's shape).
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 Prompt = str | Seq[int]
@@ -77,6 +79,7 @@ class LLM:
         for request in requests:  # all valid before any is queued
             self.engine.validate(request)
         collected: dict[tuple[str, int], CompletionOutput] = {}
+        prompt_logprobs: dict[str, list[TokenLogprobs | None]] = {}
         try:
             for request in requests:
                 self.engine.add_request(request)
@@ -87,6 +90,8 @@ class LLM:
             while self.engine.has_unfinished:
                 for out in self.engine.step():
                     completion = collected[out.request_id, out.index]
+                    if out.prompt_logprobs is not None:
+                        prompt_logprobs.setdefault(out.request_id, out.prompt_logprobs)
                     completion.text += out.new_text
                     completion.token_ids += out.new_token_ids
                     if out.new_logprobs and completion.logprobs is not None:
@@ -98,7 +103,8 @@ class LLM:
                 self.engine.abort(request.request_id)
         return [
             RequestOutput(prompt if isinstance(prompt, str) else None, request.prompt_ids,
-                          [collected[request.request_id, i] for i in range(request.params.n)])
+                          [collected[request.request_id, i] for i in range(request.params.n)],
+                          prompt_logprobs.get(request.request_id))
             for prompt, request in zip(prompts, requests)
         ]
 

@@ -157,6 +157,42 @@ def test_bad_input(server, body, status: int, fragment: str) -> None:
     assert ok.status_code == 200  # still serving
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "fragment"),
+    [
+        ("/v1/chat/completions", {"model": "tiny", "messages": MESSAGES, "logit_bias": {"abc": 1}}, "logit_bias"),
+        ("/v1/completions", {"model": "tiny", "prompt": "hi", "logit_bias": {"1.5": 1}}, "logit_bias"),
+        ("/tokenize", {"model": None, "prompt": None, "messages": []}, "messages"),
+        ("/tokenize", {"messages": None}, "prompt"),
+    ],
+)
+def test_malformed_fields_are_400s(server, path: str, body: dict, fragment: str) -> None:
+    response = httpx.post(server.url + path, json=body, timeout=120)
+    assert response.status_code == 400, response.text
+    assert fragment in response.json()["error"]["message"]
+    assert httpx.get(server.url + "/healthz", timeout=60).status_code == 200
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_every_n_up_to_max_num_seqs_completes(server, client, stream: bool) -> None:
+    """n samples finishing on the same step (greedy, one length) and on different steps (sampled, stop string)."""
+    for n in range(1, 17):  # runtime.max_num_seqs of the test server
+        for kind in ("same", "different"):
+            extra = dict(temperature=0, max_tokens=3) if kind == "same" else dict(
+                temperature=1.0, seed=n, max_tokens=12, stop=["e", "a"])
+            if n % 2:
+                res = client.chat.completions.create(model="tiny", messages=MESSAGES, n=n, stream=stream,
+                                                     timeout=60, **extra)
+            else:
+                res = client.completions.create(model="tiny", prompt="Once upon", n=n, stream=stream, timeout=60,
+                                                **extra)
+            if stream:
+                finished = [c.choices[0].index for c in res if c.choices and c.choices[0].finish_reason]
+            else:
+                finished = [c.index for c in res.choices if c.finish_reason]
+            assert sorted(finished) == list(range(n)), (n, kind)
+
+
 def test_completion_refusals(server) -> None:
     r = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "a", "suffix": "b"}, timeout=120)
     assert r.status_code == 400 and "suffix" in r.json()["error"]["message"]

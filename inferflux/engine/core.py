@@ -17,11 +17,11 @@ import numpy as np
 from inferflux.config import Config
 from inferflux.engine.detokenizer import StreamDetokenizer
 from inferflux.engine.kv_cache import PageAllocator
-from inferflux.engine.model_runner import Chunk, ModelRunner
+from inferflux.engine.model_runner import Chunk, ModelRunner, PromptScores
 from inferflux.engine.request import EngineStats, Request, StreamOutput
 from inferflux.engine.sampling_params import SamplingParams, SamplingParamsError
 from inferflux.engine.scheduler import ScheduledChunk, Scheduler
-from inferflux.engine.sequence import Sequence
+from inferflux.engine.sequence import Sequence, TokenLogprobs
 from inferflux.formats.loader import LoadedModel
 
 
@@ -33,6 +33,7 @@ class _Live:
         self.seqs = seqs
         self.detoks = detoks
         self.first_token_time: list[float | None] = [None] * len(seqs)
+        self.sent_prompt_logprobs = [False] * len(seqs)  # each sample's first output carries them
 
 
 class EngineCore:
@@ -115,11 +116,17 @@ class EngineCore:
         if not chunks:
             return []
         start = time.perf_counter()
-        results = self.runner.step([self._chunk(c) for c in chunks])
+        step_chunks = [self._chunk(c) for c in chunks]
+        if any(c.score for c in step_chunks):
+            results, scores = self.runner.step_with_scores(step_chunks)
+        else:
+            results, scores = self.runner.step(step_chunks), [None] * len(chunks)
         now = time.monotonic()
         outputs = []
-        for scheduled, result in zip(chunks, results):
+        for scheduled, result, score in zip(chunks, results, scores):
             seq = scheduled.seq
+            if score is not None:
+                _collect_prompt_logprobs(seq, score)
             self._stats.prompt_tokens += max(0, min(len(seq.prompt_ids) - seq.num_computed, len(scheduled.tokens)))
             seq.num_computed += len(scheduled.tokens)
             self.allocator.register(seq.pages, seq.all_ids, seq.num_computed, seq.page_hashes, seq.adapter)
@@ -134,12 +141,20 @@ class EngineCore:
     def _chunk(self, scheduled: ScheduledChunk) -> Chunk:
         seq = scheduled.seq
         return Chunk(tokens=scheduled.tokens, start_pos=seq.num_computed, pages=seq.pages, history=seq.all_ids,
-                     num_prompt=len(seq.prompt_ids), sampling=seq.row_params() if scheduled.samples else None)
+                     num_prompt=len(seq.prompt_ids), sampling=seq.row_params() if scheduled.samples else None,
+                     score=seq.wants_prompt_logprobs)
 
     def _accept(self, seq: Sequence, result, now: float) -> StreamOutput:
         """A sampled token arrived: extend the sample, detokenize, decide whether it stops."""
         live = self._by_seq[seq.seq_id]
         detok = live.detoks[seq.index]
+        if seq.params.max_tokens == 0:  # scoring only: the prompt ran, nothing is generated
+            seq.finish_reason = "length"
+            self.scheduler.remove(seq)
+            del self._by_seq[seq.seq_id]
+            if all(s.finished for s in live.seqs):
+                del self._live[live.request.request_id]
+            return self._output(live, seq.index, [], "", None, now)
         seq.append(result.token_id, result.logprob, result.top_ids, result.top_logprobs)
         self._stats.generation_tokens += 1
         if live.first_token_time[seq.index] is None:
@@ -164,12 +179,16 @@ class EngineCore:
     def _output(self, live: _Live, index: int, new_ids: list[int], text: str, logprobs,
                 now: float | None = None, stop_reason: str | int | None = None) -> StreamOutput:
         seq = live.seqs[index]
+        prompt_logprobs = None
+        if seq.params.prompt_logprobs is not None and not live.sent_prompt_logprobs[index]:
+            live.sent_prompt_logprobs[index] = True
+            prompt_logprobs = [None, *live.seqs[0].prompt_logprobs]
         return StreamOutput(
             request_id=live.request.request_id, index=index, new_token_ids=new_ids, new_text=text,
             new_logprobs=logprobs, finish_reason=seq.finish_reason, prompt_tokens=len(seq.prompt_ids),
             completion_tokens=len(seq.output_ids), cached_tokens=seq.num_cached_tokens,
             arrival_time=live.request.arrival_time, first_token_time=live.first_token_time[index],
-            last_token_time=now, stop_reason=stop_reason,
+            last_token_time=now, stop_reason=stop_reason, prompt_logprobs=prompt_logprobs,
         )
 
     # --- embeddings (LLM embedding mode) ---
@@ -235,3 +254,13 @@ class EngineCore:
         s.prefix_hits = self.allocator.stats.hits
         s.num_preemptions = self.scheduler.num_preemptions
         return dataclasses.replace(s)
+
+
+def _collect_prompt_logprobs(seq: Sequence, scores: PromptScores) -> None:
+    """Append the scores of prompt positions not yet collected (a recomputed chunk repeats some)."""
+    n, start = seq.params.prompt_logprobs or 0, seq.num_computed
+    for j in range(len(scores.logprob)):
+        target = start + j + 1  # the prompt token this row scores
+        if target == len(seq.prompt_logprobs) + 1 and target < len(seq.prompt_ids):
+            top = {int(t): float(v) for t, v in zip(scores.top_ids[j][:n], scores.top_logprobs[j][:n])}
+            seq.prompt_logprobs.append(TokenLogprobs(seq.prompt_ids[target], float(scores.logprob[j]), top))

@@ -43,7 +43,8 @@ class Engine:
         self._inbox: list[tuple[Request, asyncio.Queue, asyncio.AbstractEventLoop]] = []
         self._aborts: list[str] = []
         self._embed_jobs: list[tuple[list[list[int]], str, asyncio.Future, asyncio.AbstractEventLoop]] = []
-        self._streams: dict[str, tuple[asyncio.Queue, asyncio.AbstractEventLoop]] = {}
+        # request id -> (its queue, the caller's loop, samples whose final output is not delivered yet)
+        self._streams: dict[str, tuple[asyncio.Queue, asyncio.AbstractEventLoop, int]] = {}
         self._stats = self.core.stats()
         self._stopping = False
         self._error: BaseException | None = None
@@ -148,7 +149,7 @@ class Engine:
         except BaseException as exc:  # noqa: BLE001 - every request must hear about it
             log.exception("engine step loop failed")
             self._error = exc
-            for queue, loop in self._streams.values():
+            for queue, loop, _ in self._streams.values():
                 loop.call_soon_threadsafe(queue.put_nowait, EngineDeadError(str(exc)))
         finally:
             for request_id in list(self._streams):
@@ -177,19 +178,28 @@ class Engine:
         except Exception as exc:  # noqa: BLE001 - reported to the one caller it concerns
             loop.call_soon_threadsafe(queue.put_nowait, exc)
             return
-        self._streams[request.request_id] = (queue, loop)
+        self._streams[request.request_id] = (queue, loop, request.params.n)
 
     def _deliver(self, output: StreamOutput) -> None:
+        """Hand one output to its caller; the stream closes after the last sample's final output.
+
+        Counted per stream, not read from the core: the core forgets a request as soon as its
+        last sample finishes, which is before the outputs of that step (possibly several
+        samples' final ones) are delivered.
+        """
         target = self._streams.get(output.request_id)
         if target is None:
             return
-        queue, loop = target
+        queue, loop, remaining = target
         try:
             loop.call_soon_threadsafe(queue.put_nowait, output)
         except RuntimeError:  # the caller's event loop is closed: nobody is listening
             self.core.abort(output.request_id)
-        if output.finished and output.request_id not in self.core._live:
-            self._streams.pop(output.request_id, None)
+        if output.finished:
+            if remaining <= 1:
+                self._streams.pop(output.request_id, None)
+            else:
+                self._streams[output.request_id] = (queue, loop, remaining - 1)
 
 
 def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:

@@ -30,7 +30,7 @@ from flax import nnx
 
 from inferflux.config import RuntimeConfig
 from inferflux.engine import device
-from inferflux.engine.sampler import RowParams, SampleOutput, SamplingTensors, sample
+from inferflux.engine.sampler import RowParams, SampleOutput, SamplingTensors, sample, token_logprobs
 from inferflux.engine.sampling_params import RESERVED_BIAS_SLOTS
 from inferflux.formats.loader import LoadedModel
 from inferflux.formats.quants import QTensor, dequantize_raw
@@ -52,6 +52,7 @@ class Chunk:
     history: Sequence[int] = ()  # prompt + generated ids so far, for penalties
     num_prompt: int = 0  # how many of `history` are prompt tokens
     sampling: RowParams | None = None  # None: run the tokens, sample nothing (mid-prompt chunk)
+    score: bool = False  # also return the logprob of the prompt token after each token (prompt_logprobs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +61,18 @@ class Sampled:
     logprob: float
     top_ids: np.ndarray
     top_logprobs: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptScores:
+    """For each token of a scored chunk: the logprob of the prompt token after it, and the top-N there.
+
+    Rows whose next token is not a prompt token (the prompt's last token) hold no meaningful value.
+    """
+
+    logprob: np.ndarray  # f32 [n]
+    top_ids: np.ndarray  # i32 [n, N]
+    top_logprobs: np.ndarray  # f32 [n, N]
 
 
 def power_of_two_buckets(low: int, high: int) -> list[int]:
@@ -107,6 +120,10 @@ class ModelRunner:
             for decode in (False, True)
         }
         self._executables: dict[Bucket, Any] = {}
+        # Steps that score prompt tokens (prompt_logprobs) need every token's logits: programs of their own,
+        # compiled on first use, so ordinary steps never pay for the full [T, vocab] head.
+        self._score_fn = jax.jit(_make_score_step(graphdef, self.num_logprobs), donate_argnums=(1,))
+        self._score_executables: dict[Bucket, Any] = {}
         # Embedding mode: the same forward pass, returning every token's final hidden state.
         self._hidden_fn = jax.jit(_make_hidden(graphdef), donate_argnums=(1,))
         self._hidden_executables: dict[Bucket, Any] = {}
@@ -170,22 +187,46 @@ class ModelRunner:
         inputs, sampling, history, history_is_output = self._pack(chunks, bucket)
         exe = self._executable(bucket)
         out, self.kv_cache = exe(self.state, self.kv_cache, inputs, sampling, history, history_is_output)
-        out = jax.device_get(out)
-        return [
-            None if chunk.sampling is None else Sampled(
-                int(out.token_ids[i]), float(out.logprob[i]), out.top_ids[i], out.top_logprobs[i])
-            for i, chunk in enumerate(chunks)
-        ]
+        return _sampled(chunks, jax.device_get(out))
+
+    def step_with_scores(self, chunks: Sequence[Chunk]) -> tuple[list[Sampled | None], list[PromptScores | None]]:
+        """`step`, plus `PromptScores` for each chunk with `score` set (None for the others)."""
+        if not chunks:
+            return [], []
+        bucket = self._mixed_bucket(chunks)
+        inputs, sampling, history, history_is_output = self._pack(chunks, bucket)
+        targets = np.full(bucket[0], -1, np.int32)
+        offset = 0
+        for chunk in chunks:
+            n = len(chunk.tokens)
+            if chunk.score:  # the token after position p is history[p + 1], while that is still the prompt
+                nxt = np.arange(chunk.start_pos + 1, chunk.start_pos + n + 1)
+                inside = nxt < min(chunk.num_prompt, len(chunk.history))
+                targets[offset:offset + n] = np.where(inside, np.asarray(chunk.history)[np.where(inside, nxt, 0)], -1)
+            offset += n
+        exe = self._score_executables.get(bucket)
+        if exe is None:
+            abstract = _abstract_inputs(bucket, self)
+            target_shape = jax.ShapeDtypeStruct(targets.shape, targets.dtype)
+            exe = self._score_executables[bucket] = self._score_fn.lower(
+                self.state, self.kv_cache, *abstract, target_shape).compile()
+        out, scores, self.kv_cache = exe(self.state, self.kv_cache, inputs, sampling, history, history_is_output,
+                                         targets)
+        out, scores = jax.device_get((out, scores))
+        results, offset = [], 0
+        for chunk in chunks:
+            n = len(chunk.tokens)
+            results.append(PromptScores(scores.logprob[offset:offset + n], scores.top_ids[offset:offset + n],
+                                        scores.top_logprobs[offset:offset + n]) if chunk.score else None)
+            offset += n
+        return _sampled(chunks, out), results
 
     def hidden_states(self, chunks: Sequence[Chunk]) -> list[np.ndarray]:
         """Final-norm hidden states `[len(chunk.tokens), hidden]` of each chunk (for embeddings).
 
         Same packing and buckets as `step`; compiled on first use per bucket.
         """
-        num_tokens = sum(len(c.tokens) for c in chunks)
-        bucket = (pick_bucket(self.token_buckets, max(num_tokens, len(chunks))),
-                  pick_bucket(self.seq_buckets, len(chunks)),
-                  pick_bucket(self.page_buckets, max(len(c.pages) for c in chunks)), False)
+        bucket = self._mixed_bucket(chunks)
         inputs = self._pack(chunks, bucket)[0]
         exe = self._hidden_executables.get(bucket)
         if exe is None:
@@ -199,6 +240,13 @@ class ModelRunner:
             out.append(hidden[offset:offset + len(chunk.tokens)])
             offset += len(chunk.tokens)
         return out
+
+    def _mixed_bucket(self, chunks: Sequence[Chunk]) -> Bucket:
+        """The bucket of a step that runs every token's head (scoring, embeddings): never decode-only."""
+        num_tokens = sum(len(c.tokens) for c in chunks)
+        return (pick_bucket(self.token_buckets, max(num_tokens, len(chunks))),
+                pick_bucket(self.seq_buckets, len(chunks)),
+                pick_bucket(self.page_buckets, max(len(c.pages) for c in chunks)), False)
 
     def _pack(self, chunks: Sequence[Chunk], bucket: Bucket) -> tuple[StepInputs, SamplingTensors, np.ndarray,
                                                                         np.ndarray]:
@@ -245,6 +293,26 @@ def _make_step(graphdef: nnx.GraphDef, num_logprobs: int, decode_only: bool):
         return sample(logits, sampling, history, history_is_output, num_logprobs=num_logprobs), kv_cache
 
     return step
+
+
+def _make_score_step(graphdef: nnx.GraphDef, num_logprobs: int):
+    def step(state: nnx.State, kv_cache: KVCache, inputs: StepInputs, sampling: SamplingTensors,
+             history: jax.Array, history_is_output: jax.Array,
+             targets: jax.Array) -> tuple[SampleOutput, SampleOutput, KVCache]:
+        logits, kv_cache = nnx.merge(graphdef, state).token_logits(inputs, kv_cache)
+        sampled = sample(jnp.take(logits, inputs.logits_index, axis=0), sampling, history, history_is_output,
+                         num_logprobs=num_logprobs)
+        return sampled, token_logprobs(logits, targets, num_logprobs=num_logprobs), kv_cache
+
+    return step
+
+
+def _sampled(chunks: Sequence[Chunk], out: SampleOutput) -> list[Sampled | None]:
+    return [
+        None if chunk.sampling is None else Sampled(
+            int(out.token_ids[i]), float(out.logprob[i]), out.top_ids[i], out.top_logprobs[i])
+        for i, chunk in enumerate(chunks)
+    ]
 
 
 def _make_hidden(graphdef: nnx.GraphDef):

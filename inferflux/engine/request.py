@@ -37,6 +37,8 @@ class StreamOutput:
     first_token_time: float | None
     last_token_time: float | None
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it, if any
+    # With params.prompt_logprobs, on a sample's first output: one entry per prompt token (the first is None).
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
     @property
     def finished(self) -> bool:

@@ -498,9 +498,20 @@ def sample(
         return jnp.where(sampling, jnp.argmax(y, axis=-1).astype(jnp.int32), greedy_ids)
 
     token_ids = lax.cond(jnp.any(sampling), draw, lambda _: greedy_ids, x)
+    return token_logprobs(raw, token_ids, num_logprobs=num_logprobs)
 
+
+def token_logprobs(logits: jax.Array, token_ids: jax.Array, *, num_logprobs: int) -> SampleOutput:
+    """Logprobs of `token_ids` under the raw `logits` [B, V], and each row's top `num_logprobs`.
+
+    The one definition of a logprob, shared by sampled tokens and scored prompt tokens
+    (prompt_logprobs), so the two always agree. A negative id (no target) gets a meaningless value.
+    """
+    raw = _sanitize(logits.astype(jnp.float32))
+    b = raw.shape[0]
     lse = _log_normalizer(raw)
-    logprob = jnp.take_along_axis(raw, token_ids[:, None], axis=-1)[:, 0] - lse[:, 0]
+    safe_ids = jnp.maximum(token_ids, 0).astype(jnp.int32)
+    logprob = jnp.take_along_axis(raw, safe_ids[:, None], axis=-1)[:, 0] - lse[:, 0]
     if num_logprobs > 0:
         top_vals, top_ids = lax.top_k(raw, num_logprobs)  # ties -> lowest id first
         top_logprobs = top_vals - lse
@@ -508,7 +519,7 @@ def sample(
         top_ids = jnp.zeros((b, 0), jnp.int32)
         top_logprobs = jnp.zeros((b, 0), jnp.float32)
     return SampleOutput(
-        token_ids=token_ids,
+        token_ids=token_ids.astype(jnp.int32),
         logprob=logprob,
         top_ids=top_ids.astype(jnp.int32),
         top_logprobs=top_logprobs,

@@ -24,7 +24,7 @@ class SamplingParamsError(InferFluxError, ValueError):
 
 @dataclasses.dataclass
 class SamplingParams:
-    max_tokens: int | None = 16  # None: until the context is full
+    max_tokens: int | None = 16  # None: until the context is full; 0: only run (and score) the prompt
     min_tokens: int = 0  # EOS and stop tokens are ignored until this many tokens exist
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
@@ -39,6 +39,9 @@ class SamplingParams:
     stop_token_ids: Sequence[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None  # top-N alternatives per token (None = none; 0 = sampled token only)
+    # Logprobs of the prompt's own tokens (vLLM's name), top-N alternatives each; what scoring and
+    # lm-evaluation-harness loglikelihood tasks need. The prompt is then computed whole (no prefix-cache hit).
+    prompt_logprobs: int | None = None
     n: int = 1
     skip_special_tokens: bool = True
 
@@ -46,12 +49,15 @@ class SamplingParams:
                  max_logit_bias: int | None = None) -> SamplingParams:
         """Check every field; the sampling knobs through the sampler's own `RowParams.validate`."""
         checks = [
-            (self.max_tokens is None or self.max_tokens >= 1, "max_tokens must be at least 1"),
+            # 0: run the prompt and generate nothing (echo / prompt_logprobs scoring).
+            (self.max_tokens is None or self.max_tokens >= 0, "max_tokens must be at least 0"),
             (self.min_tokens >= 0, "min_tokens must be >= 0"),
             (self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens must be <= max_tokens"),
             (self.n >= 1, "n must be at least 1"),
             (self.logprobs is None or 0 <= self.logprobs <= max_logprobs,
              f"logprobs must be between 0 and {max_logprobs}"),
+            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= max_logprobs,
+             f"prompt_logprobs must be between 0 and {max_logprobs}"),
             (max_logit_bias is None or len(self.logit_bias or {}) <= max_logit_bias,
              f"logit_bias may have at most {max_logit_bias} entries"),
             (len(self.stop_token_ids or ()) <= MAX_STOP_TOKEN_IDS,

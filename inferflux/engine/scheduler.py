@@ -102,7 +102,9 @@ class Scheduler:
     def _attach_prefix(self, seq: Sequence) -> None:
         """Start the sequence after the cached full pages of its tokens (at least one token stays to run)."""
         tokens = seq.all_ids
-        pages = self.allocator.match_prefix(tokens, seq.adapter, limit=(len(tokens) - 1) // self.page_size)
+        # A prompt being scored needs the logits of every position, so it takes nothing from the cache.
+        limit = 0 if seq.wants_prompt_logprobs else (len(tokens) - 1) // self.page_size
+        pages = self.allocator.match_prefix(tokens, seq.adapter, limit=limit)
         seq.pages = pages
         seq.num_computed = len(pages) * self.page_size
         if not seq.output_ids:  # first admission: what the prompt got from the cache (usage.cached_tokens)

@@ -34,6 +34,8 @@ class Sequence:
     seq_id: int = dataclasses.field(default_factory=lambda: next(_ids))
     output_ids: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[TokenLogprobs] = dataclasses.field(default_factory=list)
+    # Logprobs of prompt tokens 1.. (token 0 has none), collected while the prompt runs (params.prompt_logprobs).
+    prompt_logprobs: list[TokenLogprobs] = dataclasses.field(default_factory=list)
     pages: list[int] = dataclasses.field(default_factory=list)
     page_hashes: list[int] = dataclasses.field(default_factory=list)  # prefix-cache keys of its full pages
     num_computed: int = 0  # tokens whose K/V is in the cache
@@ -54,6 +56,12 @@ class Sequence:
     @property
     def in_prefill(self) -> bool:
         return self.num_computed < len(self.prompt_ids)
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Its prompt still has tokens to score (only the first sample scores; the others share its list)."""
+        return (self.params.prompt_logprobs is not None and self.index == 0
+                and len(self.prompt_logprobs) < len(self.prompt_ids) - 1)
 
     def next_chunk(self, budget: int) -> list[int]:
         """Up to `budget` tokens not yet in the cache (a prompt chunk, or the last sampled token)."""

@@ -155,6 +155,13 @@ class LlamaModel(nnx.Module):
         head = self.embed.get_value() if self.lm_head is None else self.lm_head.get_value()
         return linear(last, head, out_dtype=jnp.float32), new_cache
 
+    def token_logits(self, inputs: StepInputs, kv_cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Logits `[T, vocab]` (float32) of every token of the step: what scoring a prompt needs."""
+        x, new_cache = self._trunk(inputs, kv_cache, False)
+        x = rms_norm(x, self.norm.get_value(), self.config.rms_norm_eps)
+        head = self.embed.get_value() if self.lm_head is None else self.lm_head.get_value()
+        return linear(x, head, out_dtype=jnp.float32), new_cache
+
     def hidden_states(self, inputs: StepInputs, kv_cache: KVCache) -> tuple[jax.Array, KVCache]:
         """Final-norm hidden states `[T, hidden]` (float32) of every token: what embeddings pool."""
         x, new_cache = self._trunk(inputs, kv_cache, False)

@@ -22,6 +22,7 @@ from inferflux import __version__
 from inferflux.engine.engine import EngineDeadError
 from inferflux.engine.request import Request, StreamOutput
 from inferflux.engine.sampling_params import SamplingParams, SamplingParamsError
+from inferflux.engine.sequence import TokenLogprobs
 from inferflux.formats.chat_template import ChatTemplateError
 from inferflux.server.errors import APIError, bad_request, model_not_found, unavailable
 from inferflux.server.model_pool import Listed, parse_keep_alive, tagged
@@ -87,20 +88,25 @@ def sampling_for(req: ChatCompletionRequest | CompletionRequest, prompt_len: int
     context = handle.max_model_len
     default = server_state().config.server.default_max_tokens
     requested = req.requested_max_tokens
-    if requested is not None and requested < 1 and requested != -1:
-        raise bad_request("max_tokens must be at least 1 (or -1 for no limit)", param="max_tokens")
+    scoring = req.num_prompt_logprobs is not None or getattr(req, "echo", False)
+    if requested is not None and requested < 1 and requested != -1 and not (requested == 0 and scoring):
+        raise bad_request("max_tokens must be at least 1 (or -1 for no limit; 0 only with echo)",
+                          param="max_tokens")
     if req.n < 1:
         raise bad_request("n must be at least 1", param="n")
     if requested == -1:  # LM Studio's "no limit": up to the context window
         requested = None
-    max_tokens = requested or (min(default, context - prompt_len) if default else context - prompt_len)
-    if prompt_len + max(max_tokens, 1) > context or max_tokens < 1:
+    if requested is None:
+        max_tokens = min(default, context - prompt_len) if default else context - prompt_len
+    else:
+        max_tokens = requested
+    if prompt_len + max(max_tokens, 1) > context or (max_tokens < 1 and requested != 0):
         raise bad_request(
             f"This model's maximum context length is {context} tokens. However, you requested "
             f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} for the completion). "
             "Please reduce the prompt or the completion length.", param="max_tokens",
             code="context_length_exceeded")
-    params = req.sampling_params(max_tokens, req.num_logprobs)
+    params = req.sampling_params(max_tokens, req.num_logprobs, req.num_prompt_logprobs)
     try:
         runtime = handle.engine.core.config.runtime
         params.validate(handle.model.config.vocab_size, runtime.max_logprobs, runtime.max_logit_bias)
@@ -382,9 +388,6 @@ async def completions() -> Any:
     req = await body(CompletionRequest)
     if req.suffix:
         raise bad_request("`suffix` (fill-in-the-middle) is not supported", param="suffix")
-    if req.echo and req.logprobs is not None:
-        raise bad_request("`echo` together with `logprobs` is not supported (prompt logprobs are not computed)",
-                          param="echo")
     handle = generative(await acquire(req.model, req.ttl))
     try:
         prompts = completion_prompts(req, handle)
@@ -394,7 +397,7 @@ async def completions() -> Any:
         handle.release()
         raise
     cmpl_id, created, n = f"cmpl-{uuid.uuid4().hex}", int(time.time()), req.n
-    echo = [handle.model.tokenizer.decode(p) if req.echo else "" for p in prompts]
+    echo = echo_texts(req, prompts, handle) if req.echo else [""] * len(prompts)
 
     tracker = g.inferflux_tracker = _Tracker()
 
@@ -402,18 +405,23 @@ async def completions() -> Any:
         completion = 0
         prompt_tokens = sum(len(p) for p in prompts)
         cached = 0
+        echoed: set[tuple[int, int]] = set()
         try:
-            if req.echo:
-                for pi in range(len(prompts)):
-                    for i in range(n):
-                        yield _cmpl_chunk(cmpl_id, created, handle, pi * n + i, echo[pi], None, None)
             async for pi, out in merged(streams):
                 tracker.see(out)
                 _raise_if_aborted(out)
+                if (pi, out.index) not in echoed and (req.echo or req.prompt_logprobs is not None):
+                    echoed.add((pi, out.index))  # each choice's first output: the prompt, scored if asked
+                    scored = out.prompt_logprobs if req.logprobs is not None and req.echo else None
+                    extra = {} if req.prompt_logprobs is None else {
+                        "prompt_logprobs": _vllm_prompt_logprobs(handle, out.prompt_logprobs or [])}
+                    yield _cmpl_chunk(cmpl_id, created, handle, pi * n + out.index, echo[pi],
+                                      None if scored is None else _legacy_logprobs(handle, scored, prompts[pi]),
+                                      None, **extra)
                 if out.finished:
                     completion += out.completion_tokens
                     cached += out.cached_tokens
-                logprobs = _legacy_logprobs(handle, out) if out.new_logprobs is not None else None
+                logprobs = _legacy_logprobs(handle, out.new_logprobs) if out.new_logprobs is not None else None
                 if out.new_text or out.finished or logprobs:
                     yield _cmpl_chunk(cmpl_id, created, handle, pi * n + out.index, out.new_text, logprobs,
                                       _finish(out.finish_reason) if out.finished else None)
@@ -439,6 +447,7 @@ async def completions() -> Any:
     texts, finish = [""] * total, ["stop"] * total
     logprobs: list[dict[str, list]] = [{"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
                                        for _ in range(total)]
+    prompt_scores: list[list | None] = [None] * total
     try:
         async for obj in objects():
             if "usage" in obj and not obj["choices"]:
@@ -451,30 +460,63 @@ async def completions() -> Any:
                         logprobs[i][key] += choice["logprobs"][key]
                     logprobs[i]["text_offset"] += [offset + o for o in choice["logprobs"]["text_offset"]]
                 texts[i] += choice["text"]
+                if "prompt_logprobs" in choice:
+                    prompt_scores[i] = choice["prompt_logprobs"]
                 if choice["finish_reason"]:
                     finish[i] = choice["finish_reason"]
     finally:
         handle.release()
     return {"id": cmpl_id, "object": "text_completion", "created": created, "model": handle.name,
             "choices": [{"index": i, "text": texts[i], "logprobs": logprobs[i] if req.logprobs is not None else None,
-                         "finish_reason": finish[i]} for i in range(total)],
+                         "finish_reason": finish[i],
+                         **({"prompt_logprobs": prompt_scores[i]} if req.prompt_logprobs is not None else {})}
+                        for i in range(total)],
             "usage": totals}
 
 
 def _cmpl_chunk(cmpl_id: str, created: int, handle: ModelHandle, index: int, text: str,
-                logprobs: dict[str, Any] | None, finish: str | None) -> dict[str, Any]:
+                logprobs: dict[str, Any] | None, finish: str | None, **extra: Any) -> dict[str, Any]:
     return {"id": cmpl_id, "object": "text_completion", "created": created, "model": handle.name,
-            "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
+            "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish, **extra}]}
 
 
-def _legacy_logprobs(handle: ModelHandle, out: StreamOutput) -> dict[str, Any]:
-    tokens = [token_text(handle, lp.token_id) for lp in out.new_logprobs or []]
+def _vllm_prompt_logprobs(handle: ModelHandle, entries: list[TokenLogprobs | None]) -> list[dict[str, Any] | None]:
+    """vLLM's `prompt_logprobs`: per prompt token, {token id: {logprob, rank, decoded_token}} (None first)."""
+    out: list[dict[str, Any] | None] = []
+    for lp in entries:
+        if lp is None:
+            out.append(None)
+            continue
+        ranked = sorted(lp.top.items(), key=lambda kv: -kv[1])
+        row = {str(t): {"logprob": v, "rank": r + 1, "decoded_token": token_text(handle, t)}
+               for r, (t, v) in enumerate(ranked)}
+        if str(lp.token_id) not in row:
+            row[str(lp.token_id)] = {"logprob": lp.logprob, "rank": None,
+                                     "decoded_token": token_text(handle, lp.token_id)}
+        out.append(row)
+    return out
+
+
+def echo_texts(req: CompletionRequest, prompts: list[list[int]], handle: ModelHandle) -> list[str]:
+    """The prompt as the client sent it (text prompts verbatim), never with the BOS the server added."""
+    given = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+    return [given[i] if isinstance(given[i], str) else handle.model.tokenizer.decode(p, skip_special_tokens=True)
+            for i, p in enumerate(prompts)]
+
+
+def _legacy_logprobs(handle: ModelHandle, entries: list[TokenLogprobs | None],
+                     token_ids: list[int] | None = None) -> dict[str, Any]:
+    """OpenAI's legacy `logprobs` object; `token_ids` names the tokens of entries that are None (a prompt's first)."""
+    ids = [lp.token_id if lp is not None else token_ids[i] for i, lp in enumerate(entries)]  # type: ignore[index]
+    special = {handle.model.tokenizer.bos_id}
+    tokens = [token_text(handle, t) for t in ids]
     offsets, position = [], 0
-    for token in tokens:
+    for token_id, token in zip(ids, tokens):
         offsets.append(position)
-        position += len(token)
-    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in out.new_logprobs or []],
-            "top_logprobs": [{token_text(handle, t): v for t, v in lp.top.items()} for lp in out.new_logprobs or []],
+        position += 0 if token_id in special else len(token)  # BOS is not part of the echoed text
+    return {"tokens": tokens, "token_logprobs": [None if lp is None else lp.logprob for lp in entries],
+            "top_logprobs": [None if lp is None else {token_text(handle, t): v for t, v in lp.top.items()}
+                             for lp in entries],
             "text_offset": offsets}
 
 
@@ -516,11 +558,11 @@ async def get_model(model_id: str) -> Any:
 @bp.post("/tokenize")
 async def tokenize() -> Any:
     req = await body(TokenizeRequest)
-    if req.messages is None and req.prompt is None:
-        raise bad_request("give `prompt` or `messages`", param="prompt")
+    if not req.messages and req.prompt is None:  # an empty list is no conversation either
+        raise bad_request("give `prompt` or a non-empty `messages`", param="prompt")
     handle = await acquire(req.model)
     try:
-        if req.messages is not None:
+        if req.messages:
             if handle.engine is None:
                 raise bad_request(f"the model `{handle.name}` is an embedding model; it has no chat template",
                                   param="messages")
@@ -529,6 +571,25 @@ async def tokenize() -> Any:
         else:
             ids = handle.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": handle.max_model_len}
+    finally:
+        handle.release()
+
+
+@bp.get("/tokenizer_info")
+async def tokenizer_info() -> Any:
+    """vLLM's tokenizer facts, which lm-evaluation-harness reads to tokenize through the server (`/tokenize`)."""
+    handle = await acquire(request.args.get("model"))
+    try:
+        tokenizer = handle.tokenizer
+
+        def text(token_id: int | None) -> str | None:
+            return None if token_id is None else tokenizer.id_to_token(token_id)
+
+        template = handle.model.chat_template if handle.engine is not None else None
+        return {"tokenizer_class": "InferFluxTokenizer", "model_max_length": handle.max_model_len,
+                "vocab_size": tokenizer.vocab_size, "bos_token": text(tokenizer.bos_id),
+                "eos_token": text(tokenizer.eos_id), "pad_token": None, "add_bos_token": tokenizer.add_bos,
+                "chat_template": None if template is None or template.is_fallback else template.source}
     finally:
         handle.release()
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from inferflux.engine.sampling_params import SamplingParams
 
@@ -61,6 +61,14 @@ class _Sampling(_Request):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_keys_are_token_ids(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key in value or {}:
+            if not key.strip().lstrip("-").isdigit():
+                raise ValueError(f"keys must be token ids (integers), got {key!r}")
+        return value
     user: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -75,7 +83,13 @@ class _Sampling(_Request):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    @property
+    def num_prompt_logprobs(self) -> int | None:
+        """How many alternatives to return per prompt token, or None (vLLM's `prompt_logprobs`)."""
+        return None
+
+    def sampling_params(self, max_tokens: int, logprobs: int | None,
+                        prompt_logprobs: int | None = None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
             max_tokens=max_tokens, min_tokens=self.min_tokens,
@@ -87,7 +101,7 @@ class _Sampling(_Request):
             repetition_penalty=next((p for p in (self.repetition_penalty, self.repeat_penalty) if p is not None), 1.0),
             logit_bias={int(k): float(v) for k, v in (self.logit_bias or {}).items()} or None,
             seed=self.seed, stop=stop or None, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
-            logprobs=logprobs, n=self.n, skip_special_tokens=self.skip_special_tokens,
+            logprobs=logprobs, n=self.n, skip_special_tokens=self.skip_special_tokens, prompt_logprobs=prompt_logprobs,
         )
 
     @property
@@ -126,6 +140,7 @@ class CompletionRequest(_Sampling):
     echo: bool = False
     logprobs: int | None = None
     suffix: str | None = None
+    prompt_logprobs: int | None = None  # vLLM: top-N logprobs of each prompt token, as `choices[].prompt_logprobs`
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -134,6 +149,13 @@ class CompletionRequest(_Sampling):
     @property
     def num_logprobs(self) -> int | None:
         return self.logprobs
+
+    @property
+    def num_prompt_logprobs(self) -> int | None:
+        """`echo` shows the prompt: with `logprobs`, scored, as lm-evaluation-harness loglikelihood reads it."""
+        if self.prompt_logprobs is not None:
+            return self.prompt_logprobs
+        return self.logprobs if self.echo else None
 
 
 class EmbeddingRequest(_Request):

@@ -16,12 +16,14 @@ and garbage (even NaN) in page 0 cannot reach a real row.
 The pieces:
 - `write_kv`: scatter the step's K/V into their pages (in place when donated).
 - `paged_attention_reference`: plain `jax.numpy`, any step shape. It is the
-  CPU production path, the GPU path for steps with prefill, and the oracle
+  CPU path where the kernel library is not built, the GPU path for steps with prefill, and the oracle
   the kernels are tested against. It loops over blocks of page columns with
   an online softmax, so memory is bounded by T x (a few pages), never by
   T x context.
 - `paged_attention_decode_pallas`: a Pallas (Triton) GPU kernel for
   decode-only steps (one query token per slot).
+- `kernels/cpu/attention.paged_attention_cpu`: a C++ XLA FFI handler for any
+  ragged step on CPU (float32), reading the pages in place.
 - `paged_attention` picks between them (`_select_impl`).
 """
 
@@ -362,11 +364,21 @@ def paged_attention_decode_pallas(
 # --------------------------------------------------------------------------- dispatch
 
 
-def _select_impl(*, decode_only: bool, head_dim: int, page_size: int, backend: str | None = None) -> str:
-    """The one place that chooses the attention implementation: "pallas_decode" or "reference"."""
+def _select_impl(*, decode_only: bool, head_dim: int, page_size: int, backend: str | None = None,
+                 dtype: jnp.dtype | None = None) -> str:
+    """The one place that chooses the attention implementation: "pallas_decode", "cpu" or "reference".
+
+    "cpu" is the C++ FFI handler (kernels/cpu/attention.py), for every float32 step on the CPU backend when
+    the kernel library is loaded (not switched off with INFERFLUX_CPU_KERNELS=off).
+    """
     backend = backend or jax.default_backend()
     if decode_only and backend == "gpu" and pallas_decode_supported(head_dim, page_size):
         return "pallas_decode"
+    if backend == "cpu":
+        from inferflux.kernels.cpu import attention as cpu_attention
+
+        if cpu_attention.supported(dtype):
+            return "cpu"
     return "reference"
 
 
@@ -386,10 +398,17 @@ def paged_attention(
 
     `decode_only` is a static promise from the caller that every token is a
     single decode token and token t belongs to slot t (T == S, `token_seq`
-    is ignored); on GPU such steps run the Pallas decode kernel. Everything
-    else (CPU, steps with prefill chunks) runs the reference.
+    is ignored); on GPU such steps run the Pallas decode kernel. On CPU every
+    float32 step runs the C++ FFI handler when the kernel library is loaded.
+    Everything else runs the reference.
     """
-    impl = _select_impl(decode_only=decode_only, head_dim=q.shape[-1], page_size=k_pages.shape[2])
+    impl = _select_impl(decode_only=decode_only, head_dim=q.shape[-1], page_size=k_pages.shape[2],
+                        dtype=jnp.promote_types(q.dtype, k_pages.dtype))
+    if impl == "cpu":
+        from inferflux.kernels.cpu.attention import paged_attention_cpu
+
+        return paged_attention_cpu(q, k_pages, v_pages, block_tables, token_seq, token_pos, scale=scale,
+                                   sliding_window=sliding_window)
     if impl == "pallas_decode":
         if q.shape[0] != block_tables.shape[0]:
             raise ValueError(f"decode_only needs T == S, got T={q.shape[0]}, S={block_tables.shape[0]}")

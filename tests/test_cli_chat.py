@@ -181,9 +181,39 @@ def test_inferctl_run_with_prompt_streams_and_exits(tmp_path: Path, tiny_model) 
                             env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() and "Traceback" not in result.stderr
+    # The banner names the model as the user did, not the store's content hash (`sha256-...`, a folder digest).
+    chat = subprocess.run([*cli, "run", "demo", "--set", "runtime.max_model_len=128", "--set", "runtime.num_pages=32"],
+                          env=env, input="/bye\n", capture_output=True, text=True, timeout=300)
+    assert chat.returncode == 0, chat.stderr
+    assert chat.stdout.startswith("Chatting with demo. "), chat.stdout
     missing = subprocess.run([*cli, "run", "nope", "--prompt", "hi"], env=env, capture_output=True, text=True,
                              timeout=120)
     assert missing.returncode == 1 and missing.stderr.count("\n") == 1 and "not found" in missing.stderr
+
+
+# `pip install -e .` has no `openai` package (only the test extra does); this makes it missing in the child.
+WITHOUT_OPENAI = ("import sys; sys.modules['openai'] = None; from inferctl.cli import main; "
+                  "sys.exit(main(sys.argv[1:]))")
+
+
+def test_run_and_chat_with_url_need_no_openai_package(server, client) -> None:
+    """`inferctl run --url` and `chat --url` after the README's install: the same answer the real client gets."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    expected = greedy(client, MESSAGES, 12)
+    once = subprocess.run([sys.executable, "-c", WITHOUT_OPENAI, "run", "--url", server.url, "--prompt", QUESTION,
+                           "--temperature", "0", "--max-tokens", "12"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert once.returncode == 0 and "Traceback" not in once.stderr, once.stderr
+    assert once.stdout == expected + "\n"
+    chat = subprocess.run([sys.executable, "-c", WITHOUT_OPENAI, "chat", "--url", server.url, "--temperature", "0",
+                           "--max-tokens", "12"], env=env, input=f"{QUESTION}\n/bye\n", capture_output=True,
+                          text=True, timeout=300)
+    assert chat.returncode == 0 and "Traceback" not in chat.stderr, chat.stderr
+    assert chat.stdout.startswith("Chatting with tiny. ") and f">>> {expected}\n>>> " in chat.stdout
+    refused = subprocess.run([sys.executable, "-c", WITHOUT_OPENAI, "run", "nope", "--url", server.url, "--prompt",
+                              "hi"], env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1
+    assert "HTTP 404" in refused.stderr and "nope" in refused.stderr
 
 
 def terminal_text(text: str) -> str:

@@ -56,7 +56,7 @@ def _env(home: Path, **extra: str) -> dict[str, str]:
 
 
 _COMMANDS = {"list_models": "list", "make_demo": "make-demo-model"}  # store_cmds function -> command
-_FLAGS = {"as_json": "--json", "name": "--name", "quantize": "--quantize"}
+_FLAGS = {"as_json": "--json", "name": "--name", "quantize": "--quantize", "force": "--force"}
 
 
 def _run(home: Path, cmd: str, *args: str, env: dict[str, str] | None = None,
@@ -350,3 +350,31 @@ def test_make_demo(home: Path) -> None:
     (entry,) = store.list()
     assert entry.format == "safetensors" and entry.quantization == "none"
     assert load_model(store.path("demo")).config.num_layers == 4
+
+
+def test_make_demo_does_not_replace_a_model_silently(home: Path, tiny_gguf) -> None:
+    """A model stored as `demo` (here a real GGUF) survives `make-demo-model` unless --force says otherwise."""
+    gguf_path = tiny_gguf("llama", "F32")
+    assert _run(home, "pull", str(gguf_path), name="demo").returncode == 0
+    before = ModelStore(home).list()
+    line = _one_line_error(_run(home, "make_demo"), "demo:latest is already in the store")
+    assert "--force" in line
+    assert ModelStore(home).list() == before  # untouched
+    forced = _run(home, "make_demo", force=True)
+    assert forced.returncode == 0 and "pulled demo:latest" in forced.stdout, forced.stderr
+    (entry,) = ModelStore(home).list()
+    assert entry.format == "safetensors" and entry.digest != before[0].digest
+
+
+def test_make_demo_folder_keeps_other_files(home: Path, tmp_path: Path) -> None:
+    """`--out DIR` rewrites an earlier demo (the README's first command can run twice), never another model."""
+    out = tmp_path / "demo-model"
+    for _ in range(2):
+        made = _run(home, "make-demo-model", "--out", str(out))
+        assert made.returncode == 0 and "gibberish" in made.stdout, made.stderr
+    other = tmp_path / "my-model"
+    other.mkdir()
+    (other / "config.json").write_text('{"model_type": "llama", "num_hidden_layers": 32}')
+    _one_line_error(_run(home, "make-demo-model", "--out", str(other)), "not a demo model")
+    assert (other / "config.json").read_text() == '{"model_type": "llama", "num_hidden_layers": 32}'
+    assert _run(home, "make-demo-model", "--out", str(other), "--force").returncode == 0

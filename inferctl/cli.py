@@ -42,7 +42,6 @@ class InferCtl:
             ollama_port PORT: also listen on this port, e.g. 11434, Ollama's (default off)
         """
         from inferflux.config import load_config
-        from inferflux.server.serve import serve
         from inferflux.store import open_store
 
         overrides: dict[str, object] = dict(self.overrides)
@@ -56,8 +55,10 @@ class InferCtl:
             overrides["server.served_model_name"] = served_model_name
         elif not Path(model).expanduser().exists():
             overrides["server.served_model_name"] = model  # a store name is what clients should send
-        settings = load_config(config, overrides)
+        settings = load_config(config, overrides)  # a bad value fails here, before JAX is imported
         path = open_store(settings.home_path).resolve(model)
+        from inferflux.server.serve import serve
+
         sys.exit(serve(str(path), settings, config))
 
     def run(self, model: str | None = None, prompt: str | None = None, url: str | None = None,

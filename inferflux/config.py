@@ -110,8 +110,10 @@ class RuntimeConfig:
     max_num_seqs: int = key(32, lo=1, hi=4096)
     # Most tokens (prefill chunk tokens + decode tokens) in one step.
     max_num_batched_tokens: int = key(512, lo=1, hi=1 << 20)
-    # Smallest bucket of tokens per step (buckets are powers of two up to max_num_batched_tokens).
-    min_token_bucket: int = key(8, lo=1, hi=1 << 20)
+    # Smallest bucket of tokens per step (buckets are powers of two up to max_num_batched_tokens). 0 = by
+    # backend: 1 where attention updates the KV cache in place at any step size (CPU with the kernel library,
+    # so a batch-1 decode step runs one row, not 8), else 8.
+    min_token_bucket: int = key(0, lo=1, hi=1 << 20, zero=True)
     # Top logprobs computed per row in every step (requests may ask for up to this many).
     max_logprobs: int = key(20, lo=0, hi=1024)
     # Most logit_bias entries per request (OpenAI allows 300); sets a fixed width of the compiled step.

@@ -35,6 +35,7 @@ from inferflux.engine.sampling_params import RESERVED_BIAS_SLOTS
 from inferflux.formats.loader import LoadedModel
 from inferflux.formats.quants import QTensor, dequantize_raw
 from inferflux.formats.weights import QuantizedWeight, Weight
+from inferflux.kernels.paged_attention import _select_impl as _select_attention
 from inferflux.models.llama import KVCache, LlamaModel, StepInputs, init_kv_cache, kv_bytes_per_page
 
 log = logging.getLogger(__name__)
@@ -105,15 +106,15 @@ class ModelRunner:
         graphdef, self.state = nnx.split(LlamaModel(model.config, weights, self.dtype))
         self.num_pages = self._num_pages()
         self.kv_cache: KVCache = init_kv_cache(model.config, self.num_pages, self.page_size, self.dtype)
-        self.token_buckets = power_of_two_buckets(runtime.min_token_bucket, runtime.max_num_batched_tokens)
+        self.token_buckets = power_of_two_buckets(self._min_token_bucket(), runtime.max_num_batched_tokens)
         self.seq_buckets = power_of_two_buckets(1, runtime.max_num_seqs)
         self.page_buckets = power_of_two_buckets(1, self.pages_per_seq)
         self.num_logprobs = runtime.max_logprobs
         self.num_bias_slots = runtime.max_logit_bias + RESERVED_BIAS_SLOTS
         # Decode-only steps (one token per sequence) get their own programs on GPU, token t in slot t, running
-        # the Pallas decode kernel. Not on CPU yet: there the decode-only program (reference attention) made
-        # XLA copy the whole KV cache every step (time grew with runtime.num_pages), although it would save
-        # the padding of a batch-1 step to `min_token_bucket` rows (2x on XLA:CPU). See benchmarks/RESULTS.md.
+        # the Pallas decode kernel. CPU needs none: with the FFI attention its mixed buckets start at one token
+        # (`_min_token_bucket`), and without it a program of fewer than 8 rows made XLA copy the whole KV cache
+        # every step (time grew with runtime.num_pages; benchmarks/RESULTS.md).
         self.decode_buckets = self.backend == "gpu"
         self._step_fns = {
             decode: jax.jit(_make_step(graphdef, self.num_logprobs, decode), donate_argnums=(1,))
@@ -129,6 +130,21 @@ class ModelRunner:
         self._hidden_executables: dict[Bucket, Any] = {}
 
     # --- sizing ---
+
+    def _min_token_bucket(self) -> int:
+        """`runtime.min_token_bucket`, or for 0 (the default) 1 where attention updates the KV cache in place at
+        any step size, else 8.
+
+        XLA:CPU's reference attention in a program of fewer than 8 token rows made XLA copy the whole cache each
+        step (time grew with runtime.num_pages); the CPU FFI attention reads the pages in place, so there a
+        batch-1 step runs one row instead of paying for 8 in every matmul.
+        """
+        low = self.runtime.min_token_bucket
+        if not low:
+            impl = _select_attention(decode_only=False, head_dim=self.config.head_dim, page_size=self.page_size,
+                                     dtype=self.dtype)
+            low = 1 if impl == "cpu" else 8
+        return min(low, self.runtime.max_num_batched_tokens)
 
     def _num_pages(self) -> int:
         if self.runtime.num_pages:

@@ -164,3 +164,51 @@ def test_bad_shapes_raise():
     with pytest.raises(ValueError, match="multiple"):
         paged_attention_cpu(q, pages, pages, jnp.zeros((1, 2), jnp.int32), jnp.zeros(2, jnp.int32),
                             jnp.zeros(2, jnp.int32), scale=1.0)
+
+
+# --- the model runner on this kernel: in-place KV updates, unpadded batch-1 steps ---------------------------
+
+
+def _kv_copies(hlo_text: str, kv_shape: tuple[int, ...]) -> list[str]:
+    """Lines of optimized HLO that copy a whole KV-cache array (what XLA emits when it cannot update in place)."""
+    shape = "f32[" + ",".join(map(str, kv_shape)) + "]"
+    return [line for line in hlo_text.splitlines() if shape in line and (" copy(" in line or "copy-start(" in line)]
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_decode_step_updates_the_cache_in_place_and_batch_1_is_unpadded(tiny_model, batch):
+    from inferflux import LLM
+    from inferflux.engine.model_runner import Chunk
+    from inferflux.engine.sampler import RowParams
+
+    llm = LLM(tiny_model("llama"), page_size=8, max_num_seqs=4, max_num_batched_tokens=32, max_model_len=128,
+              num_pages=300, max_logprobs=2)
+    runner = llm.runner
+    assert runner.token_buckets[0] == 1  # runtime.min_token_bucket 0 = by backend: 1 with this kernel
+    rng = np.random.default_rng(batch)
+    chunks = [Chunk(tokens=[int(rng.integers(1, 200))], start_pos=20, pages=[1 + 3 * i, 2 + 3 * i, 3 + 3 * i],
+                    history=[int(t) for t in rng.integers(1, 200, 21)], num_prompt=20,
+                    sampling=RowParams(temperature=0.0)) for i in range(batch)]
+    bucket = runner.bucket_for(batch, batch, 3)
+    assert bucket[:2] == ((1, 1) if batch == 1 else (4, 4))
+    kv_shape = runner.kv_cache[0][0].shape
+    assert not _kv_copies(runner._executable(bucket).as_text(), kv_shape)
+    runner.step(chunks)
+    pointers = [a.unsafe_buffer_pointer() for layer in runner.kv_cache for a in layer]
+    first = runner.step(chunks)
+    for _ in range(3):
+        again = runner.step(chunks)  # the same token at the same position: same K/V, same result
+    assert [a.unsafe_buffer_pointer() for layer in runner.kv_cache for a in layer] == pointers
+    assert [r.token_id for r in again] == [r.token_id for r in first]
+
+
+def test_hlo_check_sees_a_copy_of_the_cache():
+    """The check above can fail: a program that must keep the old pages too copies them."""
+    kv_shape = (2, 512, 8, 16)
+
+    def step(k_pages, k):
+        return k_pages.at[:, 3, 0].set(k), k_pages * 2
+
+    args = jax.ShapeDtypeStruct(kv_shape, jnp.float32), jax.ShapeDtypeStruct((2, 16), jnp.float32)
+    text = jax.jit(step, donate_argnums=0).lower(*args).compile().as_text()
+    assert _kv_copies(text, kv_shape)

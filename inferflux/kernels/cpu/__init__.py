@@ -52,10 +52,15 @@ def library_path() -> Path | None:
     return None
 
 
+def switched_off() -> bool:
+    """`INFERFLUX_CPU_KERNELS=off` (or 0/false/no) is set."""
+    return os.environ.get(ENV_SWITCH, "").strip().lower() in ("off", "0", "false", "no")
+
+
 @functools.cache
 def _load() -> tuple[ctypes.CDLL | None, str]:
     """(library, "") or (None, why not); logs the reason once."""
-    if os.environ.get(ENV_SWITCH, "").strip().lower() in ("off", "0", "false", "no"):
+    if switched_off():
         reason = f"{ENV_SWITCH}=off"
     elif (path := library_path()) is None:
         reason = "the library was not built at install time (no C++ compiler?)"
@@ -110,3 +115,11 @@ def register(symbol: str, target_name: str | None = None) -> str:
         jax.ffi.register_ffi_target(name, capsule, platform="cpu")
         _registered.add(name)
     return name
+
+
+def pool_threads() -> int:
+    """Threads of the XLA:CPU intra-op pool the kernels run on (as the handlers see it)."""
+    import jax.numpy as jnp
+
+    name = register("inferflux_cpu_threads_v1")
+    return int(jax.ffi.ffi_call(name, jax.ShapeDtypeStruct((1,), jnp.int32))()[0])

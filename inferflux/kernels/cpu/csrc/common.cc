@@ -37,3 +37,15 @@ Isa ResolveIsa(int64_t requested) {
 extern "C" __attribute__((visibility("default"))) int64_t inferflux_cpu_best_isa() {
   return inferflux::BestIsa();
 }
+
+// `inferflux_cpu_threads_v1`: writes the size of the intra-op pool the kernels get (tests use it to check
+// that a thread-count setting really took effect).
+namespace {
+xla::ffi::Error PoolThreads(xla::ffi::ThreadPool pool, xla::ffi::ResultBuffer<xla::ffi::S32> out) {
+  out->typed_data()[0] = static_cast<int32_t>(pool.num_threads());
+  return xla::ffi::Error::Success();
+}
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(inferflux_cpu_threads_v1, PoolThreads,
+                              xla::ffi::Ffi::Bind().Ctx<xla::ffi::ThreadPool>().Ret<xla::ffi::Buffer<xla::ffi::S32>>());

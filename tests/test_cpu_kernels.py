@@ -1,0 +1,271 @@
+"""The CPU FFI kernels: a bit-exact numpy reference for every quantized-matmul type, invariances, packaging.
+
+The reference (`reference_qmatmul`) does what inferflux/kernels/cpu/csrc/qmm_body.inc does, in numpy:
+activations quantized per block (absmax / 127, round-half-even), weight blocks decoded to unsigned integers
+plus integer sub-block scales, integer dots per sub-block in int64, and the float epilogue in the kernel's
+order. The reference itself is checked against `gguf.quants.dequantize(W) @ x` within the error that
+activation quantization allows, and its weight decoding against gguf's dequantizer bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import gguf
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from inferflux.kernels import cpu
+from inferflux.kernels.cpu.qmatmul import KERNEL_TYPES, GGUFBlocks, qmatmul
+
+T = gguf.GGMLQuantizationType
+F32 = np.float32
+IQ4NL = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int64)
+# Byte offsets of each type's f16 scale fields (set to sane values in random blocks).
+F16_FIELDS = {T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,), T.IQ4_XS: (0,), T.Q8_0: (0,), T.Q4_0: (0,)}
+TYPES = sorted(KERNEL_TYPES, key=int)
+
+
+def test_extension_is_loaded() -> None:
+    """CI builds the library (pip install -e .); a silent fallback to float32 would hide every test below."""
+    assert cpu.available(), cpu.unavailable_reason()
+    assert cpu.best_isa() >= cpu.Isa.SCALAR
+
+
+def random_blocks(qtype: T, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    """Random bytes as `uint8[rows, row_bytes]`, with finite f16 scales of a sane size."""
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
+    for offset in F16_FIELDS[qtype]:
+        scales = rng.uniform(-0.02, 0.02, raw.shape[:2]).astype(np.float16)
+        raw[..., offset:offset + 2] = scales.view(np.uint8).reshape(*raw.shape[:2], 2)
+    return raw.reshape(rows, -1)
+
+
+# --- the reference: weight decoding ---------------------------------------------------------------------------
+
+def _k_scales(sc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K: 8 six-bit scales and mins from 12 bytes (ggml's get_scale_min_k4)."""
+    sc = sc.astype(np.int64)
+    low = np.concatenate([sc[..., 0:4] & 63, (sc[..., 8:12] & 15) | ((sc[..., 0:4] >> 6) << 4)], -1)
+    mins = np.concatenate([sc[..., 4:8] & 63, (sc[..., 8:12] >> 4) | ((sc[..., 4:8] >> 6) << 4)], -1)
+    return low, mins
+
+
+def _f16(b: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(b).view(np.float16)[..., 0].astype(F32)
+
+
+def decode(qtype: T, raw: np.ndarray, cols: int) -> dict[str, np.ndarray]:
+    """Blocks -> u (unsigned weights, [N, nb, bs]), off, c/m (int sub-block scales/mins), d/dmin (f32 [N, nb])."""
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    b = raw.reshape(raw.shape[0], cols // block, size).astype(np.int64)
+    if qtype in (T.Q4_K, T.Q5_K):
+        c, m = _k_scales(b[..., 4:16])
+        qs = b[..., 16:144] if qtype == T.Q4_K else b[..., 48:176]
+        groups = qs.reshape(*qs.shape[:-1], 4, 1, 32) >> np.array([0, 4]).reshape(2, 1)
+        u = (groups & 15).reshape(*qs.shape[:-1], 256)
+        if qtype == T.Q5_K:
+            bits = (b[..., 16:48, None] >> np.arange(8)) & 1  # [.., 32 bytes, 8 bits]: bit s is value 32 s + i's
+            u = u | (np.swapaxes(bits, -1, -2).reshape(*qs.shape[:-1], 256) << 4)
+        return dict(u=u, off=0, c=c, m=m, d=_f16(raw.reshape(b.shape)[..., 0:2]),
+                    dmin=_f16(raw.reshape(b.shape)[..., 2:4]))
+    if qtype == T.Q6_K:
+        ql, qh = b[..., 0:128], b[..., 128:192]
+        low = (ql.reshape(*ql.shape[:-1], 2, 1, 64) >> np.array([0, 4]).reshape(2, 1)) & 15  # [.., half, nib, 64]
+        high = (qh.reshape(*qh.shape[:-1], 2, 1, 32) >> np.array([0, 2, 4, 6]).reshape(4, 1)) & 3  # [.., h, 4, 32]
+        u = low.reshape(*ql.shape[:-1], 2, 128) | (high.reshape(*ql.shape[:-1], 2, 128) << 4)
+        c = b[..., 192:208].astype(np.uint8).view(np.int8).astype(np.int64)
+        return dict(u=u.reshape(*ql.shape[:-1], 256), off=32, c=c, m=None,
+                    d=_f16(raw.reshape(b.shape)[..., 208:210]), dmin=None)
+    if qtype == T.IQ4_XS:
+        sh = b[..., 2] | (b[..., 3] << 8)
+        s = np.arange(8)
+        low = (b[..., 4 + s // 2] >> (4 * (s % 2))) & 15
+        c = (low | (((sh[..., None] >> (2 * s)) & 3) << 4)) - 32
+        qs = b[..., 8:136].reshape(*b.shape[:-1], 8, 1, 16) >> np.array([0, 4]).reshape(2, 1)
+        u = IQ4NL[(qs & 15).reshape(*b.shape[:-1], 256)] + 128
+        return dict(u=u, off=128, c=c, m=None, d=_f16(raw.reshape(b.shape)[..., 0:2]), dmin=None)
+    if qtype == T.Q8_0:
+        u = b[..., 2:34].astype(np.uint8).view(np.int8).astype(np.int64) + 128
+        return dict(u=u, off=128, c=None, m=None, d=_f16(raw.reshape(b.shape)[..., 0:2]), dmin=None)
+    if qtype == T.Q4_0:
+        u = (b[..., 2:18].reshape(*b.shape[:-1], 1, 16) >> np.array([0, 4]).reshape(2, 1)) & 15
+        return dict(u=u.reshape(*b.shape[:-1], 32), off=8, c=None, m=None,
+                    d=_f16(raw.reshape(b.shape)[..., 0:2]), dmin=None)
+    raise AssertionError(qtype)
+
+
+def decoded_values(qtype: T, dec: dict[str, np.ndarray]) -> np.ndarray:
+    """float32 weights from the decoded fields, in gguf's operation order."""
+    u, off, d = dec["u"], dec["off"], dec["d"]
+    if dec["c"] is None:
+        return (d[..., None] * (u - off).astype(F32)).reshape(u.shape[0], -1)
+    nsub = dec["c"].shape[-1]
+    q = (u - off).reshape(*u.shape[:-1], nsub, -1).astype(F32)
+    out = (d[..., None] * dec["c"].astype(F32))[..., None] * q
+    if dec["m"] is not None:
+        out = out - (dec["dmin"][..., None] * dec["m"].astype(F32))[..., None]
+    return out.reshape(u.shape[0], -1)
+
+
+# --- the reference: activations and the integer matmul --------------------------------------------------------
+
+def quantize_activations(x: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """int8 values [M, nb, block] (as int64) and f32 scales [M, nb]: d = absmax / 127, q = rint(x * 127/absmax)."""
+    xb = x.astype(F32).reshape(x.shape[0], -1, block)
+    amax = np.abs(xb).max(-1)
+    inv = np.where(amax != 0, F32(127) / np.where(amax != 0, amax, F32(1)), F32(0)).astype(F32)
+    q = np.clip(np.rint(xb * inv[..., None]), -127, 127).astype(np.int64)
+    return q, (amax / F32(127)).astype(F32)
+
+
+def reference_qmatmul(qtype: T, raw: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """What the kernel computes, bit for bit: y[M, N] float32."""
+    k = x.shape[1]
+    dec = decode(qtype, raw, k)
+    u, off, d = dec["u"], dec["off"], dec["d"]  # u [N, nb, bs]
+    act_block = 32 if qtype in (T.Q8_0, T.Q4_0) else 256
+    q, da = quantize_activations(x, act_block)  # [M, nb, bs], [M, nb]
+    n, nb = u.shape[0], u.shape[1]
+    if dec["c"] is None:  # 32-value blocks: one integer dot and one float term per block
+        dots = np.einsum("nbi,mbi->mnb", u, q)
+        s = dots - off * q.sum(-1)[:, None, :]
+        terms = (d[None] * da[:, None, :]) * s.astype(F32)
+    else:
+        nsub = dec["c"].shape[-1]
+        us = u.reshape(n, nb, nsub, -1)
+        qs = q.reshape(q.shape[0], nb, nsub, -1)
+        dots = np.einsum("nbsi,mbsi->mnbs", us, qs)
+        asum = qs.sum(-1)[:, None]  # [M, 1, nb, nsub]
+        c = dec["c"][None]
+        isum = (c * dots).sum(-1)
+        csum = (c * asum).sum(-1)
+        s = isum - off * csum
+        assert np.abs(isum).max() < 2**31 and np.abs(s).max() < 2**31  # the kernel's int32 cannot overflow
+        terms = (d[None] * da[:, None, :]) * s.astype(F32)
+        if dec["m"] is not None:
+            msum = (dec["m"][None] * asum).sum(-1)
+            terms = terms - (dec["dmin"][None] * da[:, None, :]) * msum.astype(F32)
+    acc = np.zeros(terms.shape[:2], F32)
+    for j in range(terms.shape[2]):  # blocks in order, one f32 add each
+        acc = acc + terms[..., j]
+    return acc
+
+
+def _cols(qtype: T) -> int:
+    return 288 if qtype in (T.Q8_0, T.Q4_0) else 768  # 9 blocks of 32 (a partial group of 8), 3 super-blocks
+
+
+def _inputs(qtype: T, m: int, n: int = 40, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    raw = random_blocks(qtype, n, _cols(qtype), rng)
+    x = rng.standard_normal((m, _cols(qtype))).astype(F32)
+    x[3 % m] = 0.0  # an all-zero row: absmax 0, scale 0
+    if m > 5:
+        x[5, :7] *= 50.0  # one block dominated by outliers
+    return raw, x
+
+
+def run_kernel(qtype: T, raw: np.ndarray, x: np.ndarray, isa: cpu.Isa = cpu.Isa.AUTO) -> np.ndarray:
+    w = GGUFBlocks(jnp.asarray(raw), qtype, (raw.shape[0], x.shape[1]))
+    return np.asarray(jax.jit(lambda a, b: qmatmul(a, b, isa=isa))(jnp.asarray(x), w))
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_reference_decodes_like_gguf(qtype: T) -> None:
+    raw, _ = _inputs(qtype, 1)
+    expected = gguf.quants.dequantize(raw, qtype).reshape(raw.shape[0], -1)
+    np.testing.assert_array_equal(decoded_values(qtype, decode(qtype, raw, _cols(qtype))), expected)
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_reference_within_activation_quantization_bound(qtype: T) -> None:
+    """|ref - x @ W.T| <= |W| @ (activation rounding error <= d/2), plus float rounding."""
+    raw, x = _inputs(qtype, 16)
+    w = gguf.quants.dequantize(raw, qtype).reshape(raw.shape[0], -1).astype(np.float64)
+    exact = x.astype(np.float64) @ w.T
+    block = 32 if qtype in (T.Q8_0, T.Q4_0) else 256
+    _, da = quantize_activations(x, block)
+    half_step = np.repeat(da.astype(np.float64) / 2, block, axis=1)
+    bound = half_step @ np.abs(w).T + 1e-5 * (np.abs(x) @ np.abs(w).T) + 1e-30
+    err = np.abs(reference_qmatmul(qtype, raw, x) - exact)
+    assert np.all(err <= bound), float((err / bound).max())
+    assert err.max() > 0  # activations really were quantized
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_kernel_equals_reference(qtype: T) -> None:
+    raw, x = _inputs(qtype, 512)
+    expected = reference_qmatmul(qtype, raw, x)
+    for m in [*range(1, 18), 64, 512]:
+        np.testing.assert_array_equal(run_kernel(qtype, raw, x[:m]), expected[:m], err_msg=f"M={m}")
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_every_isa_gives_the_same_bits(qtype: T) -> None:
+    raw, x = _inputs(qtype, 11, seed=1)
+    expected = reference_qmatmul(qtype, raw, x)
+    for isa in cpu.Isa:
+        if cpu.Isa.SCALAR <= isa <= cpu.best_isa() and (isa != cpu.Isa.AVX_VNNI or _has_avx_vnni()):
+            np.testing.assert_array_equal(run_kernel(qtype, raw, x, isa), expected, err_msg=isa.name)
+
+
+def _has_avx_vnni() -> bool:
+    try:
+        return "avx_vnni" in open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+
+
+def test_row_alone_equals_row_in_batch() -> None:
+    """Batch invariance: a row computed alone equals the same row at any position of a batch of 8."""
+    for qtype in TYPES:
+        raw, x = _inputs(qtype, 8, seed=2)
+        alone = [run_kernel(qtype, raw, x[i:i + 1])[0] for i in range(8)]
+        for shift in range(8):
+            batch = run_kernel(qtype, raw, np.roll(x, shift, axis=0))
+            for i in range(8):
+                np.testing.assert_array_equal(batch[(i + shift) % 8], alone[i])
+
+
+_THREADS_SCRIPT = """
+import json, sys, numpy as np
+sys.path.insert(0, {root!r})
+from tests.test_cpu_kernels import TYPES, _inputs, run_kernel
+from inferflux.kernels import cpu
+out = {{t.name: run_kernel(t, *_inputs(t, 9, seed=3)).tobytes().hex() for t in TYPES}}
+print(json.dumps({{"threads": cpu.pool_threads(), "out": out}}))
+"""
+
+
+def _run_on_cpus(cpus: set[int]) -> dict:
+    """The script in a fresh process pinned to `cpus`: XLA sizes its intra-op pool by the affinity mask
+    (XLA_FLAGS such as --xla_cpu_multi_thread_eigen=false leave the FFI pool as it is, measured)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT.format(root=root)], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=300, check=True,
+                          preexec_fn=lambda: os.sched_setaffinity(0, cpus))
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_thread_count_does_not_change_results() -> None:
+    """A one-thread pool and a two-thread pool give the same bits."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs two CPUs")
+    one, two = _run_on_cpus({cpus[0]}), _run_on_cpus(set(cpus[:2]))
+    assert (one["threads"], two["threads"]) == (1, 2)
+    assert one["out"] == two["out"]
+
+
+def test_bad_shapes_are_errors() -> None:
+    raw, x = _inputs(T.Q4_K, 2)
+    with pytest.raises(ValueError):
+        qmatmul(jnp.asarray(x[:, :256]), GGUFBlocks(jnp.asarray(raw), T.Q4_K, (raw.shape[0], x.shape[1])))

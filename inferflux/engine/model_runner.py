@@ -30,6 +30,7 @@ from flax import nnx
 
 from inferflux.config import RuntimeConfig
 from inferflux.engine import device
+from inferflux.engine.program_cache import FreshJit, ProgramCache
 from inferflux.engine.sampler import RowParams, SampleOutput, SamplingTensors, sample, token_logprobs
 from inferflux.engine.sampling_params import RESERVED_BIAS_SLOTS
 from inferflux.formats.loader import LoadedModel
@@ -86,6 +87,16 @@ def power_of_two_buckets(low: int, high: int) -> list[int]:
     return buckets
 
 
+def geometric_buckets(low: int, high: int, growth: int) -> list[int]:
+    """low, growth*low, growth^2*low, ... up to `high` (always included): fewer buckets than powers of two."""
+    buckets, size = [], max(1, low)
+    while size < high:
+        buckets.append(size)
+        size *= max(2, growth)
+    buckets.append(high)
+    return buckets
+
+
 def pick_bucket(buckets: Sequence[int], need: int) -> int:
     for size in buckets:
         if size >= need:
@@ -107,8 +118,10 @@ class ModelRunner:
         self.num_pages = self._num_pages()
         self.kv_cache: KVCache = init_kv_cache(model.config, self.num_pages, self.page_size, self.dtype)
         self.token_buckets = power_of_two_buckets(self._min_token_bucket(), runtime.max_num_batched_tokens)
+        # Mixed steps use min(token bucket, max_num_seqs) sequence rows (`seqs_for`), not a bucket dimension of
+        # their own; decode-only programs (GPU) use these.
         self.seq_buckets = power_of_two_buckets(1, runtime.max_num_seqs)
-        self.page_buckets = power_of_two_buckets(1, self.pages_per_seq)
+        self.page_buckets = geometric_buckets(1, self.pages_per_seq, runtime.page_bucket_growth)
         self.num_logprobs = runtime.max_logprobs
         self.num_bias_slots = runtime.max_logit_bias + RESERVED_BIAS_SLOTS
         # Decode-only steps (one token per sequence) get their own programs on GPU, token t in slot t, running
@@ -117,17 +130,20 @@ class ModelRunner:
         # every step (time grew with runtime.num_pages; benchmarks/RESULTS.md).
         self.decode_buckets = self.backend == "gpu"
         self._step_fns = {
-            decode: jax.jit(_make_step(graphdef, self.num_logprobs, decode), donate_argnums=(1,))
+            decode: FreshJit(_make_step(graphdef, self.num_logprobs, decode), donate_argnums=(1,))
             for decode in (False, True)
         }
-        self._executables: dict[Bucket, Any] = {}
+        # Every compiled program (all kinds) lives in one LRU bounded by runtime.max_compiled_programs and by
+        # the process's memory-map budget; FreshJit makes an eviction free the program (program_cache.py).
+        self.programs = ProgramCache(runtime.max_compiled_programs)
+        self._executables = self.programs.view("step")
         # Steps that score prompt tokens (prompt_logprobs) need every token's logits: programs of their own,
         # compiled on first use, so ordinary steps never pay for the full [T, vocab] head.
-        self._score_fn = jax.jit(_make_score_step(graphdef, self.num_logprobs), donate_argnums=(1,))
-        self._score_executables: dict[Bucket, Any] = {}
+        self._score_fn = FreshJit(_make_score_step(graphdef, self.num_logprobs), donate_argnums=(1,))
+        self._score_executables = self.programs.view("score")
         # Embedding mode: the same forward pass, returning every token's final hidden state.
-        self._hidden_fn = jax.jit(_make_hidden(graphdef), donate_argnums=(1,))
-        self._hidden_executables: dict[Bucket, Any] = {}
+        self._hidden_fn = FreshJit(_make_hidden(graphdef), donate_argnums=(1,))
+        self._hidden_executables = self.programs.view("hidden")
 
     # --- sizing ---
 
@@ -155,17 +171,24 @@ class ModelRunner:
         return max(int(pages), self.pages_per_seq + 1)
 
     def all_buckets(self) -> list[Bucket]:
-        """Every bucket a step can land in (a sequence slot holds at least one token)."""
-        mixed = [(t, s, p, False) for t, s, p in
-                 itertools.product(self.token_buckets, self.seq_buckets, self.page_buckets) if s <= t]
+        """Every bucket a step can land in: len(token_buckets) x len(page_buckets) mixed programs, plus
+        len(seq_buckets) x len(page_buckets) decode-only ones on GPU (docs/runtime.md has the default count)."""
+        mixed = [(t, self.seqs_for(t), p, False) for t, p in itertools.product(self.token_buckets, self.page_buckets)]
         decode = [(s, s, p, True) for s, p in itertools.product(self.seq_buckets, self.page_buckets)]
         return mixed + (decode if self.decode_buckets else [])
 
+    def seqs_for(self, token_bucket: int) -> int:
+        """Sequence rows of a mixed step: tied to its token bucket (a step has at most one sequence per token),
+        so sequences are not a third bucket dimension; padded rows only cost sampling work."""
+        return min(token_bucket, self.runtime.max_num_seqs)
+
     def bucket_for(self, num_tokens: int, num_seqs: int, max_pages: int) -> Bucket:
-        seqs, pages = pick_bucket(self.seq_buckets, num_seqs), pick_bucket(self.page_buckets, max_pages)
+        pages = pick_bucket(self.page_buckets, max_pages)
         if self.decode_buckets and num_tokens == num_seqs:  # decode only: token t is slot t
+            seqs = pick_bucket(self.seq_buckets, num_seqs)
             return seqs, seqs, pages, True
-        return pick_bucket(self.token_buckets, max(num_tokens, num_seqs)), seqs, pages, False
+        tokens = pick_bucket(self.token_buckets, max(num_tokens, num_seqs))
+        return tokens, self.seqs_for(tokens), pages, False
 
     # --- compilation ---
 
@@ -176,13 +199,28 @@ class ModelRunner:
         return exe
 
     def warmup(self, buckets: Sequence[Bucket] | None = None) -> int:
-        """Compile `buckets` (default: all) in a thread pool; returns how many were compiled."""
+        """Compile `buckets` (default: all) in a thread pool; returns how many were compiled.
+
+        Never more than fit in the program cache (`runtime.max_compiled_programs`), smallest first, and it
+        stops early when the process nears its memory-map budget: warm-up must not evict its own programs.
+        """
         todo = [b for b in (buckets or self.all_buckets()) if b not in self._executables]
+        if len(todo) > self.programs.room():
+            log.warning("warm-up compiles %d of %d buckets (runtime.max_compiled_programs=%d); the rest compile "
+                        "on first use", self.programs.room(), len(todo), self.programs.capacity)
+            todo = todo[:self.programs.room()]
+        done = 0
         with ThreadPoolExecutor(max_workers=max(1, self.runtime.warmup_threads)) as pool:
             for bucket, exe in zip(todo, pool.map(self._compile, todo)):
+                if self.programs.over_map_budget():
+                    log.warning("warm-up stopped after %d programs: the process holds over %d memory maps",
+                                done, self.programs.map_budget)
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    break
                 self._executables[bucket] = exe
-        log.info("compiled %d step buckets", len(todo))
-        return len(todo)
+                done += 1
+        log.info("compiled %d step buckets", done)
+        return done
 
     def _compile(self, bucket: Bucket) -> Any:
         step_fn = self._step_fns[bucket[3]]
@@ -259,10 +297,8 @@ class ModelRunner:
 
     def _mixed_bucket(self, chunks: Sequence[Chunk]) -> Bucket:
         """The bucket of a step that runs every token's head (scoring, embeddings): never decode-only."""
-        num_tokens = sum(len(c.tokens) for c in chunks)
-        return (pick_bucket(self.token_buckets, max(num_tokens, len(chunks))),
-                pick_bucket(self.seq_buckets, len(chunks)),
-                pick_bucket(self.page_buckets, max(len(c.pages) for c in chunks)), False)
+        tokens = pick_bucket(self.token_buckets, max(sum(len(c.tokens) for c in chunks), len(chunks)))
+        return tokens, self.seqs_for(tokens), pick_bucket(self.page_buckets, max(len(c.pages) for c in chunks)), False
 
     def _pack(self, chunks: Sequence[Chunk], bucket: Bucket) -> tuple[StepInputs, SamplingTensors, np.ndarray,
                                                                         np.ndarray]:

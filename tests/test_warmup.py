@@ -1,0 +1,114 @@
+"""Bounded compilation: the bucket set a config compiles, the program LRU, and freeing evicted programs' maps.
+
+Why: warm-up of a default config used to compile 312 programs (tokens x seqs x pages), ~360 memory maps each
+on XLA:CPU, and crashed at vm.max_map_count. Measurements of time and maps are in benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+import pytest
+
+from convert.demo_model import make_demo_model
+from inferflux import LLM, SamplingParams
+from inferflux.config import load_config
+from inferflux.engine.model_runner import ModelRunner
+from inferflux.engine.program_cache import ProgramCache, process_map_count
+from inferflux.formats.loader import load_model
+
+SMALL = dict(page_size=8, max_num_seqs=4, max_num_batched_tokens=32, min_token_bucket=8, max_model_len=64,
+             num_pages=40, max_logprobs=2, max_logit_bias=4)
+
+
+@pytest.fixture(scope="module")
+def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_demo_model(tmp_path_factory.mktemp("demo") / "demo-model")
+
+
+def _runner(path: Path, **runtime: object) -> ModelRunner:
+    config = load_config(overrides={f"runtime.{k}": v for k, v in runtime.items()}, environ={})
+    return ModelRunner(load_model(path), config.runtime)
+
+
+def test_default_config_bucket_count(demo_model: Path) -> None:
+    """The demo model under the default bucket keys: token buckets x 5 page buckets (35 or 50 programs on CPU).
+
+    Token buckets double from 8 (1 where the CPU attention kernel is loaded) to 512: 7 or 10 of them.
+    """
+    runner = _runner(demo_model, num_pages=200)  # everything else default; pages only size the KV cache
+    tokens = runner.token_buckets
+    assert tokens in ([8, 16, 32, 64, 128, 256, 512], [1, 2, 4, 8, 16, 32, 64, 128, 256, 512])
+    assert runner.page_buckets == [1, 4, 16, 64, 128]  # 2048-token context / 16-token pages
+    decode = len(runner.seq_buckets) * len(runner.page_buckets) if runner.decode_buckets else 0
+    buckets = runner.all_buckets()
+    assert len(buckets) == len(set(buckets)) == len(tokens) * 5 + decode
+    assert len(buckets) < runner.runtime.max_compiled_programs
+    # Every step shape lands in the set: sequences are tied to the token bucket.
+    for tokens, seqs, pages in [(1, 1, 1), (9, 3, 5), (512, 32, 128), (33, 32, 2), (200, 1, 64)]:
+        assert runner.bucket_for(tokens, seqs, pages) in buckets
+
+
+def test_warmup_compiles_the_formula_then_nothing(tiny_model) -> None:
+    """Warm-up compiles len(token buckets) x len(page buckets) programs, and a workload compiles no more."""
+    llm = LLM(tiny_model("llama"), **SMALL, warmup=True)
+    runner = llm.runner
+    assert runner.token_buckets[-1] == 32 and runner.page_buckets == [1, 4, 8]
+    assert runner.programs.compiles == len(runner.all_buckets()) == len(runner.token_buckets) * 3 + (
+        len(runner.seq_buckets) * 3 if runner.decode_buckets else 0)
+    prompts = [[5, 17, 42], list(range(1, 30)), [7] * 12, [3, 4]]
+    llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True))
+    assert runner.programs.compiles == len(runner.all_buckets()) and runner.programs.evictions == 0
+
+
+def test_warmup_never_compiles_more_than_the_cap(tiny_model) -> None:
+    runner = _runner(tiny_model("llama"), **SMALL, max_compiled_programs=4)
+    assert len(runner.all_buckets()) > 4
+    assert runner.warmup() == 4
+    assert len(runner.programs) == 4 and runner.programs.evictions == 0
+
+
+def test_lru_bound_evicts_and_recompiles_with_same_outputs(tiny_model) -> None:
+    prompts = [[5, 17, 42, 99], list(range(1, 40)), [7] * 12, [3, 4], list(range(100, 160))]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=2)
+    unbounded = LLM(tiny_model("llama"), **SMALL)
+    expected = [(o.outputs[0].token_ids, [lp.logprob for lp in o.outputs[0].logprobs])
+                for o in unbounded.generate(prompts, params)]
+    assert unbounded.runner.programs.evictions == 0
+    bounded = LLM(tiny_model("llama"), **SMALL, max_compiled_programs=2)
+    for _ in range(2):  # the second round recompiles what the first evicted
+        got = [(o.outputs[0].token_ids, [lp.logprob for lp in o.outputs[0].logprobs])
+               for o in bounded.generate(prompts, params)]
+        assert got == expected
+    assert len(bounded.runner.programs) <= 2
+    assert bounded.runner.programs.evictions > 0
+    assert bounded.runner.programs.compiles > len(set(bounded.runner.compiled_buckets))
+
+
+@pytest.mark.skipif(process_map_count() is None, reason="counts /proc/self/maps (Linux)")
+def test_eviction_frees_the_programs_memory_maps(tiny_model) -> None:
+    """On XLA:CPU each program maps its kernels; dropping it from the LRU must unmap them (no growth)."""
+    runner = _runner(tiny_model("llama"), **SMALL, max_compiled_programs=2)
+    runner.programs.map_budget = None  # only the count cap evicts here
+    first, second, third = runner.all_buckets()[:3]
+    gc.collect()
+    before = process_map_count()
+    runner._executable(first)  # compiled on first use, as a step would
+    one = process_map_count() - before
+    runner._executable(second)
+    two = process_map_count()
+    assert one > 20  # a program really maps memory here (else this test measures nothing)
+    runner._executable(third)  # evicts `first`
+    assert runner.compiled_buckets == {second, third}
+    assert process_map_count() - two < one / 2
+
+
+def test_map_budget_evicts_before_the_count_cap() -> None:
+    """Past the memory-map budget the LRU keeps shrinking (down to the newest program) whatever the cap."""
+    cache = ProgramCache(capacity=100, map_budget=1)  # any process is over 1 map
+    for i in range(5):
+        cache.put(("step", i), object())
+    assert cache.keys() == [("step", 4)] and cache.evictions == 4
+    view = cache.view("step")
+    assert list(view) == [4] and 4 in view and view.get(3) is None

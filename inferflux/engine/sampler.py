@@ -314,6 +314,19 @@ def _sanitize(x: jax.Array) -> jax.Array:
     return jnp.minimum(jnp.where(jnp.isnan(x), -jnp.inf, x), _F32_MAX)
 
 
+def _argmax(x: jax.Array) -> jax.Array:
+    """Row argmax ``[B]`` int32, ties -> lowest id (``jnp.argmax`` on NaN-free rows), as a max then a min-reduce.
+
+    XLA:CPU lowers ``jnp.argmax``'s variadic (value, index) reduction to a slow scalar loop: 1.4 ms for a
+    [8, 32000] batch on the 2-core dev box, against 0.25 ms for these two plain reductions. (A NaN row, which
+    sanitised logits never have, gives the last id instead of the NaN's.)
+    """
+    v = x.shape[-1]
+    ids = lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    first = jnp.min(jnp.where(x == jnp.max(x, axis=-1, keepdims=True), ids, v), axis=-1)
+    return jnp.minimum(first, v - 1)
+
+
 def _row_max(x: jax.Array) -> jax.Array:
     """Row max as ``[B, 1]``, 0 for rows that are all -inf."""
     m = jnp.max(x, axis=-1, keepdims=True)
@@ -427,7 +440,7 @@ def _keep_top(x: jax.Array, weight: jax.Array, budget: jax.Array) -> jax.Array:
     tie_w = jnp.where(key == t, weight, 0.0)
     keep = above | ((key == t) & (before_ties + (jnp.cumsum(tie_w, axis=-1) - tie_w) < budget[:, None]))
     # The top-1 token always survives, whatever rounding did.
-    return keep | (jnp.arange(x.shape[-1]) == jnp.argmax(x, axis=-1, keepdims=True))
+    return keep | (jnp.arange(x.shape[-1]) == _argmax(x)[:, None])
 
 
 def _top_k(x, k, on):
@@ -490,12 +503,12 @@ def sample(
     raw = _sanitize(logits.astype(jnp.float32))
     b, v = raw.shape
     x = _process(raw, st, history, history_is_output)
-    greedy_ids = jnp.argmax(x, axis=-1).astype(jnp.int32)
+    greedy_ids = _argmax(x)
     sampling = st.temperature >= GREEDY_EPS
 
     def draw(x):
         y = filter_logits(x, st) + _row_gumbel(st.seed, st.step, v)
-        return jnp.where(sampling, jnp.argmax(y, axis=-1).astype(jnp.int32), greedy_ids)
+        return jnp.where(sampling, _argmax(y), greedy_ids)
 
     token_ids = lax.cond(jnp.any(sampling), draw, lambda _: greedy_ids, x)
     return token_logprobs(raw, token_ids, num_logprobs=num_logprobs)

@@ -369,7 +369,7 @@ class ModelStore:
                 modified=_parse_time(manifest.get("modified")),
                 architecture=manifest.get("architecture"),
                 parameter_size=manifest.get("parameter_size"),
-                digest=_layers_digest(manifest["layers"]),
+                digest=_entry_digest(manifest),
             ))
         return sorted(entries, key=lambda e: e.name)
 
@@ -466,18 +466,34 @@ class ModelStore:
 
     # ----------------------------------------------------------------- copy
 
-    def copy(self, source: str, destination: str) -> str:
-        """Give a stored model a second name (`ollama cp`): a new manifest, the same blobs. Returns it."""
+    def copy(self, source: str, destination: str, overrides: dict[str, Any] | None = None) -> str:
+        """Give a stored model a second name (`ollama cp`): a new manifest, the same blobs. Returns it.
+
+        `overrides` (what Ollama's `/api/create` sets over an existing model: `system`, `template`,
+        `parameters`, `license`) are recorded in the new manifest on top of the source's own, so a
+        model made from a made model inherits what that one set; the blobs stay shared.
+        """
         src = self._lookup(str(source))
         dst = parse_name(destination)
         with self._lock(exclusive=False):
             manifest = self._read_manifest(src)
             manifest = {k: v for k, v in manifest.items() if k not in ("name", "tag")}
             manifest["modified"] = datetime.now(UTC).isoformat(timespec="seconds")
+            if overrides:
+                manifest["overrides"] = merge_overrides(manifest.get("overrides") or {}, overrides)
             replaced = self._write_manifest(dst, manifest)
         if replaced:
             self._try_collect_garbage()
         return str(dst)
+
+    def overrides(self, name: str) -> dict[str, Any]:
+        """What `/api/create` recorded for a stored name: {} for a pulled model or an unknown name."""
+        try:
+            manifest = self._read_manifest(parse_name(name))
+        except StoreError:
+            return {}
+        found = manifest.get("overrides")
+        return dict(found) if isinstance(found, dict) else {}
 
     # ------------------------------------------------------------------- rm
 
@@ -546,16 +562,29 @@ class ModelStore:
 # ---------------------------------------------------------------- sources
 
 
-def _ollama_source(ref_text: str) -> _Source:
-    """`NAME[:TAG]` in the local Ollama store ($OLLAMA_MODELS or ~/.ollama/models) -> its GGUF blob."""
-    ref = parse_name(ref_text)
+def ollama_store_has(name: str) -> bool:
+    """Whether the local Ollama store ($OLLAMA_MODELS or ~/.ollama/models) has a manifest for NAME[:TAG]."""
+    try:
+        return _ollama_manifest_path(parse_name(name))[1].is_file()
+    except StoreError:
+        return False
+
+
+def _ollama_manifest_path(ref: ModelRef) -> tuple[Path, Path]:
+    """(the Ollama store's root, where NAME:TAG's manifest is in it): `llama3` is registry.ollama.ai/library/."""
     root = Path(os.environ.get("OLLAMA_MODELS") or Path.home() / ".ollama" / "models").expanduser()
     parts = ref.name.split("/")
     if len(parts) == 1:
         parts = [OLLAMA_REGISTRY, "library", *parts]
     elif len(parts) == 2:
         parts = [OLLAMA_REGISTRY, *parts]
-    manifest_path = root.joinpath("manifests", *parts, ref.tag)
+    return root, root.joinpath("manifests", *parts, ref.tag)
+
+
+def _ollama_source(ref_text: str) -> _Source:
+    """`NAME[:TAG]` in the local Ollama store ($OLLAMA_MODELS or ~/.ollama/models) -> its GGUF blob."""
+    ref = parse_name(ref_text)
+    root, manifest_path = _ollama_manifest_path(ref)
     label = f"ollama://{ref}"
     if not manifest_path.is_file():
         raise StoreError(f"{label}: not in the Ollama store at {root} (no {manifest_path})")
@@ -672,6 +701,24 @@ def _load_manifest(path: Path) -> dict[str, Any]:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise StoreError(f"{path}: damaged store manifest ({_first_line(exc)}); remove the file") from None
     return manifest
+
+
+def merge_overrides(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """`new` over `base`; `parameters` merge key by key (a derived model keeps its parent's other options)."""
+    merged = {**base, **new}
+    if isinstance(base.get("parameters"), dict) and isinstance(new.get("parameters"), dict):
+        merged["parameters"] = {**base["parameters"], **new["parameters"]}
+    return merged
+
+
+def _entry_digest(manifest: dict[str, Any]) -> str:
+    """The listed digest: the layers', mixed with the overrides when `/api/create` recorded some (as
+    Ollama's digest of a derived model differs from its parent's, since it answers differently)."""
+    digest = _layers_digest(manifest["layers"])
+    overrides = manifest.get("overrides")
+    if not overrides:
+        return digest
+    return hashlib.sha256(f"{digest}\0{json.dumps(overrides, sort_keys=True)}".encode()).hexdigest()
 
 
 def _layers_digest(layers: list[dict[str, Any]]) -> str:

@@ -255,6 +255,122 @@ def test_malformed_and_unknown_get_ollama_errors(server, method: str, path: str,
     assert httpx.get(server.url + "/api/tags", timeout=60).status_code == 200  # still serving
 
 
+# --- pull of a model the server has, and /api/create over an existing model ---
+
+SYSTEM = "You are a llama farmer. Answer in one sentence."
+DERIVED = {"temperature": 0, "num_predict": 6}
+JINJA = "{{ bos_token }}{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}[assistant] "
+
+
+def manifest_layers(server, name: str) -> list[dict]:
+    return json.loads((server.home / "models" / "manifests" / name / "latest.json").read_text())["layers"]
+
+
+def test_pull_of_a_model_already_here_succeeds(server, client, gguf) -> None:
+    """Ollama answers a pull of a model it has with success; pull-before-use tools rely on it."""
+    ensure_stored(client, gguf)
+    progress = list(client.pull(STORED, stream=True))  # a bare name: no longer looked up in Ollama's store
+    assert [p.status for p in progress][0] == "pulling manifest" and progress[-1].status == "success"
+    layers = [p for p in progress if p.digest]
+    assert [(p.digest, p.total) for p in layers] == [(layer["digest"], layer["size"])
+                                                     for layer in manifest_layers(server, STORED)]
+    assert all(p.completed == p.total for p in layers)
+    assert client.pull(f"{STORED}:latest").status == "success"
+    assert client.pull("tiny").status == "success"  # the served model
+    with pytest.raises(ollama.ResponseError) as info:
+        client.pull("not-here-anywhere")
+    assert info.value.status_code == 400 and "not in the Ollama store" in info.value.error
+
+
+def test_create_from_an_existing_model(server, client, gguf) -> None:
+    """`from` + system / parameters / template: a new name over the same blobs, honoured by show, chat, generate."""
+    ensure_stored(client, gguf)
+    blobs = sorted((server.home / "models" / "blobs").iterdir())
+    progress = list(client.create(model="farmer", from_=STORED, system=SYSTEM, parameters=DERIVED, stream=True))
+    assert progress[-1].status == "success"
+    assert manifest_layers(server, "farmer") == manifest_layers(server, STORED)  # the same blobs, nothing copied
+    assert sorted((server.home / "models" / "blobs").iterdir()) == blobs
+    listed = {m.model: m for m in client.list().models}
+    assert listed["farmer:latest"].size == listed[f"{STORED}:latest"].size
+    assert listed["farmer:latest"].digest != listed[f"{STORED}:latest"].digest  # it answers differently
+
+    shown = client.show("farmer")
+    assert "temperature" in shown.parameters and "num_predict" in shown.parameters
+    assert f'SYSTEM """{SYSTEM}"""' in shown.modelfile and "PARAMETER num_predict 6" in shown.modelfile
+    raw = httpx.post(server.url + "/api/show", json={"model": "farmer"}, timeout=60).json()
+    assert raw["system"] == SYSTEM
+
+    prompt = "Tell me about llamas."
+    made = client.generate(model="farmer", prompt=prompt)
+    explicit = client.generate(model=STORED, prompt=prompt, system=SYSTEM, options=DERIVED)
+    plain = client.generate(model=STORED, prompt=prompt, options=DERIVED)
+    assert made.response == explicit.response and made.eval_count == explicit.eval_count <= 6
+    assert made.prompt_eval_count == explicit.prompt_eval_count > plain.prompt_eval_count
+    chat = client.chat(model="farmer", messages=HI)
+    explicit_chat = client.chat(model=STORED, messages=[{"role": "system", "content": SYSTEM}, *HI], options=DERIVED)
+    assert chat.message.content == explicit_chat.message.content
+    assert chat.prompt_eval_count == explicit_chat.prompt_eval_count
+    # The request's own values win: its options, its system message.
+    assert client.chat(model="farmer", messages=HI, options={"num_predict": 2}).eval_count <= 2
+    own = [{"role": "system", "content": "Be terse."}, *HI]
+    assert client.chat(model="farmer", messages=own).prompt_eval_count == client.chat(
+        model=STORED, messages=own, options=DERIVED).prompt_eval_count
+
+    # A Jinja template, on a name made from the made one (which keeps its parameters).
+    assert client.create(model="farmer-plain", from_="farmer", template=JINJA).status == "success"
+    assert client.show("farmer-plain").template == JINJA
+    templated = client.chat(model="farmer-plain", messages=[{"role": "user", "content": "Hi"}])
+    rendered = client.generate(model=STORED, prompt=f"[system] {SYSTEM}\n[user] Hi\n[assistant] ", raw=True,
+                               options=DERIVED)
+    assert templated.prompt_eval_count == rendered.prompt_eval_count
+    assert templated.message.content == rendered.response
+
+    # The modelfile form older clients send, FROM a stored name.
+    modelfile = f'FROM {STORED}\nSYSTEM """{SYSTEM}"""\nPARAMETER temperature 0\nPARAMETER num_predict 6\n'
+    response = httpx.post(server.url + "/api/create", json={"model": "farmer-mf", "modelfile": modelfile,
+                                                            "stream": False}, timeout=60)
+    assert response.status_code == 200 and response.json() == {"status": "success"}
+    assert client.generate(model="farmer-mf", prompt=prompt).response == made.response
+
+    for name in ("farmer", "farmer-plain", "farmer-mf"):
+        assert client.delete(name).status == "success"
+    assert sorted((server.home / "models" / "blobs").iterdir()) == blobs  # still the stored model's
+    assert client.generate(model=STORED, prompt=prompt, system=SYSTEM, options=DERIVED).response == made.response
+
+
+@pytest.mark.parametrize(("fields", "status", "fragment"), [
+    ({"files": {"model.gguf": "sha256:" + "0" * 64}}, 400, "use `inferctl pull`"),
+    ({"modelfile": "FROM ./model.gguf\n"}, 400, "use `inferctl pull`"),
+    ({"from": "/models/x.gguf"}, 400, "use `inferctl pull`"),
+    ({}, 400, "`from`"),
+    ({"from": "nope"}, 404, "nope"),
+    ({"from": "tiny", "template": "{{ .System }} {{ .Prompt }}"}, 400, "Go templates are not supported"),
+    ({"from": "tiny", "parameters": {"temprature": 0.1}}, 400, "unknown parameter `temprature`"),
+    ({"from": "tiny", "adapters": {"lora.gguf": "sha256:" + "0" * 64}}, 400, "not supported"),
+    ({"from": "tiny", "quantize": "q4_K_M"}, 400, "inferctl pull"),
+])
+def test_create_refuses_what_it_cannot_do(server, fields: dict, status: int, fragment: str) -> None:
+    response = httpx.post(server.url + "/api/create", json={"model": "refused", "stream": False, **fields},
+                          timeout=60)
+    assert response.status_code == status, response.text
+    assert set(response.json()) == {"error"} and fragment in response.json()["error"]
+    tags = httpx.get(server.url + "/api/tags", timeout=60).json()["models"]
+    assert "refused:latest" not in [m["model"] for m in tags]
+
+
+def test_create_with_the_ollama_client_from_the_served_model(server, client) -> None:
+    """`from` the model given to `inferctl serve` (a folder path): it is stored under the new name."""
+    assert client.create(model="tiny-terse", from_="tiny", system="Be terse.").status == "success"
+    assert client.show("tiny-terse").details.format == "safetensors"
+    terse = client.chat(model="tiny-terse", messages=HI, options=GREEDY)
+    served = client.chat(model="tiny", messages=[{"role": "system", "content": "Be terse."}, *HI], options=GREEDY)
+    assert terse.message.content == served.message.content
+    with pytest.raises(ollama.ResponseError) as info:
+        client.create(model="x", from_="tiny", files={"a.gguf": "sha256:" + "0" * 64})
+    assert info.value.status_code == 400 and "inferctl pull" in info.value.error
+    assert client.delete("tiny-terse").status == "success"
+
+
 # --- the npm `ollama` package ---
 
 JS_SCRIPT = r"""

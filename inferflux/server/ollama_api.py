@@ -64,13 +64,21 @@ from inferflux.engine.embedder import truncate_dimensions
 from inferflux.engine.request import StreamOutput
 from inferflux.engine.sampling_params import SamplingParams, SamplingParamsError
 from inferflux.errors import InferFluxError
-from inferflux.formats.chat_template import ChatTemplateError
+from inferflux.formats.chat_template import ChatTemplate, ChatTemplateError
 from inferflux.formats.describe import describe_model
 from inferflux.formats.gguf_file import GGUFFile
 from inferflux.server.embeddings_api import compute, input_ids
 from inferflux.server.errors import APIError, bad_request
 from inferflux.server.handle import is_encoder
 from inferflux.server.model_pool import FOREVER, Listed, Target, parse_keep_alive, tagged
+from inferflux.server.ollama_create import add_routes as add_create_routes
+from inferflux.server.ollama_overrides import (
+    IGNORED_OPTIONS,
+    KNOWN_OPTIONS,
+    modelfile_lines,
+    overrides_for,
+    parameters_text,
+)
 from inferflux.server.openai_api import (
     _Tracker,
     generative,
@@ -81,20 +89,16 @@ from inferflux.server.openai_api import (
 from inferflux.server.protocol import EmbeddingRequest
 from inferflux.server.state import ModelHandle
 from inferflux.server.tool_calls import ToolCall, ToolCallStream, tool_names
-from inferflux.store import ModelEntry, ModelNotFoundError, StoreError, parse_name
+from inferflux.store import ModelEntry, ModelNotFoundError, StoreError, ollama_store_has, parse_name
 
 log = logging.getLogger(__name__)
 
 bp = Blueprint("ollama", __name__)
+add_create_routes(bp)  # /api/create: ollama_create.py
 
 OLLAMA_VERSION = f"0.6.0-inferflux-{__version__}"
 FAR_FUTURE = "2318-01-01T00:00:00Z"
 DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9}
-IGNORED_OPTIONS = frozenset({
-    "num_keep", "repeat_last_n", "typical_p", "tfs_z", "mirostat", "mirostat_tau", "mirostat_eta",
-    "penalize_newline", "numa", "num_batch", "num_gpu", "main_gpu", "low_vram", "f16_kv", "logits_all",
-    "vocab_only", "use_mmap", "use_mlock", "embedding_only", "num_thread", "num_gqa",
-})
 
 
 def register(app: Quart) -> None:
@@ -185,9 +189,7 @@ def sampling_from_options(options: Any, prompt_len: int, handle: ModelHandle) ->
         options = {}
     if not isinstance(options, dict):
         raise bad_request("`options` must be an object")
-    known = {"num_predict", "temperature", "top_k", "top_p", "min_p", "repeat_penalty", "presence_penalty",
-             "frequency_penalty", "seed", "stop", "num_ctx"}
-    unknown = sorted(set(options) - known - IGNORED_OPTIONS)
+    unknown = sorted(set(options) - KNOWN_OPTIONS - IGNORED_OPTIONS)
     if unknown:
         log.warning("ignoring unknown Ollama options: %s", ", ".join(unknown))
     context = handle.max_model_len
@@ -236,9 +238,11 @@ def sampling_from_options(options: Any, prompt_len: int, handle: ModelHandle) ->
     return params
 
 
-def render(handle: ModelHandle, messages: list[dict[str, Any]], tools: Any = None) -> list[int]:
+def render(handle: ModelHandle, messages: list[dict[str, Any]], tools: Any = None,
+           template: ChatTemplate | None = None) -> list[int]:
+    """Prompt ids of a conversation, through `template` (a name's `/api/create` template) or the model's own."""
     try:
-        text = handle.model.chat_template.render(messages, add_generation_prompt=True, tools=tools)
+        text = (template or handle.model.chat_template).render(messages, add_generation_prompt=True, tools=tools)
     except ChatTemplateError as exc:
         raise bad_request(str(exc)) from None
     return handle.model.tokenizer.encode(text, add_special_tokens=False)
@@ -410,6 +414,7 @@ async def api_version() -> Any:
 async def api_generate() -> Any:
     data = await ollama_body()
     await find(data)
+    extra = await overrides_for(data.get("model") or data.get("name"))
     refuse_unsupported(data)
     if data.get("suffix"):
         raise bad_request("`suffix` (fill-in-the-middle) is not supported")
@@ -417,6 +422,7 @@ async def api_generate() -> Any:
         raise bad_request("custom Go `template`s are not supported; the model's chat template is used "
                           "(or send `raw: true` with a formatted prompt)")
     prompt, system, context = data.get("prompt") or "", data.get("system"), data.get("context") or []
+    system = extra.system if system is None else system
     if not isinstance(prompt, str) or (system is not None and not isinstance(system, str)):
         raise bad_request("`prompt` and `system` must be strings")
     if not isinstance(context, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in context):
@@ -435,11 +441,11 @@ async def api_generate() -> Any:
         else:
             messages = ([{"role": "system", "content": system}] if system else []) + \
                        [{"role": "user", "content": prompt}]
-            ids = render(handle, messages)
+            ids = render(handle, messages, template=extra.chat_template(handle.model.chat_template))
     except BaseException:
         handle.release()
         raise
-    job = await start(handle, list(context) + ids, data.get("options"), load_seconds)
+    job = await start(handle, list(context) + ids, extra.options(data.get("options")), load_seconds)
     return await respond(job, data, chat=False, with_context=True)
 
 
@@ -468,6 +474,7 @@ def chat_messages(raw: Any) -> list[dict[str, Any]]:
 async def api_chat() -> Any:
     data = await ollama_body()
     await find(data)
+    extra = await overrides_for(data.get("model") or data.get("name"))
     refuse_unsupported(data)
     messages = chat_messages(data.get("messages") or [])
     tools = data.get("tools") or None
@@ -478,11 +485,11 @@ async def api_chat() -> Any:
     handle = generative(await acquire(data))
     load_seconds = handle.load_seconds
     try:
-        ids = render(handle, messages, tools)
+        ids = render(handle, extra.messages(messages), tools, extra.chat_template(handle.model.chat_template))
     except BaseException:
         handle.release()
         raise
-    job = await start(handle, ids, data.get("options"), load_seconds)
+    job = await start(handle, ids, extra.options(data.get("options")), load_seconds)
     return await respond(job, data, chat=True, with_context=False, tools=tools)
 
 
@@ -630,6 +637,7 @@ async def api_show() -> Any:
     """What Ollama shows, from the loaded model when it is loaded, else from the file's headers (nothing loads)."""
     data = await ollama_body()
     target = await find(data)
+    extra = await overrides_for(data.get("model") or data.get("name"))
     handle = server_state().pool.loaded_handle(target)
     facts = await asyncio.to_thread(path_facts, target.path)
     summary = facts["summary"]
@@ -640,22 +648,23 @@ async def api_show() -> Any:
         context = summary.get("context_length") or 0
         context = min(context, limit) if limit and context else context
         encoder = await asyncio.to_thread(is_encoder, target.path)
-    params = {"num_ctx": context}
-    parameters = "\n".join(f"{k:<30} {v}" for k, v in params.items())
+    params = {"num_ctx": context, **extra.parameters}
+    parameters = parameters_text(params)
     if encoder:
         template, capabilities = "", ["embedding"]
     else:
         template = handle.model.chat_template.source if handle is not None else summary.get("chat_template") or ""
+        template = extra.template or template
         capabilities = ["completion"] + (["tools"] if "tools" in template else [])
     modelfile = "\n".join([
         "# Modelfile generated by InferFlux (the chat template is Jinja, applied by the server)",
         f"FROM {target.path}",
-        *(f"PARAMETER {k} {v}" for k, v in params.items()),
+        *modelfile_lines(dataclasses.replace(extra, parameters={"num_ctx": context, **extra.parameters})),
     ]) + "\n"
-    license_text = summary.get("license")
+    license_text = extra.license or summary.get("license")
     info = await asyncio.to_thread(model_info, target.path, handle, summary, bool(data.get("verbose")))
     return {"license": license_text if isinstance(license_text, str) else "", "modelfile": modelfile,
-            "parameters": parameters, "template": template, "details": facts["details"],
+            "parameters": parameters, "template": template, "system": extra.system or "", "details": facts["details"],
             "model_info": info, "capabilities": capabilities, "modified_at": facts["modified_at"]}
 
 
@@ -790,14 +799,51 @@ async def _run_with_progress(work: Callable[[_PullProgress], str]) -> AsyncItera
     yield {"result": task.result()}
 
 
+def already_here(text: str) -> list[dict[str, Any]] | None:
+    """The layers of the model a bare `NAME[:TAG]` pull names when this server has it already and the local
+    Ollama store has nothing newer to import (None otherwise; `[]` for the served model given by path).
+
+    Ollama answers a pull of a model it has with success (after checking its registry); tools that pull
+    before every use rely on that, so a model InferFlux already has must not be looked up elsewhere.
+    """
+    pool = server_state().pool
+    text = text.strip()
+    if _URL.match(text) or Path(text).expanduser().exists() or ollama_store_has(text):
+        return None
+    if pool.is_default(text) and not pool.store.has(text):
+        return []
+    if not pool.store.has(text):
+        return None
+    try:
+        return list(pool.store.show(text)["blobs"])
+    except (InferFluxError, OSError):  # damaged: let the pull try, and fail with its own message
+        return None
+
+
+async def _present(layers: list[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+    """Ollama's progress for a model that is up to date: every layer already complete, then success."""
+    yield {"status": "pulling manifest"}
+    for layer in layers:
+        digest, size = str(layer["digest"]), int(layer["size"])
+        yield {"status": f"pulling {digest[7:19]}", "digest": digest, "total": size, "completed": size}
+    for status in ("verifying sha256 digest", "writing manifest", "success"):
+        yield {"status": status}
+
+
 @bp.post("/api/pull")
 async def api_pull() -> Any:
     """Add a model to the store (what `inferctl pull` takes), streaming Ollama-style progress objects."""
     data = await ollama_body()
-    source = pull_source(model_name(data))
+    text = model_name(data)
     pool = server_state().pool
+    present = await asyncio.to_thread(already_here, text)
+    source = pull_source(text) if present is None else text
 
     async def events() -> AsyncIterator[dict[str, Any]]:
+        if present is not None:
+            async for obj in _present(present):
+                yield obj
+            return
         yield {"status": "pulling manifest"}
         try:
             async for obj in _run_with_progress(

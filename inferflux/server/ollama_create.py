@@ -1,0 +1,165 @@
+"""Ollama's `POST /api/create`, for what tools send: a new name over a model this server already has.
+
+Supported: `from` (a stored model, or the model given to `inferctl serve`) with `system`,
+`parameters` (Ollama options as defaults), `template` (Jinja; see `ollama_overrides.py`) and
+`license`, or the same as a `modelfile` (`FROM NAME`, `SYSTEM`, `PARAMETER`, `TEMPLATE`, `LICENSE`)
+as older clients send it. The new name's manifest references the same blobs (nothing is copied)
+and records the overrides, which `/api/show`, `/api/chat` and `/api/generate` then honour.
+
+Refused with a 400 that says so: `files` (uploaded GGUF blobs), `FROM` a path, `adapters`,
+`quantize` and `messages`. Model files are added with `inferctl pull` (or `/api/pull`), which
+takes GGUF files, safetensors folders and `ollama://` names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from quart import Blueprint, Response, request
+
+from inferflux.errors import InferFluxError
+from inferflux.server.errors import APIError, bad_request
+from inferflux.server.ollama_overrides import check_create_fields
+from inferflux.store import ModelNotFoundError, StoreError, parse_name
+
+_NOT_HERE = "use `inferctl pull` (or /api/pull) to add model files, then create from the stored name"
+_REFUSED = {
+    "files": "`files` (uploading model blobs) is not supported; " + _NOT_HERE,
+    "adapters": "`adapters` (LoRA) are not supported",
+    "quantize": "`quantize` is not supported by /api/create; `inferctl pull FOLDER --quantize Q4_K` converts",
+    "messages": "`messages` (a preset conversation) is not supported; send the messages with each chat request",
+}
+_INSTRUCTION = re.compile(r'(\w+)[ \t]+(?:"""(.*?)"""|([^\n]*))', re.S)
+_COMMENT = re.compile(r"#[^\n]*")
+
+
+def add_routes(bp: Blueprint) -> None:
+    """Register `/api/create` on the Ollama blueprint (before it is registered on the app)."""
+    bp.add_url_rule("/api/create", view_func=api_create, methods=["POST"])
+
+
+async def api_create() -> Any:
+    """A new store name over an existing model, with the request's system / parameters / template."""
+    from inferflux.server.openai_api import parse_json, server_state
+
+    data = parse_json(await request.get_data())
+    name = data.get("model") or data.get("name")
+    if not isinstance(name, str) or not name:
+        raise bad_request("`model` (the name to create) is required")
+    try:
+        parse_name(name)
+    except StoreError as exc:
+        raise bad_request(str(exc)) from None
+    for key, message in _REFUSED.items():
+        if data.get(key):
+            raise bad_request(message)
+    if data.get("modelfile"):
+        if not isinstance(data["modelfile"], str):
+            raise bad_request("`modelfile` must be a string")
+        data = {**parse_modelfile(data["modelfile"]), **{k: v for k, v in data.items() if k != "modelfile"}}
+    source = data.get("from")
+    if not isinstance(source, str) or not source:
+        raise bad_request("`from` (an existing model to build on) is required; " + _NOT_HERE)
+    if _looks_like_path(source):
+        raise bad_request(f"creating from a path ({source}) is not supported; " + _NOT_HERE)
+    overrides = check_create_fields(data)
+    pool = server_state().pool
+    try:
+        target = await pool.target(source, strict=True)
+    except APIError:
+        raise APIError(404, f"model '{source}' not found, try pulling it first") from None
+    stored = pool.store.has(source) and (
+        not target.default or await asyncio.to_thread(lambda: str(pool.store.path(source).resolve())) == target.key)
+    try:
+        if stored:
+            created = await asyncio.to_thread(pool.store.copy, source, name, overrides)
+        else:  # the model given to `inferctl serve` by path: stored under the new name first
+            await asyncio.to_thread(pool.store.pull, str(target.path), name)
+            created = await asyncio.to_thread(pool.store.copy, name, name, overrides)
+        path = await asyncio.to_thread(pool.store.path, created)
+        layers = (await asyncio.to_thread(pool.store.show, created))["blobs"]
+    except ModelNotFoundError:
+        raise APIError(404, f"model '{source}' not found") from None
+    except (InferFluxError, OSError) as exc:
+        raise APIError(500, f"create {name} from {source}: {exc}") from None
+    pool.replaced(created, path)
+
+    async def events() -> AsyncIterator[dict[str, Any]]:
+        for layer in layers:
+            yield {"status": f"using existing layer {layer['digest']}"}
+        yield {"status": "writing manifest"}
+        yield {"status": "success"}
+
+    if data.get("stream", True):
+        async def body() -> AsyncIterator[str]:
+            async for obj in events():
+                yield json.dumps(obj) + "\n"
+
+        return Response(body(), mimetype="application/x-ndjson")
+    return {"status": "success"}
+
+
+def parse_modelfile(text: str) -> dict[str, Any]:
+    """`FROM`, `SYSTEM`, `TEMPLATE`, `LICENSE` and `PARAMETER` of a Modelfile as create fields; 400 for the rest.
+
+    Values are one line (optionally "quoted") or in triple quotes over several, as in Ollama's Modelfile syntax.
+    """
+    fields: dict[str, Any] = {}
+    params: dict[str, Any] = {}
+    pos = 0
+    while True:
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+        if pos >= len(text):
+            break
+        comment = _COMMENT.match(text, pos)
+        if comment:
+            pos = comment.end()
+            continue
+        match = _INSTRUCTION.match(text, pos)
+        if match is None:
+            raise bad_request(f"modelfile: cannot read {text[pos:pos + 40]!r}")
+        pos = match.end()
+        command = match[1].upper()
+        if match[2] is not None:
+            value = match[2].strip("\n")
+        else:
+            value = match[3].strip()
+            if value.startswith('"""'):
+                raise bad_request(f'modelfile: {command} has an unterminated """')
+            value = str(_parameter_value(value)) if command != "PARAMETER" and value.startswith('"') else value
+        if command == "FROM":
+            fields["from"] = value
+        elif command in ("SYSTEM", "TEMPLATE", "LICENSE"):
+            fields[command.lower()] = value
+        elif command == "PARAMETER":
+            key, _, raw = value.partition(" ")
+            parsed = _parameter_value(raw.strip())
+            if key == "stop":
+                params.setdefault("stop", []).append(str(parsed))
+            else:
+                params[key] = parsed
+        elif command in ("ADAPTER", "MESSAGE", "REQUIRES"):
+            raise bad_request(f"modelfile: {command} is not supported")
+        else:
+            raise bad_request(f"modelfile: unknown instruction {command!r}")
+    if params:
+        fields["parameters"] = params
+    return fields
+
+
+def _parameter_value(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
+
+
+def _looks_like_path(text: str) -> bool:
+    return text.startswith(("/", ".", "~")) or text.lower().endswith((".gguf", ".safetensors")) \
+        or Path(text).expanduser().exists()

@@ -378,3 +378,19 @@ def test_make_demo_folder_keeps_other_files(home: Path, tmp_path: Path) -> None:
     _one_line_error(_run(home, "make-demo-model", "--out", str(other)), "not a demo model")
     assert (other / "config.json").read_text() == '{"model_type": "llama", "num_hidden_layers": 32}'
     assert _run(home, "make-demo-model", "--out", str(other), "--force").returncode == 0
+
+
+def test_copy_with_overrides_shares_blobs_and_inherits(store: ModelStore, home: Path, tiny_gguf) -> None:
+    """What `/api/create` stores: a new name over the same blobs, its overrides merged over the source's."""
+    assert store.pull(str(tiny_gguf("llama", "F16")), name="base") == "base:latest"
+    assert store.copy("base", "persona", {"system": "Be brief.", "parameters": {"temperature": 0.1, "top_k": 5}}) \
+        == "persona:latest"
+    assert store.copy("persona", "child:v1", {"parameters": {"temperature": 0.7}}) == "child:v1"
+    assert store.overrides("base") == {} and store.overrides("missing") == {}
+    assert store.overrides("persona") == {"system": "Be brief.", "parameters": {"temperature": 0.1, "top_k": 5}}
+    assert store.overrides("child:v1") == {"system": "Be brief.", "parameters": {"temperature": 0.7, "top_k": 5}}
+    assert len(_blobs(home)) == 1 and store.path("child:v1") == store.path("base")
+    entries = {e.name: e for e in store.list()}
+    assert len({entries[n].digest for n in ("base:latest", "persona:latest", "child:v1")}) == 3
+    assert store.rm("base") == 0 and store.rm("persona") == 0  # the child still holds the blob
+    assert store.path("child:v1").is_file() and store.rm("child:v1") > 0 and _blobs(home) == []

@@ -112,3 +112,47 @@ def test_map_budget_evicts_before_the_count_cap() -> None:
     assert cache.keys() == [("step", 4)] and cache.evictions == 4
     view = cache.view("step")
     assert list(view) == [4] and 4 in view and view.get(3) is None
+
+
+def test_incomplete_cache_entries_are_dropped(tmp_path: Path) -> None:
+    import zlib
+
+    from inferflux.engine.compile_cache import drop_incomplete_entries
+
+    whole = zlib.compress(b"x" * 100_000)
+    (tmp_path / "jit_a-1-cache").write_bytes(whole)
+    (tmp_path / "jit_b-2-cache").write_bytes(whole[: len(whole) // 2])  # killed mid-write
+    (tmp_path / "jit_c-3-cache").write_bytes(b"")  # killed after creating the file
+    (tmp_path / "jit_d-4-cache").write_bytes(b"\x28\xb5\x2f\xfd" + b"\0" * 10)  # a broken zstd frame
+    (tmp_path / "unrelated.txt").write_bytes(b"")
+    dropped = drop_incomplete_entries(tmp_path)
+    assert sorted(p.name for p in dropped) in (["jit_b-2-cache", "jit_c-3-cache", "jit_d-4-cache"],
+                                               ["jit_b-2-cache", "jit_c-3-cache"])  # zstd unchecked w/o a decoder
+    assert (tmp_path / "jit_a-1-cache").exists() and (tmp_path / "unrelated.txt").exists()
+
+
+def test_a_truncated_entry_is_recompiled_and_replaced(tmp_path: Path) -> None:
+    """JAX never replaces an entry it cannot read; after a crash mid-write it warned and recompiled forever."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys, warnings; warnings.simplefilter('always'); import jax, jax.numpy as jnp; "
+            "from inferflux.engine.compile_cache import enable_persistent_cache; "
+            "enable_persistent_cache(sys.argv[1]); print(jax.jit(lambda x: jnp.sin(x) * 3)(jnp.ones(4))[0])")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    root = Path(__file__).resolve().parent.parent
+
+    def run() -> str:
+        done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
+                              env=env, cwd=root, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done.stderr
+
+    run()
+    [entry] = [p for p in tmp_path.glob("jit__lambda*-cache")]
+    whole = entry.read_bytes()
+    entry.write_bytes(whole[: len(whole) // 3])
+    assert "Error reading persistent compilation cache" not in run()
+    assert entry.read_bytes() == whole  # the fresh compile wrote it again
+    assert "Error reading persistent compilation cache" not in run()

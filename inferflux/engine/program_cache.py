@@ -111,10 +111,19 @@ class ProgramCache:
             self._programs[key] = program
             self._programs.move_to_end(key)
             self.compiles += 1
-            while len(self._programs) > self.capacity or (len(self._programs) > 1 and self.over_map_budget()):
-                evicted, _ = self._programs.popitem(last=False)
-                self.evictions += 1
-                log.info("evicted compiled program %s (%d kept)", evicted, len(self._programs))
+            self._evict()
+
+    def resize(self, capacity: int) -> None:
+        """Change the cap, evicting the least recently used programs past it now."""
+        with self._lock:
+            self.capacity = max(1, int(capacity))
+            self._evict()
+
+    def _evict(self) -> None:
+        while len(self._programs) > self.capacity or (len(self._programs) > 1 and self.over_map_budget()):
+            evicted, _ = self._programs.popitem(last=False)
+            self.evictions += 1
+            log.info("evicted compiled program %s (%d kept)", evicted, len(self._programs))
 
     def over_map_budget(self) -> bool:
         """Whether the process holds more memory maps than the budget (never, where maps are not counted)."""

@@ -1,10 +1,12 @@
-"""Page allocator: free list, reference counts, the reserved null page."""
+"""Page allocator (free list, reference counts, the reserved null page) and the scheduler's KVCacheManager."""
 
 from __future__ import annotations
 
 import pytest
 
-from inferflux.engine.kv_cache import NULL_PAGE, OutOfPagesError, PageAllocator
+from inferflux.engine.kv_cache import NULL_PAGE, KVCacheManager, OutOfPagesError, PageAllocator
+from inferflux.engine.sampling_params import SamplingParams
+from inferflux.engine.sequence import Sequence
 
 
 def test_allocate_release_and_null_page() -> None:
@@ -40,3 +42,93 @@ def test_shared_pages_free_on_last_release() -> None:
         alloc.release(pages[:1])
     with pytest.raises(ValueError, match="not allocated"):
         alloc.share([3])
+
+
+# --- KVCacheManager: what the scheduler asks of the cache ---
+
+PAGE = 4
+
+
+def seq(tokens: list[int], **kwargs) -> Sequence:
+    params = kwargs.pop("params", SamplingParams())
+    return Sequence(list(tokens), params, seed=0, max_model_len=1000, **kwargs)
+
+
+def computed(kv: KVCacheManager, s: Sequence, n: int) -> None:
+    """What the engine does around a step: pages for `n` tokens, the step ran, its full pages cached."""
+    assert kv.allocate(s, n)
+    s.num_computed += n
+    kv.cache_computed(s)
+
+
+def test_manager_allocates_all_or_nothing_and_frees() -> None:
+    alloc = PageAllocator(6, page_size=PAGE)  # 5 usable pages
+    kv = KVCacheManager(alloc)
+    a = seq(range(1, 11))  # 10 tokens: 3 pages
+    assert kv.attach_prefix(a) == 0 and a.pages == []  # nothing cached yet
+    assert kv.allocate(a, 10) and len(a.pages) == 3 and alloc.num_free == 2
+    assert kv.allocate(a, 2) and len(a.pages) == 3  # the last page has room for 2 more: no new page
+    b = seq(range(50, 63))  # 13 tokens: 4 pages, only 2 free
+    assert not kv.allocate(b, 13)
+    assert b.pages == [] and alloc.num_free == 2  # all or nothing: nothing was taken
+    assert kv.allocate(b, 8) and alloc.num_free == 0
+    kv.free(a)
+    assert (a.pages, a.num_computed, a.page_hashes) == ([], 0, [])
+    kv.free(b)
+    kv.free(b)  # freeing a sequence that holds nothing is a no-op, not a double release
+    assert alloc.num_free == alloc.num_usable
+
+
+def test_manager_shares_cached_prefix_with_ref_counts() -> None:
+    alloc = PageAllocator(12, page_size=PAGE)
+    kv = KVCacheManager(alloc)
+    prompt = list(range(1, 11))  # 2 full pages + 2 tokens
+    first = seq(prompt)
+    kv.attach_prefix(first)
+    computed(kv, first, 10)
+    assert len(first.page_hashes) == 2  # the two full pages are registered, the partial one is not
+    second = seq(prompt + [99])
+    assert kv.attach_prefix(second) == 8  # both full pages found
+    assert second.pages == first.pages[:2] and [alloc.refcount(p) for p in second.pages] == [2, 2]
+    assert alloc.stats.hits == 2
+    same = seq(prompt[:8])  # exactly two full pages: the last token must still run, so only one is taken
+    assert kv.attach_prefix(same) == 4 and alloc.refcount(first.pages[0]) == 3
+    kv.free(first)
+    assert [alloc.refcount(p) for p in second.pages] == [2, 1]  # `same` still reads the first
+    computed(kv, second, 3)
+    kv.free(second)
+    kv.free(same)
+    assert alloc.num_free == alloc.num_usable  # no leaks; the cached pages are parked, not lost
+    again = seq(prompt)
+    assert kv.attach_prefix(again) == 8  # still cached after everyone released them
+    kv.free(again)
+
+
+def test_manager_every_position_sequences_bypass_the_cache() -> None:
+    alloc = PageAllocator(12, page_size=PAGE)
+    kv = KVCacheManager(alloc)
+    prompt = list(range(1, 14))
+    warm = seq(prompt)
+    kv.attach_prefix(warm)
+    computed(kv, warm, 13)
+    kv.free(warm)
+    queries = alloc.stats.queries
+    scored = seq(prompt, params=SamplingParams(prompt_logprobs=2))  # needs every position's logits
+    assert scored.computes_every_position and kv.attach_prefix(scored) == 0 and scored.pages == []
+    embedding = seq(prompt, pooling="mean")  # needs every position's hidden state
+    assert kv.attach_prefix(embedding) == 0
+    assert alloc.stats.queries == queries  # neither counts as a prefix-cache miss
+    other = seq(list(range(200, 213)), pooling="last")
+    kv.attach_prefix(other)
+    computed(kv, other, 13)
+    assert other.page_hashes == []  # an embedding's pages are never registered
+    kv.free(other)
+    probe = seq(list(range(200, 213)))
+    assert kv.attach_prefix(probe) == 0
+    for s in (scored, embedding, probe):
+        kv.free(s)
+    assert alloc.num_free == alloc.num_usable
+    with pytest.raises(ValueError, match="already holds pages"):
+        busy = seq(prompt)
+        kv.allocate(busy, 1)
+        kv.attach_prefix(busy)

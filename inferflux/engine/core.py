@@ -16,7 +16,7 @@ import numpy as np
 
 from inferflux.config import Config
 from inferflux.engine.detokenizer import StreamDetokenizer
-from inferflux.engine.kv_cache import PageAllocator
+from inferflux.engine.kv_cache import KVCacheManager, PageAllocator
 from inferflux.engine.model_runner import Chunk, ModelRunner, PromptScores
 from inferflux.engine.request import EngineStats, Request, StreamOutput
 from inferflux.engine.sampling_params import SamplingParams, SamplingParamsError
@@ -46,7 +46,8 @@ class EngineCore:
         self.allocator = PageAllocator(self.runner.num_pages, self.runner.page_size, runtime.prefix_caching)
         # A sequence must always fit in the cache on its own, or preemption could never make room for it.
         self.max_model_len = min(self.runner.max_model_len, self.allocator.num_usable * self.runner.page_size)
-        self.scheduler = Scheduler(self.allocator, runtime.max_num_seqs, runtime.max_num_batched_tokens)
+        self.kv = KVCacheManager(self.allocator)
+        self.scheduler = Scheduler(self.kv, runtime.max_num_seqs, runtime.max_num_batched_tokens)
         self._live: dict[str, _Live] = {}  # request id -> request in flight
         self._by_seq: dict[int, _Live] = {}  # sequence id -> its request
         self._seeds = random.Random(runtime.seed)
@@ -129,7 +130,7 @@ class EngineCore:
                 _collect_prompt_logprobs(seq, score)
             self._stats.prompt_tokens += max(0, min(len(seq.prompt_ids) - seq.num_computed, len(scheduled.tokens)))
             seq.num_computed += len(scheduled.tokens)
-            self.allocator.register(seq.pages, seq.all_ids, seq.num_computed, seq.page_hashes, seq.adapter)
+            self.kv.cache_computed(seq)
             if result is not None:
                 outputs.append(self._accept(seq, result, now))
         elapsed = time.perf_counter() - start

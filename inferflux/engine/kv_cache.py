@@ -11,6 +11,10 @@ the same prefix give the same hash, so a later request with that prefix reuses
 the page instead of recomputing it. A released page that holds a registered
 prefix is not freed but parked in an LRU list; it is handed out again
 (evicted, its hash forgotten) only when no never-cached page is left.
+
+`KVCacheManager` is what the scheduler talks to: it speaks in sequences and
+tokens (attach the cached prefix, make room for n more tokens, cache what was
+computed, free), so the scheduler never does page arithmetic.
 """
 
 from __future__ import annotations
@@ -18,6 +22,10 @@ from __future__ import annotations
 import dataclasses
 from collections import OrderedDict, deque
 from collections.abc import Hashable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from inferflux.engine.sequence import Sequence as Seq
 
 NULL_PAGE = 0
 
@@ -157,3 +165,59 @@ class PageAllocator:
         if h is not None and self._page_of.get(h) == page:
             del self._page_of[h]
         self._tokens_of.pop(page, None)
+
+
+class KVCacheManager:
+    """The KV cache as the scheduler sees it: per-sequence pages over one `PageAllocator` (nano-vllm's
+    block manager). Every call keeps `seq.pages` and `seq.num_computed` consistent with the allocator's
+    reference counts: a page is referenced once per sequence that lists it, and `free` drops exactly those.
+    """
+
+    def __init__(self, allocator: PageAllocator) -> None:
+        self.allocator = allocator
+        self.page_size = allocator.page_size
+
+    def attach_prefix(self, seq: Seq) -> int:
+        """Start a sequence that holds no pages after the cached full pages of its tokens; returns the
+        tokens found in the cache.
+
+        At least one token always stays to compute, since its logits pick the next token. A sequence
+        that needs every position computed (prompt logprobs score each position's logits, an embedding
+        pools each position's hidden state) takes nothing from the cache.
+        """
+        if seq.pages:
+            raise ValueError(f"sequence {seq.seq_id} already holds pages")
+        tokens = seq.all_ids
+        limit = 0 if seq.computes_every_position else (len(tokens) - 1) // self.page_size
+        seq.pages = self.allocator.match_prefix(tokens, seq.adapter, limit=limit)
+        seq.num_computed = len(seq.pages) * self.page_size
+        return seq.num_computed
+
+    def allocate(self, seq: Seq, num_new: int) -> bool:
+        """Make the sequence's pages cover its next `num_new` tokens, all or nothing; False when the
+        cache has too few free pages (the sequence's pages are then unchanged)."""
+        needed = -(-(seq.num_computed + num_new) // self.page_size) - len(seq.pages)
+        if needed <= 0:
+            return True
+        if needed > self.allocator.num_free:
+            return False
+        seq.pages = seq.pages + self.allocator.allocate(needed)
+        return True
+
+    def cache_computed(self, seq: Seq) -> None:
+        """Register the sequence's full, computed pages for prefix reuse (after its step ran).
+
+        An embedding's pages are never registered: its input is rarely a later prompt, and parked
+        pages of one-off inputs would push useful prefixes (system prompts) out of the LRU.
+        """
+        if not seq.is_embedding:
+            self.allocator.register(seq.pages, seq.all_ids, seq.num_computed, seq.page_hashes, seq.adapter)
+
+    def free(self, seq: Seq) -> None:
+        """Drop the sequence's references (full registered pages stay cached) and reset it to uncomputed,
+        so a preempted sequence is later recomputed from its first token."""
+        if seq.pages:
+            self.allocator.release(seq.pages)
+        seq.pages = []
+        seq.page_hashes = []
+        seq.num_computed = 0

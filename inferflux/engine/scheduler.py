@@ -12,6 +12,11 @@ admitted running sequence is preempted: its pages are released (full pages
 stay in the prefix cache) and it goes back to the front of the queue, to be
 recomputed later. Its generated tokens are kept, so it resumes exactly
 where it was. Waiting sequences are not admitted in a step that preempted.
+
+Pages are the `KVCacheManager`'s business: the scheduler asks it to attach a
+prefix, to make room for a chunk, and to free a sequence, and never counts
+pages itself. An embedding request is a sequence like any other here: it only
+ever has prompt chunks, and it leaves when its last chunk ran.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 from collections import deque
 
-from inferflux.engine.kv_cache import PageAllocator
+from inferflux.engine.kv_cache import KVCacheManager
 from inferflux.engine.sequence import Sequence
 
 
@@ -35,9 +40,8 @@ class ScheduledChunk:
 
 
 class Scheduler:
-    def __init__(self, allocator: PageAllocator, max_num_seqs: int, max_num_batched_tokens: int) -> None:
-        self.allocator = allocator
-        self.page_size = allocator.page_size
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -53,7 +57,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self._release(seq)
+        self.kv.free(seq)
 
     @property
     def has_work(self) -> bool:
@@ -69,7 +73,7 @@ class Scheduler:
             if len(chunks) == self.max_num_seqs or budget == 0:
                 break
             tokens = seq.next_chunk(budget)
-            while not self._reserve(seq, len(tokens)):
+            while not self.kv.allocate(seq, len(tokens)):
                 victim = self.running[-1]
                 self._preempt(victim)
                 preempted = True
@@ -89,46 +93,20 @@ class Scheduler:
             if seq.parent is not None and seq.parent.in_prefill and not seq.parent.finished:
                 continue  # n > 1: wait for the first sample's prompt pages, then share them
             if not seq.pages:
-                self._attach_prefix(seq)
+                cached = self.kv.attach_prefix(seq)
+                if not seq.output_ids:  # first admission: what the prompt got from the cache (usage.cached_tokens)
+                    seq.num_cached_tokens = cached
             tokens = seq.next_chunk(budget)
-            if not self._reserve(seq, len(tokens)):
-                self._release(seq)  # give back the matched prefix; try again next step
+            if not self.kv.allocate(seq, len(tokens)):
+                self.kv.free(seq)  # give back the matched prefix; try again next step
                 return
             self.waiting.remove(seq)
             self.running.append(seq)
             chunks.append(ScheduledChunk(seq, tokens))
             budget -= len(tokens)
 
-    def _attach_prefix(self, seq: Sequence) -> None:
-        """Start the sequence after the cached full pages of its tokens (at least one token stays to run)."""
-        tokens = seq.all_ids
-        # A prompt being scored needs the logits of every position, so it takes nothing from the cache.
-        limit = 0 if seq.wants_prompt_logprobs else (len(tokens) - 1) // self.page_size
-        pages = self.allocator.match_prefix(tokens, seq.adapter, limit=limit)
-        seq.pages = pages
-        seq.num_computed = len(pages) * self.page_size
-        if not seq.output_ids:  # first admission: what the prompt got from the cache (usage.cached_tokens)
-            seq.num_cached_tokens = seq.num_computed
-
-    def _reserve(self, seq: Sequence, num_new: int) -> bool:
-        """Make the sequence's pages cover its next `num_new` tokens; False when out of pages."""
-        needed = -(-(seq.num_computed + num_new) // self.page_size) - len(seq.pages)
-        if needed <= 0:
-            return True
-        if needed > self.allocator.num_free:
-            return False
-        seq.pages = seq.pages + self.allocator.allocate(needed)
-        return True
-
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self._release(seq)
+        self.kv.free(seq)
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
-
-    def _release(self, seq: Sequence) -> None:
-        if seq.pages:
-            self.allocator.release(seq.pages)
-        seq.pages = []
-        seq.page_hashes = []
-        seq.num_computed = 0

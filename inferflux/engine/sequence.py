@@ -44,6 +44,7 @@ class Sequence:
     parent: Sequence | None = None  # n > 1: the sample whose prompt pages this one reuses
     adapter: str | None = None  # LoRA adapter (prefix-cache keys include it)
     index: int = 0  # which of the request's n samples
+    pooling: str | None = None  # an embedding request ("mean" or "last"): prompt only, nothing sampled
 
     @property
     def all_ids(self) -> list[int]:
@@ -56,6 +57,16 @@ class Sequence:
     @property
     def in_prefill(self) -> bool:
         return self.num_computed < len(self.prompt_ids)
+
+    @property
+    def is_embedding(self) -> bool:
+        return self.pooling is not None
+
+    @property
+    def computes_every_position(self) -> bool:
+        """Every prompt token must run here (so none come from the prefix cache): scoring needs each
+        position's logits, an embedding each position's hidden state."""
+        return self.is_embedding or self.wants_prompt_logprobs
 
     @property
     def wants_prompt_logprobs(self) -> bool:

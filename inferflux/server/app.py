@@ -1,4 +1,10 @@
-"""The Quart application factory: one blueprint per API surface, shared error handling, CORS, limits."""
+"""The Quart application factory: one blueprint per dialect, one error mapper, CORS, limits.
+
+Errors: every exception a route raises goes through `errors.to_api_error` here (domain error ->
+status, once); the dialect that serves the route picks only the body's shape (its package's
+`ERROR_SHAPE`: OpenAI's error object, Ollama's `{"error": ...}`). Requests that match no route get
+OpenAI's shape.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +15,15 @@ from typing import Any
 from quart import Quart, Response, request
 from werkzeug.exceptions import HTTPException
 
-from inferflux.server import embeddings_api, lmstudio_api, ollama_api, openai_api, ops_api
-from inferflux.server.errors import APIError, error_body
+from inferflux.server import lmstudio, ollama_api, openai, ops
+from inferflux.server.errors import APIError, ErrorShape, to_api_error
 from inferflux.server.state import ServerState
+
+# Blueprint name -> the body shape of its errors (its dialect's).
+ERROR_SHAPES: dict[str, ErrorShape] = {
+    openai.bp.name: openai.ERROR_SHAPE, lmstudio.bp.name: lmstudio.ERROR_SHAPE, ops.bp.name: ops.ERROR_SHAPE,
+    ops.admin_bp.name: ops.ERROR_SHAPE, ollama_api.bp.name: lambda error: {"error": error.message},
+}
 
 log = logging.getLogger(__name__)
 
@@ -22,24 +34,21 @@ def create_app(state: ServerState) -> Quart:
     app.extensions["inferflux"] = state
     app.config["MAX_CONTENT_LENGTH"] = state.config.server.max_body_bytes
     app.config["RESPONSE_TIMEOUT"] = None
-    app.register_blueprint(openai_api.bp)
-    app.register_blueprint(embeddings_api.bp)
-    app.register_blueprint(lmstudio_api.bp)
-    app.register_blueprint(ops_api.bp)
+    for bp in (openai.bp, lmstudio.bp, ops.bp, ollama_api.bp):
+        app.register_blueprint(bp)
     if state.config.server.admin_enabled:
-        app.register_blueprint(ops_api.admin_bp)
-    app.register_blueprint(ollama_api.bp)
+        app.register_blueprint(ops.admin_bp)
 
     @app.before_request
     async def limits_and_preflight() -> Any:
         origin = request.headers.get("Origin")
         if origin and not _origin_allowed(origin, _allowed_origins(state)):
             # A web page from another site must not drive a local model server (Ollama's rule).
-            return _error(f"origin {origin} is not allowed (server.cors_origins)", code="origin_not_allowed"), 403
+            raise APIError(403, f"origin {origin} is not allowed (server.cors_origins)", code="origin_not_allowed")
         length = request.content_length
         if length is not None and length > state.config.server.max_body_bytes:
-            return _error(f"the request body is {length} bytes; the limit is "
-                          f"{state.config.server.max_body_bytes}", code="body_too_large"), 413
+            raise APIError(413, f"the request body is {length} bytes; the limit is "
+                           f"{state.config.server.max_body_bytes}", code="body_too_large")
         if request.method == "OPTIONS":
             return Response("", status=204)
         return None
@@ -59,32 +68,23 @@ def create_app(state: ServerState) -> Quart:
             state.metrics.observe_request(endpoint, response.status_code)
         return response
 
-    @app.errorhandler(APIError)
-    async def api_error(exc: APIError) -> Any:
-        return exc.body(), exc.status
-
-    @app.errorhandler(HTTPException)
-    async def http_error(exc: HTTPException) -> Any:
-        code = exc.code or 500
-        message = {413: f"the request body is larger than {state.config.server.max_body_bytes} bytes",
-                   404: f"no route for {request.method} {request.path}",
-                   405: f"{request.method} is not allowed on {request.path}"}.get(code, exc.description or str(exc))
-        kind = "invalid_request_error" if code < 500 else "server_error"
-        return _error(message, kind), code
-
     @app.errorhandler(Exception)
-    async def unexpected(exc: Exception) -> Any:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return _error(f"internal error: {type(exc).__name__}", "server_error"), 500
+    async def any_error(exc: Exception) -> Any:
+        error = to_api_error(exc)
+        if isinstance(exc, HTTPException):
+            code = exc.code or 500
+            message = {413: f"the request body is larger than {state.config.server.max_body_bytes} bytes",
+                       404: f"no route for {request.method} {request.path}",
+                       405: f"{request.method} is not allowed on {request.path}"}.get(code)
+            if message is not None:
+                error = APIError(code, message, type="invalid_request_error")
+        if error is None:
+            log.exception("unhandled error on %s %s", request.method, request.path)
+            error = APIError(500, f"internal error: {type(exc).__name__}", type="server_error")
+        shape = ERROR_SHAPES.get(request.blueprint or "", APIError.body)
+        return shape(error), error.status
 
     return app
-
-
-def _error(message: str, kind: str = "invalid_request_error", code: str | None = None) -> dict[str, Any]:
-    """Ollama's `{"error": "..."}` on its routes (`/api/*` but LM Studio's `/api/v0/*`), else OpenAI's object."""
-    if request.path.startswith("/api/") and not request.path.startswith("/api/v0/"):
-        return {"error": message}
-    return error_body(message, kind, code=code)
 
 
 def _allowed_origins(state: ServerState) -> str:

@@ -1,8 +1,20 @@
-"""OpenAI-style errors: every failure a client sees is `{"error": {message, type, param, code}}`."""
+"""Errors a client sees: domain errors map to an HTTP status here, once; each dialect picks the body shape.
+
+`APIError` is an error already decided (status, message, kind, param, code). `to_api_error` maps
+everything else the server can raise on purpose (bad sampling values, a chat template that fails,
+a context that is too long, the engine being gone, model store errors) to one, so no route
+catches and re-raises domain errors itself. The app's error handler and the streaming encoders
+both use it; the body shape is chosen by the dialect that serves the route (`ErrorShape`).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
+
+from werkzeug.exceptions import HTTPException
+
+from inferflux.errors import InferFluxError
 
 
 class APIError(Exception):
@@ -18,7 +30,11 @@ class APIError(Exception):
         self.code = code
 
     def body(self) -> dict[str, Any]:
+        """OpenAI's error object (the default shape)."""
         return error_body(self.message, self.type, self.param, self.code)
+
+
+ErrorShape = Callable[[APIError], dict[str, Any]]
 
 
 def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,  # noqa: A002
@@ -30,6 +46,10 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, param=param, code=code)
 
 
+def not_found(message: str, param: str | None = None) -> APIError:
+    return APIError(404, message, param=param, code="not_found")
+
+
 def model_not_found(model: str) -> APIError:
     return APIError(404, f"The model `{model}` does not exist.", type="invalid_request_error", param="model",
                     code="model_not_found")
@@ -37,3 +57,33 @@ def model_not_found(model: str) -> APIError:
 
 def unavailable(message: str) -> APIError:
     return APIError(503, message, type="service_unavailable", code="service_unavailable")
+
+
+def to_api_error(exc: BaseException) -> APIError | None:
+    """The client-facing error for `exc`, or None for a bug (a 500 the caller logs)."""
+    # Imported here: the engine and store import nothing of the server, and the server's modules import this one.
+    from inferflux.engine.engine import EngineDeadError
+    from inferflux.engine.sampling_params import SamplingParamsError
+    from inferflux.formats.chat_template import ChatTemplateError
+    from inferflux.server.generation import ContextLengthError
+    from inferflux.store import ModelNotFoundError, StoreError
+
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, ContextLengthError):
+        return APIError(400, str(exc), param="max_tokens", code="context_length_exceeded")
+    if isinstance(exc, SamplingParamsError):
+        return bad_request(str(exc))
+    if isinstance(exc, ChatTemplateError):
+        return bad_request(str(exc), param="messages")
+    if isinstance(exc, EngineDeadError):
+        return unavailable(str(exc))
+    if isinstance(exc, ModelNotFoundError):
+        return APIError(404, str(exc), param="model", code="model_not_found")
+    if isinstance(exc, StoreError | InferFluxError):
+        return bad_request(str(exc))
+    if isinstance(exc, HTTPException):
+        code = exc.code or 500
+        kind = "invalid_request_error" if code < 500 else "server_error"
+        return APIError(code, exc.description or str(exc), type=kind)
+    return None

@@ -1,0 +1,103 @@
+"""The one embedding path: every embedding route of every dialect goes through `embed()`.
+
+BERT-family encoders run through the embedder, LLMs through the engine's embedding mode. Vectors
+are L2-normalized (what OpenAI and Ollama return). `dimensions` keeps the first d components and
+re-normalizes (Matryoshka truncation); it is accepted for every model, since model files do not say
+whether a model was trained for it. Inputs longer than the model's maximum are refused with the
+numbers, unless `truncate` (or vLLM's `truncate_prompt_tokens`) asks to cut them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+
+import numpy as np
+
+from inferflux.engine.embedder import truncate_dimensions
+from inferflux.server.errors import bad_request
+from inferflux.server.handle import ModelHandle
+from inferflux.server.http import server_state
+
+Inputs = str | list[str] | list[int] | list[list[int]]
+
+
+@dataclasses.dataclass
+class EmbeddingSpec:
+    model: str | None
+    inputs: Inputs
+    truncate: bool = False  # cut inputs to the model's maximum length instead of refusing them
+    truncate_tokens: int | None = None  # keep at most this many tokens (the first ones)
+    dimensions: int | None = None
+    keep_alive: float | None = None
+
+
+@dataclasses.dataclass
+class Embeddings:
+    vectors: np.ndarray  # float32 [N, d], L2-normalized
+    num_tokens: int
+    handle: ModelHandle  # released already: for its name and facts only
+    load_seconds: float
+    seconds: float
+
+
+async def embed(spec: EmbeddingSpec) -> Embeddings:
+    """Acquire the model, tokenize, compute and normalize; the handle is released before this returns."""
+    started = time.monotonic()
+    handle = await server_state().acquire(spec.model, spec.keep_alive)
+    try:
+        lists = input_ids(spec, handle)
+        vectors = await compute(handle, lists)
+    finally:
+        handle.release()
+    if spec.dimensions is not None:
+        if not 1 <= spec.dimensions <= vectors.shape[-1]:
+            raise bad_request(f"dimensions must be between 1 and {vectors.shape[-1]}", param="dimensions")
+        vectors = truncate_dimensions(vectors, spec.dimensions)
+    return Embeddings(np.asarray(vectors, np.float32), sum(len(ids) for ids in lists), handle, handle.load_seconds,
+                      time.monotonic() - started)
+
+
+def input_ids(spec: EmbeddingSpec, handle: ModelHandle) -> list[list[int]]:
+    """Token ids per input, truncated or checked against the model's maximum length."""
+    raw = spec.inputs
+    if isinstance(raw, str):
+        raw = [raw]
+    if not raw:
+        raise bad_request("`input` is empty", param="input")
+    # An LLM needs one position left after the input; an encoder can use its whole window.
+    limit = handle.max_model_len - (1 if handle.engine is not None else 0)
+    keep = spec.truncate_tokens or (limit if spec.truncate else None)
+    if keep is not None and not 1 <= keep <= limit:
+        raise bad_request(f"truncate_prompt_tokens must be between 1 and {limit}", param="truncate_prompt_tokens")
+    if all(isinstance(x, int) for x in raw):
+        lists = [list(raw)]  # type: ignore[arg-type]
+    elif handle.embedder is not None and all(isinstance(x, str) for x in raw):
+        try:  # the embedder adds [CLS]/[SEP] and truncates keeping the closing [SEP]
+            lists = handle.embedder.tokenize(raw, truncate=keep)
+        except ValueError as exc:
+            raise bad_request(f"{exc}; or set `truncate: true`", param="input",
+                              code="context_length_exceeded") from None
+        keep = None
+    else:
+        lists = [handle.tokenizer.encode(x) if isinstance(x, str) else list(x) for x in raw]  # type: ignore[arg-type]
+    out = []
+    for i, ids in enumerate(lists):
+        if not ids:
+            raise bad_request(f"input {i} is empty", param="input")
+        if keep is not None:
+            ids = ids[:keep]
+        elif len(ids) > limit:
+            raise bad_request(f"input {i} has {len(ids)} tokens; this model takes at most {limit}. "
+                              "Shorten it or set `truncate: true`.", param="input", code="context_length_exceeded")
+        out.append(ids)
+    return out
+
+
+async def compute(handle: ModelHandle, lists: list[list[int]]) -> np.ndarray:
+    if handle.embedder is not None:
+        return await asyncio.to_thread(handle.embed_encoder, lists)
+    # Engine errors (bad ids, a dead engine) map to 4xx/503 in the app's error handler.
+    vectors = await handle.engine.embed(lists, server_state().config.runtime.embedding_pooling)
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)

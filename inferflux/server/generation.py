@@ -1,0 +1,323 @@
+"""The one generation path: every generating route of every dialect goes through `Generation`.
+
+A dialect turns its body into a `GenerationSpec` (prompts, sampling knobs, limits: nothing of its
+wire format) and turns the `Event`s that come back into its wire format. In between, this module,
+and only this module:
+
+- acquires the model from the pool (unknown -> 404, draining -> 503) and refuses encoder-only models;
+- renders chat messages with the model's template, or encodes text;
+- resolves `max_tokens` against the context window and `server.default_max_tokens`;
+- submits every prompt of the request, all or nothing (the engine validates each once);
+- parses tool calls out of the text when the request gave tools;
+- yields `TextDelta` / `ToolCallDelta` / `Finished` events per choice, and when the stream ends
+  (finished, failed or abandoned) releases the model handle and reports latencies to Prometheus.
+
+A non-streamed response is a fold over the same events. Choices are numbered
+`prompt_index * n + sample_index`, as OpenAI numbers them for multi-prompt completions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from inferflux.engine.engine import EngineDeadError
+from inferflux.engine.request import Request, StreamOutput
+from inferflux.engine.sampling_params import SamplingParams
+from inferflux.engine.sequence import TokenLogprobs
+from inferflux.errors import InferFluxError
+from inferflux.server.errors import bad_request, unavailable
+from inferflux.server.handle import ModelHandle
+from inferflux.server.http import server_state
+from inferflux.server.tool_calls import ToolCall, ToolCallStream
+
+
+class ContextLengthError(InferFluxError):
+    """The prompt (plus the tokens asked for) does not fit the model's context window."""
+
+
+@dataclasses.dataclass
+class Prompt:
+    """One prompt: chat `messages` (rendered with the model's template), `text`, or `token_ids`."""
+
+    messages: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None
+    template_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    add_generation_prompt: bool = True
+    text: str | None = None
+    add_special_tokens: bool = True  # for `text`: BOS as the model wants it
+    token_ids: list[int] | None = None
+    prefix_ids: list[int] = dataclasses.field(default_factory=list)  # Ollama's `context`, before the prompt
+
+
+@dataclasses.dataclass
+class Limits:
+    """How many tokens a request may generate.
+
+    `max_tokens` None: `server.default_max_tokens`, else up to the context window. `context`: a smaller
+    window for this request (Ollama's num_ctx). `overflow`: OpenAI refuses a request that does not fit
+    ("error"); Ollama generates what fits ("cap").
+    """
+
+    max_tokens: int | None = None
+    context: int | None = None
+    overflow: Literal["error", "cap"] = "error"
+
+
+@dataclasses.dataclass
+class GenerationSpec:
+    model: str | None
+    prompts: list[Prompt]
+    params: SamplingParams  # max_tokens is set from `limits` per prompt
+    limits: Limits = dataclasses.field(default_factory=Limits)
+    keep_alive: float | None = None  # seconds the model stays loaded once idle (None: its default)
+    tool_names: list[str] | None = None  # parse tool calls out of the text (the request gave these tools)
+
+
+@dataclasses.dataclass(frozen=True)
+class Timings:
+    """A choice's clock (monotonic seconds): when it arrived, its first and last token, and model load time."""
+
+    arrival: float
+    first_token: float | None
+    last_token: float | None
+    load_seconds: float = 0.0
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token is None else self.first_token - self.arrival
+
+
+@dataclasses.dataclass(frozen=True)
+class Started:
+    """A choice's first output: which prompt it answers, and that prompt scored (with prompt_logprobs)."""
+
+    choice: int
+    prompt_index: int
+    prompt_logprobs: list[TokenLogprobs | None] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class TextDelta:
+    choice: int
+    text: str
+    logprobs: list[TokenLogprobs] | None  # of the tokens this delta adds, when the request asked
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolCallDelta:
+    choice: int
+    calls: list[ToolCall]
+    first: int  # index of calls[0] among this choice's calls
+
+
+@dataclasses.dataclass(frozen=True)
+class Finished:
+    choice: int
+    reason: str  # "stop" or "length" (an engine abort is raised as a 503 instead)
+    stop_reason: str | int | None  # the stop string or stop token id, if one ended it
+    tool_calls: int  # how many tool calls the choice made
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    output_ids: list[int]
+    timings: Timings
+
+
+Event = Started | TextDelta | ToolCallDelta | Finished
+
+
+class Generation:
+    """One request's life from submission to the last event; see the module docstring."""
+
+    def __init__(self, spec: GenerationSpec, handle: ModelHandle, prompt_ids: list[list[int]],
+                 streams: list[AsyncIterator[StreamOutput]]) -> None:
+        self.spec = spec
+        self.handle = handle
+        self.prompt_ids = prompt_ids
+        self._streams = streams
+        self._released = False
+        # Taken now, in the request's context: a streamed body runs after that context is gone.
+        self._metrics = server_state().metrics
+        self._times: dict[int, list[float]] = {}
+        self.finished: list[Finished] = []
+
+    @property
+    def n(self) -> int:
+        return self.spec.params.n
+
+    @property
+    def num_choices(self) -> int:
+        return len(self.prompt_ids) * self.n
+
+    @property
+    def model_name(self) -> str:
+        return self.handle.name
+
+    @classmethod
+    async def start(cls, spec: GenerationSpec) -> Generation:
+        """Acquire the model, build and submit every prompt's request; the handle is held until the end."""
+        state = server_state()
+        handle = await state.acquire(spec.model, spec.keep_alive)
+        submitted: list[Request] = []
+        try:
+            if handle.engine is None:
+                raise bad_request(f"the model `{handle.name}` is an embedding model; use /v1/embeddings",
+                                  param="model")
+            prompt_ids = [encode(prompt, handle) for prompt in spec.prompts]
+            requests = [Request(ids, dataclasses.replace(spec.params, max_tokens=max_tokens_for(
+                spec.limits, len(ids), handle.max_model_len, state.config.server.default_max_tokens)))
+                for ids in prompt_ids]
+            state.check_capacity(handle)
+            streams = []
+            for request in requests:  # all or nothing: a later refusal aborts the earlier ones
+                streams.append(await handle.engine.submit(request))
+                submitted.append(request)
+        except EngineDeadError as exc:
+            _abort(handle, submitted)
+            handle.release()
+            raise unavailable(str(exc)) from None
+        except BaseException:
+            _abort(handle, submitted)
+            handle.release()
+            raise
+        return cls(spec, handle, prompt_ids, streams)
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Every choice's events as they come; the handle is released when this ends, however it ends."""
+        parsers = {c: ToolCallStream(self.spec.tool_names) for c in range(self.num_choices)} \
+            if self.spec.tool_names is not None else {}
+        calls = [0] * self.num_choices
+        outputs: dict[int, list[int]] = {}  # each choice's token ids so far (Ollama's `context` returns them)
+        started: set[int] = set()
+        try:
+            async for pi, out in merged(self._streams):
+                choice = pi * self.n + out.index
+                if out.finish_reason == "abort":  # the engine stopped under us (shutdown past the drain deadline)
+                    raise unavailable("the server shut down before this request finished")
+                if choice not in started:
+                    started.add(choice)
+                    yield Started(choice, pi, out.prompt_logprobs)
+                outputs.setdefault(choice, []).extend(out.new_token_ids)
+                if out.new_token_ids and out.last_token_time is not None:
+                    self._times.setdefault(choice, []).append(out.last_token_time)
+                text, new_calls = out.new_text, []
+                parser = parsers.get(choice)
+                if parser is not None:
+                    text, new_calls = parser.feed(out.new_text)
+                    if out.finished:
+                        rest, more = parser.finish()
+                        text, new_calls = text + rest, new_calls + more
+                if text or out.new_logprobs:
+                    yield TextDelta(choice, text, out.new_logprobs)
+                if new_calls:
+                    yield ToolCallDelta(choice, new_calls, calls[choice])
+                    calls[choice] += len(new_calls)
+                if out.finished:
+                    done = self._finished(choice, out, calls[choice], outputs.get(choice, []))
+                    self.finished.append(done)
+                    yield done
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Report latencies and release the model (idempotent; `events()` calls it when it ends)."""
+        if self._released:
+            return
+        self._released = True
+        metrics = self._metrics
+        for done in self.finished:
+            times = self._times.get(done.choice, [])
+            e2e = (times[-1] if times else time.monotonic()) - done.timings.arrival
+            metrics.observe_finished(done.timings.ttft, [b - a for a, b in zip(times, times[1:])], e2e, done.reason)
+        self.handle.release()
+
+    def _finished(self, choice: int, out: StreamOutput, num_calls: int, output_ids: list[int]) -> Finished:
+        return Finished(choice, "length" if out.finish_reason == "length" else "stop", out.stop_reason, num_calls,
+                        out.prompt_tokens, out.completion_tokens, out.cached_tokens, output_ids,
+                        Timings(out.arrival_time, out.first_token_time, out.last_token_time,
+                                self.handle.load_seconds))
+
+
+def _abort(handle: ModelHandle, requests: list[Request]) -> None:
+    for request in requests:
+        handle.engine.abort(request.request_id)
+
+
+def encode(prompt: Prompt, handle: ModelHandle) -> list[int]:
+    """The token ids a prompt means for this model (templates write BOS and other special tokens as text)."""
+    tokenizer = handle.model.tokenizer
+    if prompt.messages is not None:
+        text = handle.model.chat_template.render(prompt.messages, add_generation_prompt=prompt.add_generation_prompt,
+                                                 tools=prompt.tools, **prompt.template_kwargs)
+        ids = tokenizer.encode(text, add_special_tokens=False)
+    elif prompt.text is not None:
+        ids = tokenizer.encode(prompt.text, add_special_tokens=prompt.add_special_tokens) if prompt.text else []
+    else:
+        ids = list(prompt.token_ids or [])
+    ids = list(prompt.prefix_ids) + ids
+    if not ids:
+        raise bad_request("the prompt is empty", param="prompt")
+    return ids
+
+
+def max_tokens_for(limits: Limits, prompt_len: int, context: int, default: int) -> int:
+    """The request's max_tokens, checked against (OpenAI) or capped to (Ollama) the context window."""
+    window = limits.context if limits.context and prompt_len < limits.context < context else context
+    room = window - prompt_len
+    requested = limits.max_tokens
+    if requested is None:
+        if room < 1:
+            raise ContextLengthError(f"the prompt has {prompt_len} tokens, but this model's context holds {context}; "
+                                     "shorten the prompt")
+        return min(default, room) if default else room
+    if limits.overflow == "cap":
+        if room < 1:
+            raise ContextLengthError(f"the prompt is {prompt_len} tokens; this model's context is {context} tokens")
+        return min(requested, room)
+    if prompt_len + max(requested, 1) > context:
+        raise ContextLengthError(
+            f"This model's maximum context length is {context} tokens. However, you requested "
+            f"{prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} for the completion). "
+            "Please reduce the prompt or the completion length.")
+    return requested
+
+
+async def merged(streams: list[AsyncIterator[StreamOutput]]) -> AsyncIterator[tuple[int, StreamOutput]]:
+    """Interleave several request streams as their outputs arrive: (prompt index, output)."""
+    if len(streams) == 1:
+        async for out in streams[0]:
+            yield 0, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(key: int, stream: AsyncIterator[StreamOutput]) -> None:
+        try:
+            async for out in stream:
+                await queue.put((key, out))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
+            await queue.put(exc)
+        finally:
+            await queue.put(None)
+
+    tasks = [asyncio.create_task(pump(k, s)) for k, s in enumerate(streams)]
+    try:
+        done = 0
+        while done < len(tasks):
+            item = await queue.get()
+            if item is None:
+                done += 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+__all__ = ["ContextLengthError", "Event", "Finished", "Generation", "GenerationSpec", "Limits", "Prompt",
+           "Started", "TextDelta", "Timings", "ToolCallDelta", "encode", "max_tokens_for", "merged"]

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def inferctl(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "inferctl.cli", *args], capture_output=True, text=True, timeout=300)
@@ -88,8 +90,33 @@ def test_readme_serve(demo: Path) -> None:
             "model": "demo-model", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
         assert response.status_code == 200
         assert response.json()["choices"][0]["message"]["role"] == "assistant"
+        # The README's OpenAI snippet, as written (only the port differs): a short answer, not the whole context.
+        snippet = next(b for b in readme_blocks("python") if "from openai import OpenAI" in b)
+        assert "http://127.0.0.1:8080/v1" in snippet
+        ran = subprocess.run([sys.executable, "-c", snippet.replace("http://127.0.0.1:8080", server.url)],
+                             capture_output=True, text=True, timeout=300)
+        assert ran.returncode == 0, ran.stderr
+        completion_tokens = int(re.search(r"completion_tokens=(\d+)", ran.stdout)[1])
+        assert 1 <= completion_tokens <= 64, ran.stdout
     finally:
         assert server.stop() == 0, server.output()
+
+
+def readme_blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+
+
+def test_readme_python_examples_open_what_the_quickstart_makes(demo: Path, tmp_path: Path) -> None:
+    """The README's Python examples run, as written, in the folder where its first command ran."""
+    quickstart = readme_blocks("bash")[0]
+    folder = re.search(r"make-demo-model --out (\S+)", quickstart)[1]
+    (tmp_path / folder).symlink_to(demo, target_is_directory=True)
+    blocks = [b for b in readme_blocks("python") if "from inferflux" in b]
+    assert len(blocks) >= 2 and all(f'"{folder}"' in b for b in blocks)
+    for block in blocks:
+        ran = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                             env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert ran.returncode == 0, ran.stderr[-2000:]
 
 
 def test_bench_dispatches_to_the_benchmark_scripts(tmp_path: Path) -> None:

@@ -1,14 +1,20 @@
 """The research API: `LLM(path).generate(prompts, SamplingParams(...))`, in-process, no server.
 
 It drives the same `EngineCore` the server uses (continuous batching, chunked
-prefill, prefix caching, preemption), stepping it on the caller's thread
-until every request is done.
+prefill, prefix caching, preemption), stepping it on the caller's thread.
+`stream` yields one request's outputs as the core steps; `generate`, `chat`
+and `embed` fold the same stepping loop (`_run`) over their requests.
+Several `stream`s may be iterated in turns: a step's outputs for a request
+whose iterator is not the one stepping wait in that request's outbox.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import signal
+import threading
+from collections import deque
+from collections.abc import Generator, Mapping
 from collections.abc import Sequence as Seq
 from pathlib import Path
 from typing import Any
@@ -20,7 +26,7 @@ from inferflux.engine.compile_cache import enable_persistent_cache
 from inferflux.engine.core import EngineCore
 from inferflux.engine.kv_cache import PageAllocator
 from inferflux.engine.model_runner import ModelRunner
-from inferflux.engine.request import Request
+from inferflux.engine.request import Pooling, Request, StreamOutput
 from inferflux.engine.sampling_params import SamplingParams, SamplingParamsError
 from inferflux.engine.sequence import TokenLogprobs
 from inferflux.formats.loader import LoadedModel, load_model
@@ -56,6 +62,7 @@ class LLM:
         self.model: LoadedModel = load_model(model)
         self.tokenizer = self.model.tokenizer
         self.engine = EngineCore(self.model, self.config)
+        self._outbox: dict[str, deque[StreamOutput]] = {}  # request id -> outputs its iterator has not taken
 
     @property
     def runner(self) -> ModelRunner:
@@ -78,35 +85,91 @@ class LLM:
         requests = [Request(self._encode(p), sp) for p, sp in zip(prompts, params_list)]
         for request in requests:  # all valid before any is queued
             self.engine.validate(request)
-        collected: dict[tuple[str, int], CompletionOutput] = {}
+        collected = {(r.request_id, i): CompletionOutput(i, "", [], "length", [] if r.params.logprobs is not None
+                                                         else None)
+                     for r in requests for i in range(r.params.n)}
         prompt_logprobs: dict[str, list[TokenLogprobs | None]] = {}
-        try:
-            for request in requests:
-                self.engine.add_request(request)
-                for i in range(request.params.n):
-                    collected[request.request_id, i] = CompletionOutput(i, "", [], "length",
-                                                                        [] if request.params.logprobs is not None
-                                                                        else None)
-            while self.engine.has_unfinished:
-                for out in self.engine.step():
-                    completion = collected[out.request_id, out.index]
-                    if out.prompt_logprobs is not None:
-                        prompt_logprobs.setdefault(out.request_id, out.prompt_logprobs)
-                    completion.text += out.new_text
-                    completion.token_ids += out.new_token_ids
-                    if out.new_logprobs and completion.logprobs is not None:
-                        completion.logprobs += out.new_logprobs
-                    if out.finish_reason:
-                        completion.finish_reason = out.finish_reason
-        finally:
-            for request in requests:  # an error mid-way must not leave requests holding pages
-                self.engine.abort(request.request_id)
+        for out in self._run(requests):
+            completion = collected[out.request_id, out.index]
+            if out.prompt_logprobs is not None:
+                prompt_logprobs.setdefault(out.request_id, out.prompt_logprobs)
+            completion.text += out.new_text
+            completion.token_ids += out.new_token_ids
+            if out.new_logprobs and completion.logprobs is not None:
+                completion.logprobs += out.new_logprobs
+            if out.finish_reason:
+                completion.finish_reason = out.finish_reason
         return [
             RequestOutput(prompt if isinstance(prompt, str) else None, request.prompt_ids,
                           [collected[request.request_id, i] for i in range(request.params.n)],
                           prompt_logprobs.get(request.request_id))
             for prompt, request in zip(prompts, requests)
         ]
+
+    def stream(self, prompt: Prompt,
+               sampling_params: SamplingParams | None = None) -> Generator[StreamOutput, None, None]:
+        """One request's `StreamOutput` deltas as the engine steps (each sample's last one is finished).
+
+        A bad request raises here, before anything is queued. The request is queued when iteration
+        starts; closing the iterator early (`break`, `.close()`, Ctrl-C) aborts it and frees its pages.
+        """
+        request = Request(self._encode(prompt), sampling_params or SamplingParams())
+        self.engine.validate(request)
+        return self._run([request])
+
+    def _run(self, requests: Seq[Request]) -> Generator[StreamOutput, None, None]:
+        """Queue `requests`, step the engine until each sample of each has its final output, yield theirs.
+
+        Outputs for other requests (another iterator's) go to their outboxes. Whatever way this ends
+        (done, closed early, an error mid-step), none of these requests is left holding pages.
+        """
+        remaining = {r.request_id: r.params.n for r in requests}
+        try:
+            for request in requests:
+                self.engine.add_request(request)
+                self._outbox[request.request_id] = deque()
+            while remaining:
+                for request_id in list(remaining):
+                    box = self._outbox[request_id]
+                    while box:
+                        out = box.popleft()
+                        if out.finished:
+                            remaining[request_id] -= 1
+                            if not remaining[request_id]:
+                                del remaining[request_id]
+                        yield out
+                if not remaining:
+                    break
+                if not self.engine.has_unfinished:
+                    raise RuntimeError("the engine has nothing left to run, yet requests are not finished")
+                for out in self._step():
+                    if out.request_id in self._outbox:
+                        self._outbox[out.request_id].append(out)
+        finally:
+            for request in requests:  # an error or an early close must not leave requests holding pages
+                self.engine.abort(request.request_id)
+                self._outbox.pop(request.request_id, None)
+
+    def _step(self) -> list[StreamOutput]:
+        """One engine step with Ctrl-C held back until it returns.
+
+        A KeyboardInterrupt raised inside `step()` could land between the scheduler's and the page
+        allocator's bookkeeping and leave the engine inconsistent for every later request. So on the
+        main thread, with Python's default handler in place, SIGINT is deferred to the end of the step
+        (one step is milliseconds, or one compilation) and re-raised where aborting is safe.
+        """
+        if (threading.current_thread() is not threading.main_thread()
+                or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+            return self.engine.step()
+        pending: list[int] = []
+        signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+        try:
+            outputs = self.engine.step()
+        finally:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        if pending:
+            raise KeyboardInterrupt
+        return outputs
 
     def chat(
         self,
@@ -123,11 +186,18 @@ class LLM:
         ids = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
         return self.generate(ids, sampling_params)
 
-    def embed(self, inputs: Prompt | Seq[Prompt], pooling: str = "mean", normalize: bool = True) -> np.ndarray:
-        """Embeddings `[N, hidden]` from the model's final hidden states, pooled per input (mean or last)."""
+    def embed(self, inputs: Prompt | Seq[Prompt], pooling: Pooling = "mean", normalize: bool = True) -> np.ndarray:
+        """Embeddings `[N, hidden]` from the model's final hidden states, pooled per input (mean or last).
+
+        Each input is one `Request(kind="embed")`, scheduled like a prompt that generates nothing.
+        """
         if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)):
             inputs = [inputs]  # type: ignore[list-item]
-        vectors = self.engine.embed([self._encode(p) for p in inputs], pooling)
+        requests = [Request(self._encode(p), kind="embed", pooling=pooling) for p in inputs]
+        for request in requests:  # all valid before any is queued
+            self.engine.validate(request)
+        found = {out.request_id: out.embedding for out in self._run(requests) if out.finished}
+        vectors = np.stack([found[r.request_id] for r in requests])
         if normalize:
             vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
         return vectors

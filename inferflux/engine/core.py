@@ -4,6 +4,15 @@
 in a loop on its own thread; the server's `Engine` runs the same loop on one
 dedicated thread that owns all device state. Everything the step produces
 for the outside is a plain `StreamOutput`.
+
+Embedding requests (`Request(kind="embed")`) are scheduled with everything
+else, like prompts that generate nothing. A step that holds embedding chunks
+runs them through the runner's hidden-state program and the rest through the
+step program: the two touch disjoint pages, so splitting the step changes no
+result, and the step program keeps its one output (sampled ids) instead of
+carrying `[T, hidden]` rows back on every step for the rare step that needs
+them. When an embedding's last chunk has run, its rows are pooled and its one
+final output carries the vector.
 """
 
 from __future__ import annotations
@@ -18,8 +27,8 @@ from inferflux.config import Config
 from inferflux.engine.detokenizer import StreamDetokenizer
 from inferflux.engine.kv_cache import KVCacheManager, PageAllocator
 from inferflux.engine.model_runner import Chunk, ModelRunner, PromptScores
-from inferflux.engine.request import EngineStats, Request, StreamOutput
-from inferflux.engine.sampling_params import SamplingParams, SamplingParamsError
+from inferflux.engine.request import POOLINGS, EngineStats, Request, StreamOutput
+from inferflux.engine.sampling_params import SamplingParamsError
 from inferflux.engine.scheduler import ScheduledChunk, Scheduler
 from inferflux.engine.sequence import Sequence, TokenLogprobs
 from inferflux.formats.loader import LoadedModel
@@ -34,6 +43,7 @@ class _Live:
         self.detoks = detoks
         self.first_token_time: list[float | None] = [None] * len(seqs)
         self.sent_prompt_logprobs = [False] * len(seqs)  # each sample's first output carries them
+        self.hidden: list[np.ndarray] = []  # an embedding's final hidden states so far, chunk by chunk
 
 
 class EngineCore:
@@ -60,7 +70,15 @@ class EngineCore:
     def validate(self, request: Request) -> None:
         """Raise `SamplingParamsError` for a request that cannot run; reads no mutable state."""
         runtime = self.config.runtime
-        request.params.validate(self.model.config.vocab_size, runtime.max_logprobs, runtime.max_logit_bias)
+        if request.kind == "embed":
+            if request.pooling not in POOLINGS:
+                raise SamplingParamsError(f"pooling must be 'mean' or 'last', got {request.pooling!r}")
+            if request.params.n != 1:
+                raise SamplingParamsError("an embedding request has one output (n=1)")
+        elif request.kind == "generate":
+            request.params.validate(self.model.config.vocab_size, runtime.max_logprobs, runtime.max_logit_bias)
+        else:
+            raise SamplingParamsError(f"request kind must be 'generate' or 'embed', got {request.kind!r}")
         if not request.prompt_ids:
             raise SamplingParamsError("the prompt is empty")
         if len(request.prompt_ids) >= self.max_model_len:
@@ -78,12 +96,18 @@ class EngineCore:
             raise SamplingParamsError(f"request id {request.request_id!r} is already in use")
         params = request.params
         prompt = [int(t) for t in request.prompt_ids]
-        base_seed = params.seed if params.seed is not None else self._seeds.getrandbits(31)
+        embed = request.kind == "embed"
+        # An embedding draws no seed, so it does not shift the seeds unseeded generations get after it.
+        if embed:
+            base_seed = 0
+        else:
+            base_seed = params.seed if params.seed is not None else self._seeds.getrandbits(31)
         eos = frozenset(self.tokenizer.eos_ids)
         seqs: list[Sequence] = []
         for i in range(params.n):
             seqs.append(Sequence(prompt, params, seed=base_seed + i, max_model_len=self.max_model_len, eos_ids=eos,
-                                 parent=seqs[0] if seqs else None, adapter=request.adapter, index=i))
+                                 parent=seqs[0] if seqs else None, adapter=request.adapter, index=i,
+                                 pooling=request.pooling if embed else None))
         detoks = [StreamDetokenizer(self.tokenizer, prompt, params.stop, params.skip_special_tokens)
                   for _ in seqs]
         live = self._live[request.request_id] = _Live(request, seqs, detoks)
@@ -112,32 +136,50 @@ class EngineCore:
     # --- stepping ---
 
     def step(self) -> list[StreamOutput]:
-        """Schedule and run one step; return every sample's new output."""
+        """Schedule and run one step; return every sample's new output (and finished embeddings)."""
         chunks = self.scheduler.schedule()
         if not chunks:
             return []
         start = time.perf_counter()
-        step_chunks = [self._chunk(c) for c in chunks]
+        generating = [c for c in chunks if not c.seq.is_embedding]
+        embedding = [c for c in chunks if c.seq.is_embedding]
+        step_chunks = [self._chunk(c) for c in generating]
         if any(c.score for c in step_chunks):
             results, scores = self.runner.step_with_scores(step_chunks)
         else:
-            results, scores = self.runner.step(step_chunks), [None] * len(chunks)
+            results, scores = self.runner.step(step_chunks), [None] * len(step_chunks)
+        hidden = []
+        if embedding:
+            hidden = self.runner.hidden_states([Chunk(c.tokens, c.seq.num_computed, c.seq.pages) for c in embedding])
         now = time.monotonic()
         outputs = []
-        for scheduled, result, score in zip(chunks, results, scores):
+        for scheduled, result, score in zip(generating, results, scores):
             seq = scheduled.seq
             if score is not None:
                 _collect_prompt_logprobs(seq, score)
-            self._stats.prompt_tokens += max(0, min(len(seq.prompt_ids) - seq.num_computed, len(scheduled.tokens)))
-            seq.num_computed += len(scheduled.tokens)
-            self.kv.cache_computed(seq)
+            self._computed(scheduled)
             if result is not None:
                 outputs.append(self._accept(seq, result, now))
+        for scheduled, rows in zip(embedding, hidden):
+            live = self._by_seq[scheduled.seq.seq_id]
+            if scheduled.seq.num_computed == 0:  # first chunk, or recomputing after a preemption
+                live.hidden = []
+            live.hidden.append(rows)
+            self._computed(scheduled)
+            if not scheduled.seq.in_prefill:
+                outputs.append(self._pooled(scheduled.seq, now))
         elapsed = time.perf_counter() - start
         self._stats.num_steps += 1
         self._stats.last_step_seconds = elapsed
         self._stats.total_step_seconds += elapsed
         return outputs
+
+    def _computed(self, scheduled: ScheduledChunk) -> None:
+        """The chunk's K/V is in the cache now: count it and offer its full pages to the prefix cache."""
+        seq = scheduled.seq
+        self._stats.prompt_tokens += max(0, min(len(seq.prompt_ids) - seq.num_computed, len(scheduled.tokens)))
+        seq.num_computed += len(scheduled.tokens)
+        self.kv.cache_computed(seq)
 
     def _chunk(self, scheduled: ScheduledChunk) -> Chunk:
         seq = scheduled.seq
@@ -151,10 +193,7 @@ class EngineCore:
         detok = live.detoks[seq.index]
         if seq.params.max_tokens == 0:  # scoring only: the prompt ran, nothing is generated
             seq.finish_reason = "length"
-            self.scheduler.remove(seq)
-            del self._by_seq[seq.seq_id]
-            if all(s.finished for s in live.seqs):
-                del self._live[live.request.request_id]
+            self._finish(seq)
             return self._output(live, seq.index, [], "", None, now)
         seq.append(result.token_id, result.logprob, result.top_ids, result.top_logprobs)
         self._stats.generation_tokens += 1
@@ -171,11 +210,26 @@ class EngineCore:
         new_logprobs = seq.logprobs[-1:] if seq.params.logprobs is not None else None
         out = self._output(live, seq.index, [result.token_id], text, new_logprobs, now, stop_reason)
         if seq.finished:
-            self.scheduler.remove(seq)
-            del self._by_seq[seq.seq_id]
-            if all(s.finished for s in live.seqs):
-                del self._live[live.request.request_id]
+            self._finish(seq)
         return out
+
+    def _pooled(self, seq: Sequence, now: float) -> StreamOutput:
+        """An embedding's last chunk ran: pool its rows into the vector its one final output carries."""
+        live = self._by_seq[seq.seq_id]
+        rows = np.concatenate(live.hidden).astype(np.float32)
+        live.hidden = []
+        seq.finish_reason = "stop"
+        self._finish(seq)
+        out = self._output(live, seq.index, [], "", None, now)
+        out.embedding = rows.mean(axis=0) if seq.pooling == "mean" else rows[-1]
+        return out
+
+    def _finish(self, seq: Sequence) -> None:
+        """A finished sample leaves the scheduler (its pages are freed); the request goes with its last one."""
+        live = self._by_seq.pop(seq.seq_id)
+        self.scheduler.remove(seq)
+        if all(s.finished for s in live.seqs):
+            del self._live[live.request.request_id]
 
     def _output(self, live: _Live, index: int, new_ids: list[int], text: str, logprobs,
                 now: float | None = None, stop_reason: str | int | None = None) -> StreamOutput:
@@ -191,58 +245,6 @@ class EngineCore:
             arrival_time=live.request.arrival_time, first_token_time=live.first_token_time[index],
             last_token_time=now, stop_reason=stop_reason, prompt_logprobs=prompt_logprobs,
         )
-
-    # --- embeddings (LLM embedding mode) ---
-
-    def embed(self, token_lists: list[list[int]], pooling: str = "mean") -> np.ndarray:
-        """Pooled final hidden states `[N, hidden]` (float32, not normalized), one row per input.
-
-        Inputs are packed into ragged steps like prompts; each gets temporary pages that are
-        released afterwards (never registered in the prefix cache). Raises `OutOfPagesError`
-        when generation holds the cache; the async engine then retries after the next step.
-        """
-        if pooling not in ("mean", "last"):
-            raise SamplingParamsError(f"pooling must be 'mean' or 'last', got {pooling!r}")
-        for tokens in token_lists:
-            self.validate(Request(list(tokens), SamplingParams(max_tokens=1)))
-        page_size, budget = self.runner.page_size, self.config.runtime.max_num_batched_tokens
-        pooled: list[np.ndarray] = []
-        i = 0
-        while i < len(token_lists):
-            group, num_tokens, num_pages = [], 0, 0
-            while i < len(token_lists) and len(group) < self.config.runtime.max_num_seqs:
-                n = len(token_lists[i])
-                pages = -(-n // page_size)
-                if group and (num_tokens + n > budget or num_pages + pages > self.allocator.num_free):
-                    break
-                group.append([int(t) for t in token_lists[i]])
-                num_tokens, num_pages, i = num_tokens + n, num_pages + pages, i + 1
-            pooled += self._embed_group(group, pooling, budget)
-        return np.stack(pooled)
-
-    def _embed_group(self, group: list[list[int]], pooling: str, budget: int) -> list[np.ndarray]:
-        page_size = self.runner.page_size
-        counts = [-(-len(tokens) // page_size) for tokens in group]
-        flat = self.allocator.allocate(sum(counts))  # all or nothing; may raise OutOfPagesError
-        pages = [flat[sum(counts[:k]):sum(counts[:k + 1])] for k in range(len(group))]
-        try:
-            states: list[list[np.ndarray]] = [[] for _ in group]
-            done = [0] * len(group)
-            while any(d < len(t) for d, t in zip(done, group)):
-                chunks, members, room = [], [], budget
-                for k, tokens in enumerate(group):
-                    if done[k] < len(tokens) and room > 0:
-                        piece = tokens[done[k]:done[k] + room]
-                        chunks.append(Chunk(tokens=piece, start_pos=done[k], pages=pages[k]))
-                        members.append(k)
-                        room -= len(piece)
-                for k, chunk, hidden in zip(members, chunks, self.runner.hidden_states(chunks)):
-                    states[k].append(hidden)
-                    done[k] += len(chunk.tokens)
-            full = [np.concatenate(s) for s in states]
-            return [h.mean(axis=0) if pooling == "mean" else h[-1] for h in full]
-        finally:
-            self.allocator.release(flat)
 
     # --- statistics ---
 

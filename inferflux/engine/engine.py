@@ -8,7 +8,9 @@ outputs come back through each request's `asyncio.Queue` via
 `loop.call_soon_threadsafe`. The asyncio side never calls JAX.
 
 A consumer that stops iterating (it broke out, or its task was cancelled)
-aborts its request; the pages are free before the next step.
+aborts its request; the pages are free before the next step. `embed` is
+`submit` too: one embedding request per input, scheduled with the
+generations in flight (docs/engine.md).
 """
 
 from __future__ import annotations
@@ -17,15 +19,12 @@ import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator
-from typing import Any
 
 import numpy as np
 
 from inferflux.config import Config
 from inferflux.engine.core import EngineCore
-from inferflux.engine.kv_cache import OutOfPagesError
-from inferflux.engine.request import EngineStats, Request, StreamOutput
-from inferflux.engine.sampling_params import SamplingParams
+from inferflux.engine.request import EngineStats, Pooling, Request, StreamOutput
 from inferflux.formats.loader import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -42,7 +41,6 @@ class Engine:
         self._cond = threading.Condition()
         self._inbox: list[tuple[Request, asyncio.Queue, asyncio.AbstractEventLoop]] = []
         self._aborts: list[str] = []
-        self._embed_jobs: list[tuple[list[list[int]], str, asyncio.Future, asyncio.AbstractEventLoop]] = []
         # request id -> (its queue, the caller's loop, samples whose final output is not delivered yet)
         self._streams: dict[str, tuple[asyncio.Queue, asyncio.AbstractEventLoop, int]] = {}
         self._stats = self.core.stats()
@@ -96,18 +94,27 @@ class Engine:
             if remaining:
                 self.abort(request.request_id)
 
-    async def embed(self, token_lists: list[list[int]], pooling: str = "mean") -> np.ndarray:
-        """Pooled hidden states of the inputs (LLM embedding mode), computed between generation steps."""
-        if self._error is not None or self._stopping:
-            raise EngineDeadError(f"the engine is not running: {self._error or 'stopped'}")
-        for tokens in token_lists:  # bad input fails here, in the caller
-            self.core.validate(Request(list(tokens), SamplingParams(max_tokens=1)))
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future = loop.create_future()
-        with self._cond:
-            self._embed_jobs.append((token_lists, pooling, future, loop))
-            self._cond.notify()
-        return await future
+    async def embed(self, token_lists: list[list[int]], pooling: Pooling = "mean") -> np.ndarray:
+        """Pooled final hidden states `[N, hidden]` (float32, not normalized) of the inputs, in order.
+
+        Each input is one `Request(kind="embed")` through `submit`, so embeddings share steps with the
+        generations in flight. Every input is checked before any is queued: bad input raises here.
+        """
+        requests = [Request(list(tokens), kind="embed", pooling=pooling) for tokens in token_lists]
+        for request in requests:
+            self.core.validate(request)
+        streams = [await self.submit(request) for request in requests]
+        vectors = []
+        try:
+            for stream in streams:
+                async for out in stream:
+                    if out.embedding is None:  # aborted: the engine stopped before computing it
+                        raise EngineDeadError(f"the engine is not running: {self._error or 'stopped'}")
+                    vectors.append(out.embedding)
+        finally:
+            for request in requests[len(vectors):]:  # a caller that went away frees the rest now
+                self.abort(request.request_id)
+        return np.stack(vectors)
 
     def abort(self, request_id: str) -> None:
         """Stop a request; safe from any thread, a no-op for unknown or finished ones."""
@@ -125,12 +132,10 @@ class Engine:
         try:
             while True:
                 with self._cond:
-                    while not (self._inbox or self._aborts or self._stopping or self.core.has_unfinished
-                               or self._embed_jobs):
+                    while not (self._inbox or self._aborts or self._stopping or self.core.has_unfinished):
                         self._cond.wait()
                     inbox, self._inbox = self._inbox, []
                     aborts, self._aborts = self._aborts, []
-                    jobs, self._embed_jobs = self._embed_jobs, []
                     stopping = self._stopping
                 for request, queue, loop in inbox:
                     self._admit(request, queue, loop)
@@ -139,10 +144,7 @@ class Engine:
                         self._deliver(output)
                     self._streams.pop(request_id, None)
                 if stopping:
-                    for _, _, future, loop in jobs:
-                        loop.call_soon_threadsafe(_settle, future, None, EngineDeadError("the engine stopped"))
                     break
-                self._run_embeddings(jobs)
                 for output in self.core.step():
                     self._deliver(output)
                 self._stats = self.core.stats()
@@ -157,20 +159,6 @@ class Engine:
                     self._deliver(output)
             self._streams.clear()
             self._stats = self.core.stats()
-
-    def _run_embeddings(self, jobs: list) -> None:
-        """Run embedding jobs between steps; a job that finds the cache full waits for the next round."""
-        for job in jobs:
-            token_lists, pooling, future, loop = job
-            try:
-                result, error = self.core.embed(token_lists, pooling), None
-            except OutOfPagesError:
-                with self._cond:
-                    self._embed_jobs.append(job)
-                continue
-            except Exception as exc:  # noqa: BLE001 - reported to the caller
-                result, error = None, exc
-            loop.call_soon_threadsafe(_settle, future, result, error)
 
     def _admit(self, request: Request, queue: asyncio.Queue, loop: asyncio.AbstractEventLoop) -> None:
         try:
@@ -201,11 +189,3 @@ class Engine:
             else:
                 self._streams[output.request_id] = (queue, loop, remaining - 1)
 
-
-def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
-    if future.done():  # the caller went away
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)

@@ -5,19 +5,35 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
+from typing import Literal
+
+import numpy as np
 
 from inferflux.engine.sampling_params import SamplingParams
 from inferflux.engine.sequence import TokenLogprobs
 
+RequestKind = Literal["generate", "embed"]
+Pooling = Literal["mean", "last"]
+POOLINGS: tuple[str, ...] = ("mean", "last")
+
 
 @dataclasses.dataclass
 class Request:
+    """One request to the engine.
+
+    kind="embed": the prompt runs like a prefill-only request (chunked, batched with generations) and the
+    one final output carries `embedding`, its final hidden states pooled by `pooling` ("mean" over every
+    token, or the "last" token's). `params` are not used then.
+    """
+
     prompt_ids: list[int]
     params: SamplingParams = dataclasses.field(default_factory=SamplingParams)
     request_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
     arrival_time: float = dataclasses.field(default_factory=time.monotonic)
     tenant: str | None = None  # for per-tenant fairness and accounting
     adapter: str | None = None  # LoRA adapter name (later)
+    kind: RequestKind = "generate"
+    pooling: Pooling = "mean"  # kind="embed" only
 
 
 @dataclasses.dataclass
@@ -39,6 +55,8 @@ class StreamOutput:
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it, if any
     # With params.prompt_logprobs, on a sample's first output: one entry per prompt token (the first is None).
     prompt_logprobs: list[TokenLogprobs | None] | None = None
+    # kind="embed", on its final output: the pooled final hidden state, float32 [hidden], not normalized.
+    embedding: np.ndarray | None = None
 
     @property
     def finished(self) -> bool:

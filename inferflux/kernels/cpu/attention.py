@@ -12,6 +12,8 @@ the library is loaded (docs/runtime.md, "CPU kernels").
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,10 +23,15 @@ from inferflux.kernels import cpu
 __all__ = ["ATTENTION_TARGET", "paged_attention_cpu", "supported"]
 
 ATTENTION_TARGET = "inferflux_paged_attention_v1"
+# `INFERFLUX_CPU_ATTENTION=off` keeps the jax.numpy reference for attention while the matmul kernels stay on
+# (read when a step is traced): for before/after comparisons in one process (benchmarks/bench_cpu_step.py).
+ATTENTION_SWITCH = "INFERFLUX_CPU_ATTENTION"
 
 
 def supported(dtype: jnp.dtype | None = None) -> bool:
     """Whether the handler can run here for activations/caches of `dtype` (float32 only; default: yes if loaded)."""
+    if os.environ.get(ATTENTION_SWITCH, "").strip().lower() in ("off", "0", "false", "no"):
+        return False
     return cpu.available() and (dtype is None or jnp.dtype(dtype) == jnp.float32)
 
 

@@ -32,29 +32,9 @@ namespace ffi = xla::ffi;
 namespace inferflux::attn {
 namespace {
 
-#define IF_INLINE inline __attribute__((always_inline))
-
-// exp(x) with plain float arithmetic that compilers vectorise (Cephes' expf, ~2 ulp).
-IF_INLINE float exp_poly(float x) {
-  x = std::min(std::max(x, -87.3f), 88.3f);
-  const float fx = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  float r = x - fx * 0.693359375f;
-  r = r + fx * 2.12194440e-4f;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * (r * r) + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(fx) + 127) << 23;
-  return y * __builtin_bit_cast(float, bits);
-}
-
-// The portable inner loop: the same blocks as the AVX-512 path, written so a compiler vectorises the
-// loops over the 16 lanes (positions) and over head_dim. Compiled twice: baseline and AVX2+FMA.
-template <bool kPolyExp>
-IF_INLINE void attend_generic(const Problem& pb, int64_t t, int64_t g, int64_t p0, int64_t p1, Partial part) {
+// The portable inner loop (any CPU; also the oracle of the vector paths): the same 16-position blocks as
+// the AVX2/AVX-512 paths, plain loops, std::exp.
+void attend_generic(const Problem& pb, int64_t t, int64_t g, int64_t p0, int64_t p1, Partial part) {
   const int64_t dim = pb.D, group = pb.group();
   std::vector<float> qs(group * dim), kt(dim * kBlock);
   const float* q = pb.q + (t * pb.H + g * group) * dim;
@@ -77,10 +57,10 @@ IF_INLINE void attend_generic(const Problem& pb, int64_t t, int64_t g, int64_t p
       float bm = kMaskValue;
       for (int i = 0; i < kBlock; ++i) bm = ((valid >> i) & 1) && s[i] > bm ? s[i] : bm;
       const float m_new = std::max(part.m[j], bm);
-      const float corr = kPolyExp ? exp_poly(part.m[j] - m_new) : std::exp(part.m[j] - m_new);
+      const float corr = std::exp(part.m[j] - m_new);
       float sum = 0;
       for (int i = 0; i < kBlock; ++i) {
-        const float e = kPolyExp ? exp_poly(s[i] - m_new) : std::exp(s[i] - m_new);
+        const float e = std::exp(s[i] - m_new);
         p[i] = ((valid >> i) & 1) ? e : 0.0f;
         sum += p[i];
       }
@@ -236,16 +216,10 @@ ffi::Error paged_attention_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, f
 }  // namespace
 
 void attend_scalar(const Problem& pb, int64_t t, int64_t g, int64_t p0, int64_t p1, Partial part) {
-  attend_generic<false>(pb, t, g, p0, p1, part);
+  attend_generic(pb, t, g, p0, p1, part);
 }
 
-#if IF_X86
-__attribute__((target("avx2,fma"))) bool attend_avx2(const Problem& pb, int64_t t, int64_t g, int64_t p0,
-                                                     int64_t p1, Partial part) {
-  attend_generic<true>(pb, t, g, p0, p1, part);
-  return true;
-}
-#else
+#if !IF_X86
 bool attend_avx2(const Problem&, int64_t, int64_t, int64_t, int64_t, Partial) { return false; }
 bool attend_avx512(const Problem&, int64_t, int64_t, int64_t, int64_t, Partial) { return false; }
 #endif

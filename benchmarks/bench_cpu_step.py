@@ -1,0 +1,142 @@
+"""CPU decode step time, before/after the per-step items of the CPU kernels, in one process (ratios, not absolutes).
+
+    python -m benchmarks.bench_cpu_step --make tinyllama-1.1b:Q4_K_M --batch 1,8 --context 128,1024 \\
+        --num-pages 80,2048
+
+The 2-core development machine is shared and noisy, so every variant runs in the same process, one after the
+other, on the same loaded model, and the table quotes ratios against the first variant. Variants:
+
+- `reference`: the jax.numpy reference attention (`INFERFLUX_CPU_ATTENTION=off`), whose token buckets start at 8
+  rows (below that XLA:CPU copies the whole KV cache each step);
+- `ffi, 8 rows`: the C++ FFI attention, buckets still starting at 8 (`runtime.min_token_bucket=8`);
+- `ffi`: the FFI attention with the default buckets (1 row for a batch-1 step).
+
+The matmul path is whatever `runtime.cpu_kernels` selects (the same for every variant). `--num-pages` then
+times batch-1 decode at context 128 with each KV-cache size, for `reference` and `ffi`: the step must not grow
+with the cache (no copy). Each measurement is `bench_decode.measure_decode` (p50 over `--steps` steps through
+`ModelRunner.step`, plus device-only time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.bench_decode import DEFAULT_CACHE_DIR, decode_chunks, environment, measure_decode, model_from_spec
+
+VARIANTS: dict[str, tuple[dict[str, str], dict[str, Any]]] = {
+    "reference": ({"INFERFLUX_CPU_ATTENTION": "off"}, {}),
+    "ffi, 8 rows": ({}, {"min_token_bucket": 8}),
+    "ffi": ({}, {}),
+}
+
+
+def run(model: Path, batches: list[int], contexts: list[int], num_pages: list[int], steps: int,
+        overrides: dict[str, str], log) -> dict[str, Any]:
+    """Every (variant, batch, context) decode measurement, then the num_pages sweep; returns rows as dicts."""
+    import jax
+
+    from inferflux.config import load_config
+    from inferflux.engine.model_runner import ModelRunner
+    from inferflux.formats.loader import load_model
+
+    loaded = load_model(model)
+    mc = loaded.config
+    rng = np.random.default_rng(0)
+
+    def runner_for(env: dict[str, str], extra: dict[str, Any], pages: int) -> ModelRunner:
+        for key in ("INFERFLUX_CPU_ATTENTION",):
+            os.environ.pop(key, None)
+        os.environ.update(env)
+        settings = {"max_num_seqs": max(batches), "max_num_batched_tokens": 512, "num_pages": pages,
+                    "max_model_len": max(contexts) + 16, **overrides, **extra}
+        config = load_config(overrides={f"runtime.{k}": v for k, v in settings.items()})
+        runner = ModelRunner(loaded, config.runtime)
+        jax.block_until_ready(runner.state)
+        return runner
+
+    rows = []
+
+    def measure(label: str, runner: ModelRunner, batch: int, context: int, kind: str) -> None:
+        chunks = decode_chunks(batch, context, runner.page_size, mc.vocab_size, rng)
+        row = measure_decode(runner, chunks, steps, warmup_steps=2)
+        row.update(variant=label, batch=batch, context=context, num_pages=runner.num_pages, kind=kind,
+                   tokens_per_s=batch / (row["step_ms_p50"] / 1e3))
+        rows.append(row)
+        log(f"{kind} {label:12s} batch {batch} context {context} pages {runner.num_pages}: "
+            f"{row['step_ms_p50']:.2f} ms/step (device {row['device_step_ms']:.2f}), bucket {row['bucket']}")
+
+    need = 1 + max(batches) * -(-(max(contexts) + 1) // 16)
+    for label, (env, extra) in VARIANTS.items():
+        runner = runner_for(env, extra, max(need, 80))
+        for context in contexts:
+            for batch in batches:
+                measure(label, runner, batch, context, "decode")
+        del runner
+        gc.collect()
+    for label in ("reference", "ffi"):
+        env, extra = VARIANTS[label]
+        for pages in num_pages:
+            runner = runner_for(env, extra, pages)
+            measure(label, runner, 1, min(128, max(contexts)), "num_pages")
+            del runner
+            gc.collect()
+    os.environ.pop("INFERFLUX_CPU_ATTENTION", None)
+    return {"model": str(model), "environment": environment(), "rows": rows}
+
+
+def markdown(result: dict[str, Any]) -> str:
+    rows = result["rows"]
+    base = {(r["batch"], r["context"]): r["step_ms_p50"] for r in rows
+            if r["kind"] == "decode" and r["variant"] == "reference"}
+    lines = ["| variant | batch | context | bucket | step ms p50 | device ms | tokens/s | vs reference |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in (r for r in rows if r["kind"] == "decode"):
+        ratio = base.get((r["batch"], r["context"]), float("nan")) / r["step_ms_p50"]
+        lines.append(f"| {r['variant']} | {r['batch']} | {r['context']} | {tuple(r['bucket'])} | "
+                     f"{r['step_ms_p50']:.2f} | {r['device_step_ms']:.2f} | {r['tokens_per_s']:.1f} | {ratio:.2f}x |")
+    lines += ["", "| variant | num_pages | step ms p50 | device ms |", "| --- | --- | --- | --- |"]
+    lines += [f"| {r['variant']} | {r['num_pages']} | {r['step_ms_p50']:.2f} | {r['device_step_ms']:.2f} |"
+              for r in rows if r["kind"] == "num_pages"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", type=Path)
+    source.add_argument("--make", metavar="SHAPE:QTYPE")
+    parser.add_argument("--batch", default="1,8")
+    parser.add_argument("--context", default="128,1024")
+    parser.add_argument("--num-pages", default="80,2048")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    ints = [lambda s: [int(x) for x in s.split(",") if x]] * 3
+    batches, contexts, pages = (f(v) for f, v in zip(ints, (args.batch, args.context, args.num_pages)))
+    model = args.model or model_from_spec(args.make, DEFAULT_CACHE_DIR, log)
+    start = time.perf_counter()
+    result = run(model, batches, contexts, pages, args.steps, dict(s.split("=", 1) for s in args.set), log)
+    result["seconds"] = time.perf_counter() - start
+    result["command"] = "python -m benchmarks.bench_cpu_step " + " ".join(sys.argv[1:] if argv is None else argv)
+    print(markdown(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -323,7 +323,7 @@ def test_logprobs_are_raw_log_softmax(num_logprobs):
     logits = (3 * rng.normal(size=(b, v))).astype(np.float32)
     rows = [
         RowParams(temperature=0.0),
-        RowParams(temperature=0.3, seed=1),
+        RowParams(temperature=0.3, seed=1, top_logprobs=num_logprobs),  # one row asking: every row gets them
         RowParams(temperature=2.0, seed=2, top_k=50),
         RowParams(presence_penalty=1.5, repetition_penalty=1.3, seed=3),
         RowParams(temperature=0.0, logit_bias={int(np.argmin(logits[4])): 1000.0}),  # far outside top-N
@@ -342,6 +342,26 @@ def test_logprobs_are_raw_log_softmax(num_logprobs):
     np.testing.assert_allclose(out.logprob, ref[np.arange(b), out.token_ids], atol=1e-5)
     assert out.token_ids[4] == np.argmin(logits[4])
     assert out.token_ids[6] != np.argmax(logits[6])
+
+
+def test_top_logprobs_are_skipped_when_no_row_asks():
+    rng = np.random.default_rng(8)
+    logits = rng.normal(size=(4, 50)).astype(np.float32)
+    rows = [RowParams(temperature=0.0), RowParams(temperature=0.7, seed=3), None]
+    skipped = run(logits, rows, num_logprobs=3)
+    asked = run(logits, rows[:1] + [RowParams(temperature=0.7, seed=3, top_logprobs=2)] + rows[2:], num_logprobs=3)
+    assert not skipped.top_ids.any() and np.isneginf(skipped.top_logprobs).all()
+    np.testing.assert_array_equal(asked.top_ids, np.argsort(-logits, axis=-1, kind="stable")[:, :3])
+    # The sampled tokens and their logprobs do not depend on it.
+    np.testing.assert_array_equal(skipped.token_ids, asked.token_ids)
+    np.testing.assert_array_equal(skipped.logprob, asked.logprob)
+
+
+def test_row_params_carry_the_requests_logprobs():
+    from inferflux.engine.sampling_params import SamplingParams
+
+    assert RowParams.from_sampling_params(SamplingParams(logprobs=4), step=0).top_logprobs == 4
+    assert RowParams.from_sampling_params(SamplingParams(logprobs=None), step=0).top_logprobs == 0
 
 
 # ---------------------------------------------------------------------------

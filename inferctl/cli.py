@@ -235,12 +235,13 @@ class InferCtl:
         print(usage())
 
 
-# The order `inferctl --help` lists them in; run's MODEL and PROMPT may be given without flags, as Ollama's.
+# The order `inferctl --help` lists them in. run's MODEL and PROMPT (as in `ollama run`) and the URL of chat and
+# status may be given without their flags.
 COMMANDS = [
     Command.of("serve", InferCtl.serve, extras=[SET_FLAG]),
     Command.of("run", InferCtl.run, positional=["model", "prompt"], extras=[SET_FLAG]),
-    Command.of("chat", InferCtl.chat),
-    Command.of("status", InferCtl.status),
+    Command.of("chat", InferCtl.chat, positional=["url"]),
+    Command.of("status", InferCtl.status, positional=["url"]),
     Command.of("pull", InferCtl.pull),
     Command.of("list", InferCtl.list),
     Command.of("show", InferCtl.show),

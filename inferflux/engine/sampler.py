@@ -58,14 +58,15 @@ nothing returns NaN and rows never interact.
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
 from jax import lax
+
+from inferflux.engine.sampling_params import SamplingKnobs, SamplingParamsError, bias_token_id
 
 __all__ = [
     "GREEDY_EPS",
@@ -89,45 +90,31 @@ _F32_MAX = float(np.finfo(np.float32).max)
 _SEED_MASK = 0xFFFFFFFF
 
 
-@dataclasses.dataclass(frozen=True)
-class RowParams:
-    """One row's sampling settings; every default is a no-op.
+@dataclasses.dataclass(kw_only=True)
+class RowParams(SamplingKnobs):
+    """One row's sampling settings: the request's knobs (declared and checked once, in
+    `SamplingKnobs`) plus ``step``, the row's position (tokens generated so far).
 
-    ``temperature`` 0 means greedy. ``top_k`` 0 or -1 is off (as is any
-    ``k >= V``), ``top_p`` 1 is off, ``min_p`` 0 is off. ``logit_bias`` maps
-    token id -> value added to its logit (``-inf`` bans the token).
-    ``seed`` None draws a fresh random seed each time the row is packed; an
-    engine that wants a reproducible stream per request fixes one at
-    admission. Seeds outside ``[0, 2**32)`` are folded to 32 bits (the low
-    half of the 64-bit value xor a multiplicative hash of the high half, so
-    seeds in ``[0, 2**32)`` map to themselves and -1 does not collide with 0). ``step`` is the row's position
-    (tokens generated so far); it
-    is folded into the key, so each step draws fresh noise.
+    ``seed`` None draws a fresh random seed each time the row is packed; an engine that
+    wants a reproducible stream per request fixes one at admission. Seeds outside
+    ``[0, 2**32)`` are folded to 32 bits (the low half of the 64-bit value xor a
+    multiplicative hash of the high half, so seeds in ``[0, 2**32)`` map to themselves
+    and -1 does not collide with 0). ``step`` is folded into the key, so each step draws
+    fresh noise.
     """
 
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    logit_bias: Mapping[int, float] | None = None
-    seed: int | None = None
     step: int = 0
     # Top logprobs the request wants per token (its `logprobs`; 0/None: none): the step skips the top-N work
     # when no row in it wants any.
     top_logprobs: int = 0
 
     @classmethod
-    def from_sampling_params(cls, params: object, *, step: int, seed: int | None = None) -> RowParams:
-        """Copy the knobs named like this class's fields from ``params`` (e.g. an
-        engine ``SamplingParams``); ``seed`` is used when ``params.seed`` is None."""
-        knobs = {f.name: getattr(params, f.name) for f in dataclasses.fields(cls)
-                 if f.name not in ("seed", "step", "top_logprobs")}
-        own_seed = getattr(params, "seed", None)
-        return cls(**knobs, seed=seed if own_seed is None else own_seed, step=step,
-                   top_logprobs=int(getattr(params, "logprobs", None) or 0))
+    def from_sampling_params(cls, params: SamplingKnobs, *, step: int, seed: int | None = None) -> RowParams:
+        """The row view of a request's knobs; ``seed`` is used when ``params.seed`` is None."""
+        knobs = {f.name: getattr(params, f.name) for f in dataclasses.fields(SamplingKnobs)}
+        if knobs["seed"] is None:
+            knobs["seed"] = seed
+        return cls(**knobs, step=step, top_logprobs=int(getattr(params, "logprobs", None) or 0))
 
     @property
     def needs_history(self) -> bool:
@@ -140,43 +127,10 @@ class RowParams:
         )
 
     def validate(self, vocab_size: int | None = None) -> None:
-        """Raise ``ValueError`` naming the first field that is out of range."""
-
-        def bad(name: str, why: str) -> ValueError:
-            return ValueError(f"sampling parameter {name}={getattr(self, name)!r}: {why}")
-
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise bad("temperature", "must be a finite number >= 0")
-        if int(self.top_k) != self.top_k or self.top_k < -1:
-            raise bad("top_k", "must be an integer >= -1 (0 or -1 = off)")
-        if not (0 < self.top_p <= 1):
-            raise bad("top_p", "must be in (0, 1]")
-        if not (0 <= self.min_p <= 1):
-            raise bad("min_p", "must be in [0, 1]")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if not math.isfinite(getattr(self, name)):
-                raise bad(name, "must be finite")
-        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
-            raise bad("repetition_penalty", "must be a finite number > 0")
-        if self.seed is not None and int(self.seed) != self.seed:
-            raise bad("seed", "must be an integer")
+        """Raise ``ValueError`` (a `SamplingParamsError`) naming the first field that is out of range."""
+        self.check_knobs(vocab_size)
         if int(self.step) != self.step or not (0 <= self.step < 2**31):
-            raise bad("step", "must be an integer in [0, 2**31)")
-        for tok, val in (self.logit_bias or {}).items():
-            tid = _token_id(tok)
-            if tid is None or tid < 0 or (vocab_size is not None and tid >= vocab_size):
-                raise bad("logit_bias", f"token id {tok!r} is not in the vocabulary")
-            if math.isnan(val):
-                raise bad("logit_bias", f"value for token {tok} is NaN")
-
-
-def _token_id(tok: object) -> int | None:
-    """A logit-bias key as an int (JSON gives string keys), None if it is not one."""
-    try:
-        tid = int(tok)  # type: ignore[call-overload]
-    except (TypeError, ValueError):
-        return None
-    return tid if isinstance(tok, str) or tid == tok else None
+            raise SamplingParamsError(f"sampling parameter step={self.step!r}: must be an integer in [0, 2**31)")
 
 
 _DEFAULTS = RowParams()
@@ -253,7 +207,7 @@ class SamplingTensors:
         for i, r in enumerate(rows):
             items = list((r.logit_bias or {}).items())
             if items:
-                bias_ids[i, : len(items)] = [_token_id(t) for t, _ in items]
+                bias_ids[i, : len(items)] = [bias_token_id(t) for t, _ in items]
                 bias_values[i, : len(items)] = [v for _, v in items]
         return cls(
             temperature=col("temperature", np.float32),

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import signal
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -24,6 +23,7 @@ from inferflux.errors import InferFluxError
 
 if TYPE_CHECKING:
     from inferflux.config import Config
+    from inferflux.engine.request import StreamOutput
 
 Message = Mapping[str, str]
 
@@ -234,11 +234,12 @@ def _error_message(body: Any) -> str:
 class LocalBackend:
     """Chat with a model loaded in this process (`inferflux.LLM`), no server needed.
 
-    It steps `llm.engine` itself rather than calling `LLM.chat`, because `chat` returns only when
-    the whole answer is done, and a terminal chat must show tokens as they are produced and be able
-    to stop mid-answer. `config` and `**runtime` (runtime keys, e.g. `max_model_len=256`) are passed
-    to `LLM(path, config, **runtime)`, so the CLI can honour `--config` / `--set` as `serve` does.
-    `name` is what the banner and transcripts call the model (default: the file or folder name).
+    It iterates `LLM.stream` rather than calling `LLM.chat`, because `chat` returns only when the
+    whole answer is done, and a terminal chat must show tokens as they are produced and be able to
+    stop mid-answer (`LLM` holds Ctrl-C back until a step is done, so stopping never leaves the
+    engine half-updated). `config` and `**runtime` (runtime keys, e.g. `max_model_len=256`) are
+    passed to `LLM(path, config, **runtime)`, so the CLI can honour `--config` / `--set` as `serve`
+    does. `name` is what the banner and transcripts call the model (default: the file or folder name).
     """
 
     def __init__(self, model_path: str, config: Config | None = None, name: str | None = None,
@@ -249,64 +250,35 @@ class LocalBackend:
         self.llm = LLM(model_path, config, **runtime)
         # What the banner and the transcript call it: the store name the user typed, not the blob's hash.
         self.name = name or Path(model_path).name
-        self._request_id: str | None = None
+        self._outputs: Generator[StreamOutput, None, None] | None = None
         self._owner: int | None = None  # the thread that steps the engine; only it may touch the engine
         self._cancelled = threading.Event()
 
     def stream(self, messages: Sequence[Message], temperature: float, max_tokens: int) -> Iterator[str]:
-        """Render, encode, queue one request and step the engine until it finishes, yielding text deltas."""
-        from inferflux.engine.request import Request
+        """Render, encode and stream one request through `LLM.stream`, yielding text deltas."""
         from inferflux.engine.sampling_params import SamplingParams
 
         llm = self.llm
         prompt = llm.model.chat_template.render(list(messages), add_generation_prompt=True)
         # The template writes BOS as text; encoding must not add a second one (as LLM.chat does).
         ids = llm.tokenizer.encode(prompt, add_special_tokens=False)
-        request = Request(ids, SamplingParams(temperature=temperature, max_tokens=max_tokens))
-        llm.engine.add_request(request)  # a prompt over the context raises SamplingParamsError here
-        self._request_id, self._owner = request.request_id, threading.get_ident()
+        # A prompt over the context raises SamplingParamsError here.
+        outputs = llm.stream(ids, SamplingParams(temperature=temperature, max_tokens=max_tokens))
+        self._outputs, self._owner = outputs, threading.get_ident()
         self._cancelled.clear()
         try:
-            while not self._cancelled.is_set():
-                outputs = self._step()
-                for out in outputs:
-                    if out.request_id != request.request_id:
-                        continue
-                    if out.new_text:
-                        yield out.new_text
-                    if out.finished:
-                        return
-                if not outputs and not llm.engine.has_unfinished:
+            for out in outputs:
+                if out.new_text:
+                    yield out.new_text
+                if self._cancelled.is_set():
                     return
         finally:
             self._abort()
 
-    def _step(self) -> list[Any]:
-        """One engine step with Ctrl-C held back until it returns.
-
-        A KeyboardInterrupt raised inside `step()` could land between the scheduler's and the page
-        allocator's bookkeeping and leave the engine inconsistent for every later turn of the
-        session. So SIGINT is deferred to the end of the step (one step is milliseconds, or one
-        compilation) and re-raised where aborting the request is safe.
-        """
-        engine = self.llm.engine
-        if (threading.current_thread() is not threading.main_thread()
-                or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
-            return engine.step()
-        pending: list[int] = []
-        signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
-        try:
-            outputs = engine.step()
-        finally:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-        if pending:
-            raise KeyboardInterrupt
-        return outputs
-
     def _abort(self) -> None:
-        request_id, self._request_id = self._request_id, None
-        if request_id is not None:
-            self.llm.engine.abort(request_id)  # frees its KV pages; a no-op for a finished request
+        outputs, self._outputs = self._outputs, None
+        if outputs is not None:
+            outputs.close()  # LLM.stream aborts the request and frees its KV pages; a no-op once finished
 
     def cancel(self) -> None:
         """Abort the answer in flight. From another thread it only flags the stream, which aborts

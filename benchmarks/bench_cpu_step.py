@@ -13,8 +13,9 @@ other, on the same loaded model, and the table quotes ratios against the first v
 
 The matmul path is whatever `runtime.cpu_kernels` selects (the same for every variant). `--num-pages` then
 times batch-1 decode at context 128 with each KV-cache size, for `reference` and `ffi`: the step must not grow
-with the cache (no copy). Each measurement is `bench_decode.measure_decode` (p50 over `--steps` steps through
-`ModelRunner.step`, plus device-only time).
+with the cache (no copy). Last, the sampler alone: with and without a row asking for top logprobs, and
+`jnp.argmax` against the sampler's two-reduction argmax. Each step measurement is `bench_decode.measure_decode`
+(p50 over `--steps` steps through `ModelRunner.step`, plus device-only time).
 """
 
 from __future__ import annotations
@@ -90,7 +91,40 @@ def run(model: Path, batches: list[int], contexts: list[int], num_pages: list[in
             del runner
             gc.collect()
     os.environ.pop("INFERFLUX_CPU_ATTENTION", None)
-    return {"model": str(model), "environment": environment(), "rows": rows}
+    sampler = sampler_times(mc.vocab_size, int(overrides.get("max_logprobs", 20)))
+    return {"model": str(model), "environment": environment(), "rows": rows, "sampler": sampler}
+
+
+def sampler_times(vocab: int, num_logprobs: int, repeats: int = 50) -> list[dict[str, Any]]:
+    """ms per call of the step's `sample` at batch 1 and 8 (greedy rows), with and without a row asking for
+    top logprobs, and of `jnp.argmax` against the sampler's two-reduction `_argmax`."""
+    import jax
+    import jax.numpy as jnp
+
+    from inferflux.engine import sampler
+
+    def timed(fn, *args) -> float:
+        jax.block_until_ready(fn(*args))
+        start = time.perf_counter()
+        for _ in range(repeats):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        return (time.perf_counter() - start) / repeats * 1e3
+
+    rows = []
+    for batch in (1, 8):
+        logits = jnp.asarray(np.random.default_rng(batch).standard_normal((batch, vocab)), jnp.float32)
+        hist, is_out = jnp.full((batch, 128), -1, jnp.int32), jnp.zeros((batch, 128), bool)
+        step = jax.jit(lambda x, st, h, o: sampler.sample(x, st, h, o, num_logprobs=num_logprobs))
+        for asked in (True, False):
+            params = [sampler.RowParams(temperature=0.0, seed=i, top_logprobs=num_logprobs if asked and not i else 0)
+                      for i in range(batch)]
+            st = sampler.SamplingTensors.from_params(params, batch)
+            rows.append({"what": f"sample, top-{num_logprobs} {'asked by a row' if asked else 'not asked'}",
+                         "batch": batch, "ms": timed(step, logits, st, hist, is_out)})
+        rows.append({"what": "jnp.argmax", "batch": batch, "ms": timed(jax.jit(lambda x: jnp.argmax(x, -1)), logits)})
+        rows.append({"what": "sampler._argmax", "batch": batch, "ms": timed(jax.jit(sampler._argmax), logits)})
+    return rows
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -106,6 +140,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines += ["", "| variant | num_pages | step ms p50 | device ms |", "| --- | --- | --- | --- |"]
     lines += [f"| {r['variant']} | {r['num_pages']} | {r['step_ms_p50']:.2f} | {r['device_step_ms']:.2f} |"
               for r in rows if r["kind"] == "num_pages"]
+    lines += ["", "| sampler | batch | ms |", "| --- | --- | --- |"]
+    lines += [f"| {r['what']} | {r['batch']} | {r['ms']:.3f} |" for r in result.get("sampler", [])]
     return "\n".join(lines)
 
 

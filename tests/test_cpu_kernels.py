@@ -1,9 +1,9 @@
 """The CPU FFI kernels: a bit-exact numpy reference for every quantized-matmul type, invariances, packaging.
 
 The reference (`reference_qmatmul`) does what inferflux/kernels/cpu/csrc/qmm_body.inc does, in numpy:
-activations quantized per block (absmax / 127, round-half-even), weight blocks decoded to unsigned integers
-plus integer sub-block scales, integer dots per sub-block in int64, and the float epilogue in the kernel's
-order. The reference itself is checked against `gguf.quants.dequantize(W) @ x` within the error that
+activations quantized in blocks of 32 (absmax / 127, round-half-even), weight blocks decoded to unsigned
+integers plus integer sub-block scales, integer dots per sub-block in int64, and the float epilogue in the
+kernel's order. The reference itself is checked against `gguf.quants.dequantize(W) @ x` within the error that
 activation quantization allows, and its weight decoding against gguf's dequantizer bit for bit.
 """
 
@@ -126,36 +126,42 @@ def quantize_activations(x: np.ndarray, block: int) -> tuple[np.ndarray, np.ndar
 
 
 def reference_qmatmul(qtype: T, raw: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """What the kernel computes, bit for bit: y[M, N] float32."""
-    k = x.shape[1]
-    dec = decode(qtype, raw, k)
+    """What the kernel computes, bit for bit: y[M, N] float32.
+
+    Activations in blocks of 32. Per output and activation block k: an exact integer S_k (the sub-block dots
+    scaled by the integer sub-block scales, offsets removed) and, for Q4_K/Q5_K, Mn_k (mins times activation
+    sums); one float term t_k = (d * da_k) * S_k [- (dmin * da_k) * Mn_k]. Terms go to 8 lanes (k mod 8),
+    added in order of k, and the lanes are summed as ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)).
+    """
+    dec = decode(qtype, raw, x.shape[1])
     u, off, d = dec["u"], dec["off"], dec["d"]  # u [N, nb, bs]
-    act_block = 32 if qtype in (T.Q8_0, T.Q4_0) else 256
-    q, da = quantize_activations(x, act_block)  # [M, nb, bs], [M, nb]
-    n, nb = u.shape[0], u.shape[1]
+    q, da = quantize_activations(x, 32)  # [M, nb32, 32], [M, nb32]
+    m_rows, n, nb = q.shape[0], u.shape[0], u.shape[1]
     if dec["c"] is None:  # 32-value blocks: one integer dot and one float term per block
-        dots = np.einsum("nbi,mbi->mnb", u, q)
-        s = dots - off * q.sum(-1)[:, None, :]
+        s = np.einsum("nbi,mbi->mnb", u, q) - off * q.sum(-1)[:, None, :]
         terms = (d[None] * da[:, None, :]) * s.astype(F32)
     else:
         nsub = dec["c"].shape[-1]
         us = u.reshape(n, nb, nsub, -1)
-        qs = q.reshape(q.shape[0], nb, nsub, -1)
-        dots = np.einsum("nbsi,mbsi->mnbs", us, qs)
-        asum = qs.sum(-1)[:, None]  # [M, 1, nb, nsub]
-        c = dec["c"][None]
-        isum = (c * dots).sum(-1)
-        csum = (c * asum).sum(-1)
-        s = isum - off * csum
-        assert np.abs(isum).max() < 2**31 and np.abs(s).max() < 2**31  # the kernel's int32 cannot overflow
-        terms = (d[None] * da[:, None, :]) * s.astype(F32)
+        qs = q.reshape(m_rows, nb, nsub, -1)
+        asub = qs.sum(-1)[:, None]  # [M, 1, nb, nsub]
+        per_sub = dec["c"][None] * (np.einsum("nbsi,mbsi->mnbs", us, qs) - off * asub)
+        s = per_sub.reshape(m_rows, n, nb, 8, nsub // 8).sum(-1)  # per activation block of 32
+        assert np.abs(per_sub).max() < 2**31 and np.abs(s).max() < 2**31  # the kernel's int32 cannot overflow
+        d_da = d[None, :, :, None] * da.reshape(m_rows, 1, nb, 8)
+        terms = d_da * s.astype(F32)
         if dec["m"] is not None:
-            msum = (dec["m"][None] * asum).sum(-1)
-            terms = terms - (dec["dmin"][None] * da[:, None, :]) * msum.astype(F32)
-    acc = np.zeros(terms.shape[:2], F32)
-    for j in range(terms.shape[2]):  # blocks in order, one f32 add each
-        acc = acc + terms[..., j]
-    return acc
+            mn = dec["m"][None] * asub
+            terms = terms - (dec["dmin"][None, :, :, None] * da.reshape(m_rows, 1, nb, 8)) * mn.astype(F32)
+        terms = terms.reshape(m_rows, n, nb * 8)
+    pad = -terms.shape[2] % 8
+    terms = np.concatenate([terms, np.zeros((m_rows, n, pad), F32)], axis=2).reshape(m_rows, n, -1, 8)
+    lanes = np.zeros((m_rows, n, 8), F32)
+    for g in range(terms.shape[2]):  # groups in order, one f32 add per lane
+        lanes = lanes + terms[:, :, g]
+    lo = (lanes[..., 0] + lanes[..., 1]) + (lanes[..., 2] + lanes[..., 3])
+    hi = (lanes[..., 4] + lanes[..., 5]) + (lanes[..., 6] + lanes[..., 7])
+    return lo + hi
 
 
 def _cols(qtype: T) -> int:
@@ -190,9 +196,8 @@ def test_reference_within_activation_quantization_bound(qtype: T) -> None:
     raw, x = _inputs(qtype, 16)
     w = gguf.quants.dequantize(raw, qtype).reshape(raw.shape[0], -1).astype(np.float64)
     exact = x.astype(np.float64) @ w.T
-    block = 32 if qtype in (T.Q8_0, T.Q4_0) else 256
-    _, da = quantize_activations(x, block)
-    half_step = np.repeat(da.astype(np.float64) / 2, block, axis=1)
+    _, da = quantize_activations(x, 32)
+    half_step = np.repeat(da.astype(np.float64) / 2, 32, axis=1)
     bound = half_step @ np.abs(w).T + 1e-5 * (np.abs(x) @ np.abs(w).T) + 1e-30
     err = np.abs(reference_qmatmul(qtype, raw, x) - exact)
     assert np.all(err <= bound), float((err / bound).max())
@@ -235,7 +240,8 @@ def test_row_alone_equals_row_in_batch() -> None:
 
 
 _THREADS_SCRIPT = """
-import json, sys, numpy as np
+import json, os, sys
+os.sched_setaffinity(0, {cpus!r})  # before jax starts: XLA sizes its intra-op pool by the affinity mask
 sys.path.insert(0, {root!r})
 from tests.test_cpu_kernels import TYPES, _inputs, run_kernel
 from inferflux.kernels import cpu
@@ -245,13 +251,12 @@ print(json.dumps({{"threads": cpu.pool_threads(), "out": out}}))
 
 
 def _run_on_cpus(cpus: set[int]) -> dict:
-    """The script in a fresh process pinned to `cpus`: XLA sizes its intra-op pool by the affinity mask
-    (XLA_FLAGS such as --xla_cpu_multi_thread_eigen=false leave the FFI pool as it is, measured)."""
+    """The script in a fresh process pinned to `cpus` (XLA_FLAGS such as --xla_cpu_multi_thread_eigen=false
+    leave the FFI pool's size as it is, measured; the affinity mask sets it)."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT.format(root=root)], env=env, cwd=root,
-                          capture_output=True, text=True, timeout=300, check=True,
-                          preexec_fn=lambda: os.sched_setaffinity(0, cpus))
+    done = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT.format(root=root, cpus=cpus)], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=300, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

@@ -44,7 +44,13 @@ class Isa(enum.IntEnum):
 
 
 def library_path() -> Path | None:
-    """Where the built library is, or None if the install did not build it."""
+    """Where the built library is, or None if the install did not build it.
+
+    `INFERFLUX_CPU_KERNELS_LIB` names another build of it (kernel development: test a library built by
+    hand without reinstalling).
+    """
+    if override := os.environ.get("INFERFLUX_CPU_KERNELS_LIB"):
+        return Path(override)
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
         candidate = _HERE / f"{_LIB_STEM}{suffix}"
         if candidate.is_file():

@@ -46,15 +46,16 @@ ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   const int64_t qb = ActBlock(qtype);
   std::vector<int8_t> qa(static_cast<size_t>(M * K));
   std::vector<float> da(static_cast<size_t>(M * (K / qb)));
-  std::vector<int32_t> asum16(static_cast<size_t>(M * (K / 16)));
+  std::vector<int32_t> asum16(static_cast<size_t>(M * (K / 16))), asum32(static_cast<size_t>(M * (K / 32)));
   const float* xp = x.typed_data();
   const int64_t mchunk = M * K < (1 << 16) ? M : 16;
   ParallelFor(pool, (M + mchunk - 1) / mchunk, [&](int64_t c) {
     const int64_t m0 = c * mchunk, m1 = m0 + mchunk < M ? m0 + mchunk : M;
-    kernels.quantize(xp, K, qb, m0, m1, qa.data(), da.data(), asum16.data());
+    kernels.quantize(xp, K, qb, m0, m1, qa.data(), da.data(), asum16.data(), asum32.data());
   });
 
-  QmmArgs args{M, N, K, qtype, w.typed_data(), wd[1], qa.data(), da.data(), asum16.data(), y->typed_data()};
+  QmmArgs args{M, N, K, qtype, w.typed_data(), wd[1], qa.data(), da.data(), asum16.data(),
+                asum32.data(), y->typed_data()};
   // Enough chunks to balance a busy pool, each at least a few rows so a chunk amortises its claim.
   const int64_t threads = pool.num_threads() > 0 ? pool.num_threads() : 1;
   int64_t nchunk = N / (8 * threads);

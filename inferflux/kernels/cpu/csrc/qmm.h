@@ -2,8 +2,8 @@
 // the per-ISA kernels (qmm_*.cc, each compiling qmm_body.inc under its own `target` pragma).
 //
 // y[M, N] = x[M, K] . W[N, K]^T with W as the file stores it: row n is `row_bytes` of GGUF blocks.
-// x is first quantized per block to int8 (Q8_K-style blocks of 256 for K-quants and IQ4_XS, Q8_0-style
-// blocks of 32 for Q8_0/Q4_0): d = absmax / 127, q = rint(x * (127 / absmax)). Every weight block is then
+// x is first quantized to int8 in blocks of 32 (as ggml's Q8_0; finer than its Q8_K blocks of 256 for K-quants,
+// so an outlier costs precision in 32 values, not 256): d = absmax / 127, q = rint(x * (127 / absmax)). Every weight block is then
 // decoded to unsigned bytes u = q_true + offset, and per (sub-)block the integer dot u . q_x is exact in
 // int32 whatever the instruction set; the float epilogue runs in one fixed order, so every ISA path, every
 // M and every thread count give the same bits (docs/runtime.md, "CPU kernels").
@@ -24,11 +24,12 @@ struct QmmArgs {
   const int8_t* qa;      // [M, K] quantized activations
   const float* da;       // [M, K / act_block] activation block scales
   const int32_t* asum16; // [M, K / 16] sums of 16 consecutive quantized activations
+  const int32_t* asum32; // [M, K / 32] sums of 32
   float* y;              // [M, N]
 };
 
-// Activation block size for a weight type: 256 (Q8_K) or 32 (Q8_0).
-inline int64_t ActBlock(int64_t qtype) { return (qtype == kQ8_0 || qtype == kQ4_0) ? 32 : 256; }
+// Activation block size: 32 for every weight type.
+inline int64_t ActBlock(int64_t) { return 32; }
 // (values per weight block, bytes per weight block); (0, 0) for a type without a kernel.
 inline void WeightBlock(int64_t qtype, int64_t* values, int64_t* bytes) {
   switch (qtype) {
@@ -46,7 +47,7 @@ inline void WeightBlock(int64_t qtype, int64_t* values, int64_t* bytes) {
 // for weight rows [n0, n1) and every activation row (an output element is never split between calls).
 struct QmmKernels {
   void (*quantize)(const float* x, int64_t K, int64_t act_block, int64_t m0, int64_t m1, int8_t* qa,
-                   float* da, int32_t* asum16);
+                   float* da, int32_t* asum16, int32_t* asum32);
   void (*rows)(const QmmArgs& args, int64_t n0, int64_t n1);
 };
 

@@ -14,8 +14,8 @@ other, on the same loaded model, and the table quotes ratios against the first v
 The matmul path is whatever `runtime.cpu_kernels` selects (the same for every variant). `--num-pages` then
 times batch-1 decode at context 128 with each KV-cache size, for `reference` and `ffi`: the step must not grow
 with the cache (no copy). Last, the sampler alone: with and without a row asking for top logprobs, and
-`jnp.argmax` against the sampler's two-reduction argmax. Each step measurement is `bench_decode.measure_decode`
-(p50 over `--steps` steps through `ModelRunner.step`, plus device-only time).
+`jnp.argmax` against the sampler's two-reduction argmax. Steps are timed through `ModelRunner.step` (what the
+engine sees, `bench_decode`'s decode chunks), the variants' steps interleaved; p50 and min over `--steps`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.bench_decode import DEFAULT_CACHE_DIR, decode_chunks, environment, measure_decode, model_from_spec
+from benchmarks.bench_decode import DEFAULT_CACHE_DIR, decode_chunks, environment, model_from_spec
 
 VARIANTS: dict[str, tuple[dict[str, str], dict[str, Any]]] = {
     "reference": ({"INFERFLUX_CPU_ATTENTION": "off"}, {}),
@@ -42,7 +42,11 @@ VARIANTS: dict[str, tuple[dict[str, str], dict[str, Any]]] = {
 
 def run(model: Path, batches: list[int], contexts: list[int], num_pages: list[int], steps: int,
         overrides: dict[str, str], log) -> dict[str, Any]:
-    """Every (variant, batch, context) decode measurement, then the num_pages sweep; returns rows as dicts."""
+    """Every (variant, batch, context) decode measurement, then the num_pages sweep; returns rows as dicts.
+
+    All runners of a comparison exist at once and their steps are interleaved (variant A, B, C, A, B, C, ...),
+    so a change in the machine's load hits every variant alike; p50 per variant over `steps` rounds.
+    """
     import jax
 
     from inferflux.config import load_config
@@ -53,44 +57,53 @@ def run(model: Path, batches: list[int], contexts: list[int], num_pages: list[in
     mc = loaded.config
     rng = np.random.default_rng(0)
 
-    def runner_for(env: dict[str, str], extra: dict[str, Any], pages: int) -> ModelRunner:
-        for key in ("INFERFLUX_CPU_ATTENTION",):
-            os.environ.pop(key, None)
+    def runner_for(env: dict[str, str], extra: dict[str, Any], pages: int, shapes: list[tuple[int, int]]):
+        """A runner with its programs for `shapes` (batch, context) compiled under `env` (read at trace time)."""
+        os.environ.pop("INFERFLUX_CPU_ATTENTION", None)
         os.environ.update(env)
         settings = {"max_num_seqs": max(batches), "max_num_batched_tokens": 512, "num_pages": pages,
                     "max_model_len": max(contexts) + 16, **overrides, **extra}
         config = load_config(overrides={f"runtime.{k}": v for k, v in settings.items()})
         runner = ModelRunner(loaded, config.runtime)
         jax.block_until_ready(runner.state)
+        for batch, context in shapes:
+            runner._executable(runner.bucket_for(batch, batch, -(-(context + 1) // runner.page_size)))
+        os.environ.pop("INFERFLUX_CPU_ATTENTION", None)
         return runner
 
-    rows = []
+    def compare(runners: dict[str, Any], batch: int, context: int, kind: str) -> None:
+        chunks = decode_chunks(batch, context, 16, mc.vocab_size, rng)
+        times: dict[str, list[float]] = {label: [] for label in runners}
+        for rep in range(steps + 2):
+            for label, runner in runners.items():
+                start = time.perf_counter()
+                runner.step(chunks)
+                if rep >= 2:  # the first rounds warm caches
+                    times[label].append(time.perf_counter() - start)
+        for label, runner in runners.items():
+            ms = np.array(times[label]) * 1e3
+            bucket = runner.bucket_for(batch, batch, max(len(c.pages) for c in chunks))
+            row = {"variant": label, "batch": batch, "context": context, "num_pages": runner.num_pages, "kind": kind,
+                   "bucket": list(bucket), "step_ms_p50": float(np.median(ms)), "step_ms_min": float(ms.min()),
+                   "tokens_per_s": batch / (float(np.median(ms)) / 1e3)}
+            rows.append(row)
+            log(f"{kind} {label:12s} batch {batch} context {context} pages {runner.num_pages}: "
+                f"{row['step_ms_p50']:.2f} ms/step (min {row['step_ms_min']:.2f}), bucket {row['bucket']}")
 
-    def measure(label: str, runner: ModelRunner, batch: int, context: int, kind: str) -> None:
-        chunks = decode_chunks(batch, context, runner.page_size, mc.vocab_size, rng)
-        row = measure_decode(runner, chunks, steps, warmup_steps=2)
-        row.update(variant=label, batch=batch, context=context, num_pages=runner.num_pages, kind=kind,
-                   tokens_per_s=batch / (row["step_ms_p50"] / 1e3))
-        rows.append(row)
-        log(f"{kind} {label:12s} batch {batch} context {context} pages {runner.num_pages}: "
-            f"{row['step_ms_p50']:.2f} ms/step (device {row['device_step_ms']:.2f}), bucket {row['bucket']}")
-
+    rows: list[dict[str, Any]] = []
+    shapes = [(b, c) for c in contexts for b in batches]
     need = 1 + max(batches) * -(-(max(contexts) + 1) // 16)
-    for label, (env, extra) in VARIANTS.items():
-        runner = runner_for(env, extra, max(need, 80))
-        for context in contexts:
-            for batch in batches:
-                measure(label, runner, batch, context, "decode")
-        del runner
-        gc.collect()
-    for label in ("reference", "ffi"):
-        env, extra = VARIANTS[label]
-        for pages in num_pages:
-            runner = runner_for(env, extra, pages)
-            measure(label, runner, 1, min(128, max(contexts)), "num_pages")
-            del runner
-            gc.collect()
-    os.environ.pop("INFERFLUX_CPU_ATTENTION", None)
+    runners = {label: runner_for(env, extra, max(need, 80), shapes) for label, (env, extra) in VARIANTS.items()}
+    for batch, context in shapes:
+        compare(runners, batch, context, "decode")
+    del runners
+    gc.collect()
+    context = min(128, max(contexts))
+    runners = {f"{label}, {pages} pages": runner_for(VARIANTS[label][0], VARIANTS[label][1], pages, [(1, context)])
+               for label in ("reference", "ffi") for pages in num_pages}
+    compare(runners, 1, context, "num_pages")
+    del runners
+    gc.collect()
     sampler = sampler_times(mc.vocab_size, int(overrides.get("max_logprobs", 20)))
     return {"model": str(model), "environment": environment(), "rows": rows, "sampler": sampler}
 
@@ -131,14 +144,14 @@ def markdown(result: dict[str, Any]) -> str:
     rows = result["rows"]
     base = {(r["batch"], r["context"]): r["step_ms_p50"] for r in rows
             if r["kind"] == "decode" and r["variant"] == "reference"}
-    lines = ["| variant | batch | context | bucket | step ms p50 | device ms | tokens/s | vs reference |",
+    lines = ["| variant | batch | context | bucket | step ms p50 | min | tokens/s | vs reference |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in (r for r in rows if r["kind"] == "decode"):
         ratio = base.get((r["batch"], r["context"]), float("nan")) / r["step_ms_p50"]
         lines.append(f"| {r['variant']} | {r['batch']} | {r['context']} | {tuple(r['bucket'])} | "
-                     f"{r['step_ms_p50']:.2f} | {r['device_step_ms']:.2f} | {r['tokens_per_s']:.1f} | {ratio:.2f}x |")
-    lines += ["", "| variant | num_pages | step ms p50 | device ms |", "| --- | --- | --- | --- |"]
-    lines += [f"| {r['variant']} | {r['num_pages']} | {r['step_ms_p50']:.2f} | {r['device_step_ms']:.2f} |"
+                     f"{r['step_ms_p50']:.2f} | {r['step_ms_min']:.2f} | {r['tokens_per_s']:.1f} | {ratio:.2f}x |")
+    lines += ["", "| variant (batch 1) | num_pages | step ms p50 | min |", "| --- | --- | --- | --- |"]
+    lines += [f"| {r['variant']} | {r['num_pages']} | {r['step_ms_p50']:.2f} | {r['step_ms_min']:.2f} |"
               for r in rows if r["kind"] == "num_pages"]
     lines += ["", "| sampler | batch | ms |", "| --- | --- | --- |"]
     lines += [f"| {r['what']} | {r['batch']} | {r['ms']:.3f} |" for r in result.get("sampler", [])]

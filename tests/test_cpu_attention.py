@@ -212,3 +212,16 @@ def test_hlo_check_sees_a_copy_of_the_cache():
     args = jax.ShapeDtypeStruct(kv_shape, jnp.float32), jax.ShapeDtypeStruct((2, 16), jnp.float32)
     text = jax.jit(step, donate_argnums=0).lower(*args).compile().as_text()
     assert _kv_copies(text, kv_shape)
+
+
+def test_mixed_dtypes_keep_the_reference():
+    """A bfloat16 cache with float32 queries is not converted (that would copy the cache every layer)."""
+    q = jnp.zeros((2, 4, 16), jnp.float32)
+    pages = jnp.zeros((2, 5, 4, 16), jnp.bfloat16)
+    tables, seq = jnp.zeros((1, 2), jnp.int32), jnp.zeros(2, jnp.int32)
+
+    def text(k):
+        return jax.jit(lambda *a: paged_attention(*a, scale=1.0)).lower(q, k, k, tables, seq, seq).as_text()
+
+    assert "inferflux_paged_attention_v1" not in text(pages)
+    assert "inferflux_paged_attention_v1" in text(pages.astype(jnp.float32))

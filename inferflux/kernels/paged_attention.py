@@ -402,8 +402,11 @@ def paged_attention(
     float32 step runs the C++ FFI handler when the kernel library is loaded.
     Everything else runs the reference.
     """
+    # The CPU kernel takes float32 only: a step whose query or cache is anything else keeps the reference
+    # (converting a bfloat16 cache to float32 every layer would copy it).
+    kinds = [jnp.dtype(a.dtype) for a in (q, k_pages, v_pages)]
     impl = _select_impl(decode_only=decode_only, head_dim=q.shape[-1], page_size=k_pages.shape[2],
-                        dtype=jnp.promote_types(q.dtype, k_pages.dtype))
+                        dtype=next((d for d in kinds if d != jnp.float32), kinds[0]))
     if impl == "cpu":
         from inferflux.kernels.cpu.attention import paged_attention_cpu
 

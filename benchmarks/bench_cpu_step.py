@@ -14,7 +14,8 @@ other, on the same loaded model, and the table quotes ratios against the first v
 The matmul path is whatever `runtime.cpu_kernels` selects (the same for every variant). `--num-pages` then
 times batch-1 decode at context 128 with each KV-cache size, for `reference` and `ffi`: the step must not grow
 with the cache (no copy). Last, the sampler alone: with and without a row asking for top logprobs, and
-`jnp.argmax` against the sampler's two-reduction argmax. Steps are timed through `ModelRunner.step` (what the
+`jnp.argmax` against the sampler's two-reduction argmax, and one layer's attention alone (reference against
+the kernel's paths) at TinyLlama's head shapes. Steps are timed through `ModelRunner.step` (what the
 engine sees, `bench_decode`'s decode chunks), the variants' steps interleaved; p50 and min over `--steps`.
 """
 
@@ -105,7 +106,8 @@ def run(model: Path, batches: list[int], contexts: list[int], num_pages: list[in
     del runners
     gc.collect()
     sampler = sampler_times(mc.vocab_size, int(overrides.get("max_logprobs", 20)))
-    return {"model": str(model), "environment": environment(), "rows": rows, "sampler": sampler}
+    return {"model": str(model), "environment": environment(), "rows": rows, "sampler": sampler,
+            "attention": attention_times()}
 
 
 def sampler_times(vocab: int, num_logprobs: int, repeats: int = 50) -> list[dict[str, Any]]:
@@ -140,6 +142,45 @@ def sampler_times(vocab: int, num_logprobs: int, repeats: int = 50) -> list[dict
     return rows
 
 
+def attention_times(repeats: int = 20) -> list[dict[str, Any]]:
+    """ms per call of one layer's attention, TinyLlama heads (32 query / 4 KV heads, head_dim 64, 16-token
+    pages): the jitted reference against the FFI kernel (auto: threads; and each ISA path on one thread's share)."""
+    import jax
+    import jax.numpy as jnp
+
+    from inferflux.kernels import cpu
+    from inferflux.kernels.cpu.attention import paged_attention_cpu
+    from inferflux.kernels.paged_attention import paged_attention_reference
+
+    def timed(fn, *args) -> float:
+        jax.block_until_ready(fn(*args))
+        start = time.perf_counter()
+        for _ in range(repeats):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        return (time.perf_counter() - start) / repeats * 1e3
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for name, (seqs, context, per_seq) in {"decode T=1, context 129": (1, 129, 1),
+                                           "decode T=8, context 1025": (8, 1025, 1),
+                                           "prefill T=512, context 512": (1, 512, 512)}.items():
+        per = -(-context // 16)
+        pages = jnp.asarray(rng.standard_normal((4, seqs * per + 1, 16, 64)), jnp.float32)
+        tables = jnp.asarray(1 + np.arange(seqs * per, dtype=np.int32).reshape(seqs, per))
+        seq = jnp.asarray(np.repeat(np.arange(seqs), per_seq).astype(np.int32))
+        pos = jnp.asarray(np.tile(np.arange(context - per_seq, context), seqs).astype(np.int32))
+        q = jnp.asarray(rng.standard_normal((seqs * per_seq, 32, 64)), jnp.float32)
+        args = (q, pages, pages, tables, seq, pos)
+        row = {"what": name, "reference": timed(jax.jit(lambda *a: paged_attention_reference(*a, scale=0.125)), *args)}
+        for isa in (cpu.Isa.AUTO, cpu.Isa.SCALAR, cpu.Isa.AVX2, cpu.Isa.AVX512_VNNI):
+            if isa <= cpu.best_isa():
+                fn = jax.jit(lambda *a, isa=isa: paged_attention_cpu(*a, scale=0.125, isa=isa))
+                row[isa.name.lower()] = timed(fn, *args)
+        rows.append(row)
+    return rows
+
+
 def markdown(result: dict[str, Any]) -> str:
     rows = result["rows"]
     base = {(r["batch"], r["context"]): r["step_ms_p50"] for r in rows
@@ -155,6 +196,10 @@ def markdown(result: dict[str, Any]) -> str:
               for r in rows if r["kind"] == "num_pages"]
     lines += ["", "| sampler | batch | ms |", "| --- | --- | --- |"]
     lines += [f"| {r['what']} | {r['batch']} | {r['ms']:.3f} |" for r in result.get("sampler", [])]
+    if result.get("attention"):
+        keys = [k for k in result["attention"][0] if k != "what"]
+        lines += ["", "| one layer's attention, ms | " + " | ".join(keys) + " |", "| --- " * (len(keys) + 1) + "|"]
+        lines += [f"| {r['what']} | " + " | ".join(f"{r[k]:.3f}" for k in keys) + " |" for r in result["attention"]]
     return "\n".join(lines)
 
 

@@ -8,8 +8,8 @@ What it does: builds a `ModelRunner` with the config (`--set KEY=VALUE`, `runtim
 persistent compilation cache in a new temporary folder (so the first warm-up is cold, as on a first start),
 and times `warmup()`; it counts /proc/self/maps before and after. Then it evicts all programs but one and
 counts the maps again (they must drop), and warms up a second runner in the same process from the now
-populated persistent cache (a restart's warm-up). `--num-pages` sizes the KV cache (default 256) so the
-numbers do not depend on free memory.
+populated persistent cache (a restart's warm-up; programs loaded from the cache map memory too).
+`--num-pages` sizes the KV cache (default 256) so the numbers do not depend on free memory.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import argparse
 import gc
 import json
 import os
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -57,9 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     runner = ModelRunner(model, config.runtime)
     buckets = runner.all_buckets()
     maps_start = process_map_count()
+    cpu_start = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     compiled = runner.warmup()
     cold = time.perf_counter() - start
+    cpu_end = resource.getrusage(resource.RUSAGE_SELF)
+    cold_cpu = cpu_end.ru_utime + cpu_end.ru_stime - cpu_start.ru_utime - cpu_start.ru_stime
     maps_warm = process_map_count()
     rss_warm = _rss_mb()
     runner.programs.resize(1)
@@ -72,15 +76,18 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     second.warmup()
     cached = time.perf_counter() - start
+    maps_cached = process_map_count()
     result = {
         "model": str(model_path), "layers": model.config.num_layers, "backend": second.backend,
         "token_buckets": second.token_buckets, "page_buckets": second.page_buckets,
         "buckets": len(buckets), "compiled": compiled, "max_compiled_programs": config.runtime.max_compiled_programs,
         "warmup_threads": config.runtime.warmup_threads, "cold_warmup_s": round(cold, 1),
+        "cold_warmup_cpu_s": round(cold_cpu, 1),
         "cached_warmup_s": round(cached, 1), "maps_before": maps_start, "maps_after_warmup": maps_warm,
         "maps_per_program": round((maps_warm - maps_start) / max(1, compiled), 1),
-        "maps_after_evicting_all_but_one": maps_evicted, "vm_max_map_count": max_map_count(),
-        "rss_after_warmup_mb": round(rss_warm), "load_average": os.getloadavg()[0], "cpus": os.cpu_count(),
+        "maps_after_evicting_all_but_one": maps_evicted, "maps_after_cached_warmup": maps_cached,
+        "vm_max_map_count": max_map_count(),
+        "rss_after_warmup_mb": round(rss_warm), "load_average_1m": os.getloadavg()[0], "cpus": os.cpu_count(),
     }
     print(json.dumps(result, indent=2))
     if args.json:

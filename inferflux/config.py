@@ -118,10 +118,10 @@ class RuntimeConfig:
     max_logprobs: int = key(20, lo=0, hi=1024)
     # Most logit_bias entries per request (OpenAI allows 300); sets a fixed width of the compiled step.
     max_logit_bias: int = key(300, lo=0, hi=16384)
-    # Buckets of pages per sequence grow by this factor: 1, 4, 16, ... up to max_model_len / page_size.
+    # Buckets of pages per sequence grow by this factor: 1, 16, 256, ... up to max_model_len / page_size.
     # Coarser buckets mean fewer programs; attention loops over a sequence's real pages only, so a padded
     # block table costs little (docs/runtime.md).
-    page_bucket_growth: int = key(4, lo=2, hi=1024)
+    page_bucket_growth: int = key(16, lo=2, hi=1024)
     # Most compiled programs kept (step, prompt-scoring and embedding programs together). Past it, or while
     # the process holds over half of vm.max_map_count memory maps (XLA:CPU maps every kernel), the least
     # recently used program is dropped and compiled again when needed. Warm-up never compiles more.

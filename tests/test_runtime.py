@@ -287,7 +287,7 @@ def test_decode_only_buckets(tiny_model) -> None:
     decode = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
     assert decode == mixed
     assert any(bucket[3] for bucket in llm.runner.compiled_buckets)
-    assert llm.runner.bucket_for(3, 3, 2) == (4, 4, 4, True)  # page buckets 1, 4, 16 (page_bucket_growth 4)
+    assert llm.runner.bucket_for(3, 3, 2) == (4, 4, 16, True)  # page buckets 1, 16 (page_bucket_growth 16)
 
 
 def test_bad_requests_are_clear(tiny_model) -> None:

@@ -12,7 +12,8 @@ other, on the same loaded model, and the table quotes ratios against the first v
 - `ffi`: the FFI attention with the default buckets (1 row for a batch-1 step).
 
 The matmul path is whatever `runtime.cpu_kernels` selects (the same for every variant). `--num-pages` then
-times batch-1 decode at context 128 with each KV-cache size, for `reference` and `ffi`: the step must not grow
+times batch-1 decode at context 128 with each KV-cache size, for `reference`, `ffi` and `reference, 1 row` (the
+reference in a 1-row program, the reverted attempt whose XLA program copied the cache): the step must not grow
 with the cache (no copy). Last, the sampler alone: with and without a row asking for top logprobs, and
 `jnp.argmax` against the sampler's two-reduction argmax, and one layer's attention alone (reference against
 the kernel's paths) at TinyLlama's head shapes. Steps are timed through `ModelRunner.step` (what the
@@ -100,8 +101,10 @@ def run(model: Path, batches: list[int], contexts: list[int], num_pages: list[in
     del runners
     gc.collect()
     context = min(128, max(contexts))
-    runners = {f"{label}, {pages} pages": runner_for(VARIANTS[label][0], VARIANTS[label][1], pages, [(1, context)])
-               for label in ("reference", "ffi") for pages in num_pages}
+    sweep = {**{label: VARIANTS[label] for label in ("reference", "ffi")},
+             "reference, 1 row": (VARIANTS["reference"][0], {"min_token_bucket": 1})}  # the reverted CPU attempt
+    runners = {f"{label}, {pages} pages": runner_for(*sweep[label], pages, [(1, context)])
+               for label in sweep for pages in num_pages}
     compare(runners, 1, context, "num_pages")
     del runners
     gc.collect()

@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Generator, Mapping
 from collections.abc import Sequence as Seq
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -76,8 +76,7 @@ class LLM:
         self, prompts: Prompt | Seq[Prompt], sampling_params: SamplingParams | Seq[SamplingParams] | None = None
     ) -> list[RequestOutput]:
         """Generate for each prompt (text, or token ids); one RequestOutput per prompt, in order."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
+        prompts = _prompt_list(prompts)
         params = sampling_params or SamplingParams()
         params_list = list(params) if isinstance(params, Seq) else [params] * len(prompts)
         if len(params_list) != len(prompts):
@@ -179,7 +178,8 @@ class LLM:
         chat_template_kwargs: Mapping[str, Any] | None = None,
     ) -> list[RequestOutput]:
         """Render conversation(s) with the model's chat template, then generate."""
-        conversations = [messages] if messages and isinstance(messages[0], Mapping) else messages
+        conversations = cast(list[Seq[Mapping[str, Any]]], [messages] if messages and isinstance(messages[0], Mapping)
+                             else list(messages))
         prompts = [self.model.chat_template.render(c, add_generation_prompt=add_generation_prompt,
                                                    **(chat_template_kwargs or {})) for c in conversations]
         # Templates put BOS in the text themselves; encoding must not add another.
@@ -191,12 +191,10 @@ class LLM:
 
         Each input is one `Request(kind="embed")`, scheduled like a prompt that generates nothing.
         """
-        if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)):
-            inputs = [inputs]  # type: ignore[list-item]
-        requests = [Request(self._encode(p), kind="embed", pooling=pooling) for p in inputs]
+        requests = [Request(self._encode(p), kind="embed", pooling=pooling) for p in _prompt_list(inputs)]
         for request in requests:  # all valid before any is queued
             self.engine.validate(request)
-        found = {out.request_id: out.embedding for out in self._run(requests) if out.finished}
+        found = {out.request_id: out.embedding for out in self._run(requests) if out.embedding is not None}
         vectors = np.stack([found[r.request_id] for r in requests])
         if normalize:
             vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
@@ -204,3 +202,10 @@ class LLM:
 
     def _encode(self, prompt: Prompt) -> list[int]:
         return self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+
+
+def _prompt_list(prompts: Prompt | Seq[Prompt]) -> list[Prompt]:
+    """One prompt (text, or token ids) or several, as a list of prompts."""
+    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        return [cast(Prompt, prompts)]
+    return list(cast(Seq[Prompt], prompts))

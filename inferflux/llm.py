@@ -195,6 +195,8 @@ class LLM:
         for request in requests:  # all valid before any is queued
             self.engine.validate(request)
         found = {out.request_id: out.embedding for out in self._run(requests) if out.embedding is not None}
+        if not requests:
+            return np.zeros((0, self.model.config.hidden_size), np.float32)
         vectors = np.stack([found[r.request_id] for r in requests])
         if normalize:
             vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)

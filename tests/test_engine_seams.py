@@ -131,6 +131,7 @@ def test_embedding_requests_are_checked_at_submit(tiny_model) -> None:
             await engine.embed([[1, 2, 3], [1] * 300])  # one bad input: nothing is queued
         with pytest.raises(SamplingParamsError, match="kind"):
             await engine.submit(Request([1, 2], kind="score"))  # type: ignore[arg-type]
+        assert (await engine.embed([])).shape == (0, engine.core.model.config.hidden_size)
         return await engine.embed([[1, 2, 3]])
 
     vectors, engine = run_engine(tiny_model, RUNTIME, main)
@@ -182,3 +183,4 @@ def test_streams_interleave_and_close_early(llm) -> None:
     assert not llm.engine.has_unfinished and llm.allocator.num_used == 0
     with pytest.raises(SamplingParamsError, match="temperature"):
         llm.stream(a, SamplingParams(temperature=-1))  # bad input raises at the call, before iteration
+    assert llm.embed([]).shape == (0, llm.model.config.hidden_size)

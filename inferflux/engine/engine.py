@@ -114,7 +114,7 @@ class Engine:
         finally:
             for request in requests[len(vectors):]:  # a caller that went away frees the rest now
                 self.abort(request.request_id)
-        return np.stack(vectors)
+        return np.stack(vectors) if vectors else np.zeros((0, self.core.model.config.hidden_size), np.float32)
 
     def abort(self, request_id: str) -> None:
         """Stop a request; safe from any thread, a no-op for unknown or finished ones."""

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -42,6 +41,7 @@ from convert.demo_model import CHAT_TEMPLATE, SPECIAL_TOKENS, train_tokenizer
 from convert.gguf_vocab import add_vocab
 from convert.hf_to_gguf import _add_metadata, _nbytes
 from convert.quantize import fallback_type
+from inferflux.files import atomic_write
 from inferflux.formats.model_config import ModelConfig
 from inferflux.formats.weights import expected_shapes, ours_to_gguf
 
@@ -135,37 +135,36 @@ def make_gguf(shape: str, qtype: str, out_path: str | Path, seed: int = 0,
     plan = tensor_plan(config, qtype)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".partial")
     rng = np.random.Generator(np.random.SFC64(seed))
     total = sum(_nbytes(s, t) for _, s, t in plan)
-    writer = gguf.GGUFWriter(tmp, config.architecture)
-    try:
-        _add_metadata(writer, config, int(QTYPES[qtype][2]), f"random-{shape}-{qtype}")
-        with tempfile.TemporaryDirectory() as vocab_dir:
-            add_vocab(writer, write_vocab_folder(Path(vocab_dir), config.vocab_size, config.max_position))
-        writer.add_chat_template(CHAT_TEMPLATE)
-        for name, tensor_shape, tensor_type in plan:
-            writer.add_tensor_info(name, tensor_shape, np.dtype(np.float32), _nbytes(tensor_shape, tensor_type),
-                                   raw_dtype=tensor_type)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        start, written = time.perf_counter(), 0
-        for name, tensor_shape, tensor_type in plan:
-            data = random_tensor(tensor_shape, tensor_type, rng)
-            writer.write_tensor_data(data)
-            written += data.nbytes
-            del data
-            if progress is not None and (name.endswith("ffn_down.weight") or not name.startswith("blk.")):
-                elapsed = time.perf_counter() - start
-                progress(f"{name:28s} {written / 1e9:7.2f} / {total / 1e9:.2f} GB  "
-                         f"{written / 1e6 / max(elapsed, 1e-9):6.0f} MB/s")
-        writer.close()
-        os.replace(tmp, out_path)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
+
+    def write(tmp: Path) -> None:
+        writer = gguf.GGUFWriter(tmp, config.architecture)
+        try:
+            _add_metadata(writer, config, int(QTYPES[qtype][2]), f"random-{shape}-{qtype}")
+            with tempfile.TemporaryDirectory() as vocab_dir:
+                add_vocab(writer, write_vocab_folder(Path(vocab_dir), config.vocab_size, config.max_position))
+            writer.add_chat_template(CHAT_TEMPLATE)
+            for name, tensor_shape, tensor_type in plan:
+                writer.add_tensor_info(name, tensor_shape, np.dtype(np.float32), _nbytes(tensor_shape, tensor_type),
+                                       raw_dtype=tensor_type)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            start, written = time.perf_counter(), 0
+            for name, tensor_shape, tensor_type in plan:
+                data = random_tensor(tensor_shape, tensor_type, rng)
+                writer.write_tensor_data(data)
+                written += data.nbytes
+                del data
+                if progress is not None and (name.endswith("ffn_down.weight") or not name.startswith("blk.")):
+                    elapsed = time.perf_counter() - start
+                    progress(f"{name:28s} {written / 1e9:7.2f} / {total / 1e9:.2f} GB  "
+                             f"{written / 1e6 / max(elapsed, 1e-9):6.0f} MB/s")
+        finally:
+            writer.close()
+
+    atomic_write(out_path, write)
     return out_path
 
 

@@ -17,7 +17,6 @@ The file appears under its final name only when complete.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import numpy as np
 from convert.gguf_vocab import add_vocab
 from convert.quantize import fallback_type, quantize
 from inferflux.errors import ModelFormatError
+from inferflux.files import atomic_write
 from inferflux.formats.chat_template import template_from_hf_dir
 from inferflux.formats.hf_folder import SafetensorsFolder
 from inferflux.formats.model_config import ModelConfig, llama3_rope_factors
@@ -66,31 +66,29 @@ def convert_hf_to_gguf(
     tensors = SafetensorsFolder(src)
     plan = _plan(config, tensors, qtype)
 
-    tmp = dst.with_name(dst.name + ".partial")
-    writer = gguf.GGUFWriter(tmp, config.architecture)
-    try:
-        _add_metadata(writer, config, file_type, name or src.name)
-        add_vocab(writer, src)
-        template = template_from_hf_dir(src)
-        if template:
-            writer.add_chat_template(template)
-        for gguf_name, _, shape, tensor_type in plan:
-            nbytes = _nbytes(shape, tensor_type)
-            writer.add_tensor_info(gguf_name, shape, np.dtype(np.float32), nbytes, raw_dtype=tensor_type)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for done, (gguf_name, read, shape, tensor_type) in enumerate(plan, start=1):
-            data = read().astype(np.float32).reshape(shape)
-            writer.write_tensor_data(quantize(data if data.ndim > 1 else data[None, :], tensor_type))
-            if progress is not None:
-                progress(gguf_name, done, len(plan))
-        writer.close()
-        os.replace(tmp, dst)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
+    def write(tmp: Path) -> None:
+        writer = gguf.GGUFWriter(tmp, config.architecture)
+        try:
+            _add_metadata(writer, config, file_type, name or src.name)
+            add_vocab(writer, src)
+            template = template_from_hf_dir(src)
+            if template:
+                writer.add_chat_template(template)
+            for gguf_name, _, shape, tensor_type in plan:
+                nbytes = _nbytes(shape, tensor_type)
+                writer.add_tensor_info(gguf_name, shape, np.dtype(np.float32), nbytes, raw_dtype=tensor_type)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for done, (gguf_name, read, shape, tensor_type) in enumerate(plan, start=1):
+                data = read().astype(np.float32).reshape(shape)
+                writer.write_tensor_data(quantize(data if data.ndim > 1 else data[None, :], tensor_type))
+                if progress is not None:
+                    progress(gguf_name, done, len(plan))
+        finally:
+            writer.close()
+
+    atomic_write(dst, write)
     return dst
 
 

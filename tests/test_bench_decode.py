@@ -112,6 +112,7 @@ def test_make_model_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     out = tmp_path / "m.gguf"
     assert make_model_main(["--shape", "tiny", "--qtype", "q8_0", "--out", str(out), "--check"]) == 0
     assert out.is_file() and not out.with_name("m.gguf.partial").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"]  # no temp file left beside it
     text = capsys.readouterr().out
     assert "wrote" in text and "blk.1.ffn_down.weight" in text
     assert set(QTYPES) >= {"F16", "BF16", "Q8_0", "Q4_0", "Q4_K"}

@@ -156,8 +156,8 @@ class ServerConfig:
     # On SIGTERM/SIGINT: stop accepting, let running streams finish for this long, then abort the rest.
     drain_seconds: float = key(30.0, lo=0, hi=86400)
     max_body_bytes: int = key(4_194_304, lo=1, hi=1 << 40)
-    # Requests waiting for the engine beyond this get 503.
-    max_queued_requests: int = key(1024, lo=1, hi=_MAX)
+    # Requests waiting for the engine beyond this get 503 (0: any request that would have to wait).
+    max_queued_requests: int = key(1024, lo=0, hi=_MAX)
     # Browser origins allowed to call the server, comma-separated, any port; "*" allows any. Requests from
     # other origins get 403 (as Ollama does). OLLAMA_ORIGINS, if set, adds to the list.
     cors_origins: str = key("http://localhost,https://localhost,http://127.0.0.1,https://127.0.0.1,http://0.0.0.0")

@@ -77,6 +77,8 @@ class EngineCore:
                 raise SamplingParamsError("an embedding request has one output (n=1)")
         elif request.kind == "generate":
             request.params.validate(self.model.config.vocab_size, runtime.max_logprobs, runtime.max_logit_bias)
+            if request.params.n > runtime.max_num_seqs:  # its samples could never all run, and n is a client's int
+                raise SamplingParamsError(f"n must be at most {runtime.max_num_seqs} (runtime.max_num_seqs)")
         else:
             raise SamplingParamsError(f"request kind must be 'generate' or 'embed', got {request.kind!r}")
         if not request.prompt_ids:

@@ -15,14 +15,14 @@ from typing import Any
 from quart import Quart, Response, request
 from werkzeug.exceptions import HTTPException
 
-from inferflux.server import lmstudio, ollama_api, openai, ops
+from inferflux.server import lmstudio, ollama, openai, ops
 from inferflux.server.errors import APIError, ErrorShape, to_api_error
 from inferflux.server.state import ServerState
 
 # Blueprint name -> the body shape of its errors (its dialect's).
 ERROR_SHAPES: dict[str, ErrorShape] = {
     openai.bp.name: openai.ERROR_SHAPE, lmstudio.bp.name: lmstudio.ERROR_SHAPE, ops.bp.name: ops.ERROR_SHAPE,
-    ops.admin_bp.name: ops.ERROR_SHAPE, ollama_api.bp.name: lambda error: {"error": error.message},
+    ops.admin_bp.name: ops.ERROR_SHAPE, ollama.bp.name: ollama.ERROR_SHAPE,
 }
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ def create_app(state: ServerState) -> Quart:
     app.extensions["inferflux"] = state
     app.config["MAX_CONTENT_LENGTH"] = state.config.server.max_body_bytes
     app.config["RESPONSE_TIMEOUT"] = None
-    for bp in (openai.bp, lmstudio.bp, ops.bp, ollama_api.bp):
+    for bp in (openai.bp, lmstudio.bp, ops.bp, ollama.bp):
         app.register_blueprint(bp)
     if state.config.server.admin_enabled:
         app.register_blueprint(ops.admin_bp)
@@ -81,7 +81,7 @@ def create_app(state: ServerState) -> Quart:
         if error is None:
             log.exception("unhandled error on %s %s", request.method, request.path)
             error = APIError(500, f"internal error: {type(exc).__name__}", type="server_error")
-        shape = ERROR_SHAPES.get(request.blueprint or "", APIError.body)
+        shape = ERROR_SHAPES.get(request.blueprint or _blueprint_of_path(app, exc) or "", APIError.body)
         return shape(error), error.status
 
     return app
@@ -99,3 +99,15 @@ def _origin_allowed(origin: str, allowed: str) -> bool:
         return True
     bare = origin.rsplit(":", 1)[0] if origin.count(":") > 1 else origin
     return origin in entries or bare in entries
+
+
+def _blueprint_of_path(app: Quart, exc: Exception) -> str | None:
+    """For a 405 (the path exists, the method does not): the blueprint that serves the path, asked of the router."""
+    methods = getattr(exc, "valid_methods", None)
+    if not methods:
+        return None
+    try:
+        rule, _ = app.url_map.bind("").match(request.path, method=sorted(methods)[0], return_rule=True)
+    except HTTPException:
+        return None
+    return rule.endpoint.rsplit(".", 1)[0] if "." in rule.endpoint else None

@@ -21,13 +21,14 @@ class APIError(Exception):
     """An error to return to the client as is, with its HTTP status."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",  # noqa: A002
-                 param: str | None = None, code: str | None = None) -> None:
+                 param: str | None = None, code: str | None = None, model: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.type = type
         self.param = param
         self.code = code
+        self.model = model  # the model name an unknown-model error is about (dialects word it their way)
 
     def body(self) -> dict[str, Any]:
         """OpenAI's error object (the default shape)."""
@@ -52,7 +53,7 @@ def not_found(message: str, param: str | None = None) -> APIError:
 
 def model_not_found(model: str) -> APIError:
     return APIError(404, f"The model `{model}` does not exist.", type="invalid_request_error", param="model",
-                    code="model_not_found")
+                    code="model_not_found", model=model)
 
 
 def unavailable(message: str) -> APIError:

@@ -29,6 +29,7 @@ from inferflux.engine.request import Request, StreamOutput
 from inferflux.engine.sampling_params import SamplingParams
 from inferflux.engine.sequence import TokenLogprobs
 from inferflux.errors import InferFluxError
+from inferflux.formats.chat_template import ChatTemplate
 from inferflux.server.errors import bad_request, unavailable
 from inferflux.server.handle import ModelHandle
 from inferflux.server.http import server_state
@@ -47,6 +48,7 @@ class Prompt:
     tools: list[dict[str, Any]] | None = None
     template_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     add_generation_prompt: bool = True
+    template: str | None = None  # a Jinja chat template to use instead of the model's (Ollama's /api/create)
     text: str | None = None
     add_special_tokens: bool = True  # for `text`: BOS as the model wants it
     token_ids: list[int] | None = None
@@ -251,8 +253,11 @@ def encode(prompt: Prompt, handle: ModelHandle) -> list[int]:
     """The token ids a prompt means for this model (templates write BOS and other special tokens as text)."""
     tokenizer = handle.model.tokenizer
     if prompt.messages is not None:
-        text = handle.model.chat_template.render(prompt.messages, add_generation_prompt=prompt.add_generation_prompt,
-                                                 tools=prompt.tools, **prompt.template_kwargs)
+        template = handle.model.chat_template
+        if prompt.template:  # with the model's special tokens (bos_token, ...)
+            template = ChatTemplate(prompt.template, template.special_tokens)
+        text = template.render(prompt.messages, add_generation_prompt=prompt.add_generation_prompt,
+                               tools=prompt.tools, **prompt.template_kwargs)
         ids = tokenizer.encode(text, add_special_tokens=False)
     elif prompt.text is not None:
         ids = tokenizer.encode(prompt.text, add_special_tokens=prompt.add_special_tokens) if prompt.text else []

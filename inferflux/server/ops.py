@@ -6,13 +6,14 @@ import asyncio
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
-from quart import Blueprint, Response
+from quart import Blueprint, Response, current_app
 
 from inferflux.config import load_config
 from inferflux.errors import InferFluxError
 from inferflux.server.errors import APIError, bad_request
 from inferflux.server.handle import load_handle
 from inferflux.server.http import read_body, server_state
+from inferflux.server.openapi import documented, openapi_document
 
 bp = Blueprint("ops", __name__)
 admin_bp = Blueprint("admin", __name__)
@@ -24,6 +25,12 @@ class ReloadRequest(BaseModel):
 
     model: str | None = None  # a path; None = re-read the config file only
     served_model_name: str | None = None
+
+
+@bp.get("/openapi.json")
+async def openapi() -> Any:
+    """This server's OpenAPI 3.1 document: every route of every dialect, bodies from their pydantic models."""
+    return openapi_document(current_app)
 
 
 @bp.get("/healthz")
@@ -43,6 +50,7 @@ async def readyz() -> Any:
 
 
 @bp.get("/metrics")
+@documented(summary="Prometheus metrics", content="text/plain")
 async def metrics() -> Response:
     state = server_state()
     state.metrics.update_engine(state.pool.stats())
@@ -52,6 +60,7 @@ async def metrics() -> Response:
 
 
 @admin_bp.post("/admin/reload")
+@documented(ReloadRequest, "Reload the config file and/or swap in another model")
 async def reload() -> Any:
     """Re-read the config file (live keys), and/or load another model and swap it in without downtime."""
     state = server_state()

@@ -15,6 +15,7 @@ from inferflux.server.openai_compat.bodies import ChatCompletionRequest, Complet
 from inferflux.server.openai_compat.chat import chat_response
 from inferflux.server.openai_compat.completions import completion_response
 from inferflux.server.openai_compat.embeddings import embedding_response
+from inferflux.server.openapi import documented
 
 RUNTIME = {"name": "inferflux-jax", "version": __version__, "supported_formats": ["gguf", "safetensors"]}
 
@@ -51,16 +52,19 @@ def extras(gen: Generation) -> dict[str, Any]:
 
 
 @bp.post("/api/v0/chat/completions")
+@documented(ChatCompletionRequest, "Chat completion with LM Studio's stats", streams=True)
 async def chat_completions() -> Any:
     return await chat_response(await read_body(ChatCompletionRequest), extras)
 
 
 @bp.post("/api/v0/completions")
+@documented(CompletionRequest, "Text completion with LM Studio's stats", streams=True)
 async def completions() -> Any:
     return await completion_response(await read_body(CompletionRequest), extras)
 
 
 @bp.post("/api/v0/embeddings")
+@documented(EmbeddingRequest, "Embeddings with LM Studio's model_info")
 async def embeddings() -> Any:
     body, result = await embedding_response(await read_body(EmbeddingRequest))
     return {**body, "model_info": model_info(result.handle), "runtime": {**RUNTIME, "backend": device.backend()}}

@@ -13,9 +13,11 @@ from inferflux.server.http import parse_json, read_body, server_state, validate
 from inferflux.server.openai import bp
 from inferflux.server.openai_compat.bodies import ChatCompletionRequest
 from inferflux.server.openai_compat.chat import chat_chunks, chat_response
+from inferflux.server.openapi import documented
 
 
 @bp.post("/v1/chat/completions")
+@documented(ChatCompletionRequest, "Chat completion (OpenAI)", streams=True)
 async def chat_completions() -> Any:
     return await chat_response(await read_body(ChatCompletionRequest))
 

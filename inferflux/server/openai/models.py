@@ -15,6 +15,7 @@ from inferflux.server.http import read_body, server_state
 from inferflux.server.model_pool import Listed, tagged
 from inferflux.server.openai import bp
 from inferflux.server.openai_compat.bodies import ChatMessage
+from inferflux.server.openapi import documented
 
 
 class TokenizeRequest(BaseModel):
@@ -68,6 +69,7 @@ async def get_model(model_id: str) -> Any:
 
 
 @bp.post("/tokenize")
+@documented(TokenizeRequest, "Token ids of a prompt or a conversation (vLLM)")
 async def tokenize() -> Any:
     req = await read_body(TokenizeRequest)
     if not req.messages and req.prompt is None:  # an empty list is no conversation either
@@ -88,6 +90,7 @@ async def tokenize() -> Any:
 
 
 @bp.post("/detokenize")
+@documented(DetokenizeRequest, "Text of token ids (vLLM)")
 async def detokenize() -> Any:
     req = await read_body(DetokenizeRequest)
     handle = await server_state().acquire(req.model)

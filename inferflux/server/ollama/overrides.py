@@ -24,7 +24,7 @@ from typing import Any
 from inferflux.formats.chat_template import ChatTemplate, ChatTemplateError
 from inferflux.server.errors import bad_request
 
-# Ollama options honoured by the sampling (see ollama_api.sampling_from_options), and those accepted and ignored.
+# Ollama options honoured by the sampling (see generate.sampling), and those accepted and ignored.
 KNOWN_OPTIONS = frozenset({
     "num_predict", "temperature", "top_k", "top_p", "min_p", "repeat_penalty", "presence_penalty",
     "frequency_penalty", "seed", "stop", "num_ctx",
@@ -86,7 +86,7 @@ NONE = Overrides()
 
 async def overrides_for(name: Any) -> Overrides:
     """What `/api/create` recorded for the name a request gives; nothing for the served model's names."""
-    from inferflux.server.openai_api import server_state
+    from inferflux.server.http import server_state  # the app's state: imported when a request runs
 
     pool = server_state().pool
     if not isinstance(name, str) or not name or pool.is_default(name):

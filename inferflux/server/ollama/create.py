@@ -1,7 +1,7 @@
 """Ollama's `POST /api/create`, for what tools send: a new name over a model this server already has.
 
 Supported: `from` (a stored model, or the model given to `inferctl serve`) with `system`,
-`parameters` (Ollama options as defaults), `template` (Jinja; see `ollama_overrides.py`) and
+`parameters` (Ollama options as defaults), `template` (Jinja; see `overrides.py`) and
 `license`, or the same as a `modelfile` (`FROM NAME`, `SYSTEM`, `PARAMETER`, `TEMPLATE`, `LICENSE`)
 as older clients send it. The new name's manifest references the same blobs (nothing is copied)
 and records the overrides, which `/api/show`, `/api/chat` and `/api/generate` then honour.
@@ -20,11 +20,15 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from quart import Blueprint, Response, request
+from quart import Response
 
 from inferflux.errors import InferFluxError
 from inferflux.server.errors import APIError, bad_request
-from inferflux.server.ollama_overrides import check_create_fields
+from inferflux.server.http import read_body, server_state
+from inferflux.server.ollama import bp
+from inferflux.server.ollama.bodies import CreateRequest
+from inferflux.server.ollama.overrides import check_create_fields
+from inferflux.server.openapi import documented
 from inferflux.store import ModelNotFoundError, StoreError, parse_name
 
 _NOT_HERE = "use `inferctl pull` (or /api/pull) to add model files, then create from the stored name"
@@ -38,19 +42,13 @@ _INSTRUCTION = re.compile(r'(\w+)[ \t]+(?:"""(.*?)"""|([^\n]*))', re.S)
 _COMMENT = re.compile(r"#[^\n]*")
 
 
-def add_routes(bp: Blueprint) -> None:
-    """Register `/api/create` on the Ollama blueprint (before it is registered on the app)."""
-    bp.add_url_rule("/api/create", view_func=api_create, methods=["POST"])
-
-
+@bp.post("/api/create")
+@documented(CreateRequest, "A new name over an existing model, with system/parameters/template (Ollama)",
+            ndjson=True)
 async def api_create() -> Any:
     """A new store name over an existing model, with the request's system / parameters / template."""
-    from inferflux.server.openai_api import parse_json, server_state
-
-    data = parse_json(await request.get_data())
-    name = data.get("model") or data.get("name")
-    if not isinstance(name, str) or not name:
-        raise bad_request("`model` (the name to create) is required")
+    data = (await read_body(CreateRequest, model_keys=())).model_dump(by_alias=True, exclude_none=True)
+    name = data["model"]
     try:
         parse_name(name)
     except StoreError as exc:

@@ -91,7 +91,6 @@ def run_bench(model: str | Path, options: BenchOptions | None = None) -> dict[st
     import jax
 
     from inferflux.config import load_config
-    from inferflux.engine import device
     from inferflux.engine.compile_cache import enable_persistent_cache
     from inferflux.engine.model_runner import ModelRunner
     from inferflux.formats.loader import load_model
@@ -177,7 +176,7 @@ def run_bench(model: str | Path, options: BenchOptions | None = None) -> dict[st
         "environment": environment(),
         "runtime": {
             "dtype": str(np.dtype(runner.dtype)),
-            "keep_quantized_packed": device.backend_defaults().keep_quantized_packed,
+            "weight_layout": runner.weight_layout, "cpu_kernels": runtime.cpu_kernels,
             **{k: getattr(runtime, k) for k in ("page_size", "num_pages", "max_num_seqs", "max_num_batched_tokens",
                                                 "max_logprobs", "max_logit_bias")},
             "max_model_len": runner.max_model_len, "adjusted": adjusted,
@@ -382,7 +381,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"**{result['model_name']}** ({result['parameters'] / 1e6:,.0f} M params, "
         f"{', '.join(f'{k} x{v}' for k, v in sorted(result['weight_types'].items()))}; "
         f"{result['weights_device_bytes'] / 1e9:.2f} GB on device) on {env['backend']} ({env['device']}), "
-        f"dtype {rt['dtype']}, quantized weights {'packed' if rt['keep_quantized_packed'] else 'dequantized'}; "
+        f"dtype {rt['dtype']}, quantized weights as {rt.get('weight_layout', '?')}; "
         f"copy bandwidth {result['copy_bandwidth']['gbs']:.1f} GB/s",
         "",
         "| prefill tokens | runs | p50 ms | p99 ms | tokens/s |",

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import gguf
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -35,8 +36,13 @@ OUR_TYPES = ["Q8_0", "Q4_0", "Q4_K", "Q6_K"]
 # (Q8_0/Q8_K) before quantized matmuls, which flips near-ties between top logits of a random-weight model.
 # Measured: Q8_0 .938, Q4_0 .883, Q4_K .898, Q6_K .828, Q4_1 .914, Q5_0 .938, Q5_1 .938, Q2_K .867,
 # Q3_K .953, Q5_K .906, IQ4_NL .898, IQ4_XS .898.
+# With the CPU kernels (which quantize activations, in blocks of 32 where llama.cpp uses 256 for K-quants)
+# the agreement moved: measured over 512 tokens, floors rounded down to 0.05 (Q5_K: .844, because ours is now
+# closer to transformers than llama.cpp is, 0.908 vs 0.877).
 AGREEMENT_FLOOR = {"Q8_0": 0.9, "Q4_0": 0.85, "Q4_K": 0.85, "Q6_K": 0.8, "Q4_1": 0.9, "Q5_0": 0.9, "Q5_1": 0.9,
-                   "Q2_K": 0.85, "Q3_K": 0.95, "Q5_K": 0.9, "IQ4_NL": 0.85, "IQ4_XS": 0.85}
+                   "Q2_K": 0.85, "Q3_K": 0.9, "Q5_K": 0.8, "IQ4_NL": 0.85, "IQ4_XS": 0.85}
+# How far our agreement with transformers may fall below llama.cpp's (10 of 512 tokens): see test_quantized_types.
+AGREEMENT_NOISE = 0.02
 
 
 def make_llm(path: Path, **overrides) -> LLM:
@@ -118,39 +124,69 @@ def _teacher_forced_top1_llama_cpp(path: Path, tokens: list[int]) -> np.ndarray:
 
 
 def _teacher_forced_top1_ours(llm: LLM, tokens: list[int]) -> np.ndarray:
-    """Argmax after each prefix, from one prefill with logprobs: feed tokens[:i+1], read the greedy pick."""
-    from inferflux.engine.model_runner import Chunk
-    from inferflux.engine.sampler import RowParams
+    """Argmax after each prefix: the final hidden states of one chunked prefill, through the model's head.
 
-    pages = llm.allocator.allocate(-(-len(tokens) // llm.runner.page_size))
+    The head is multiplied by `linear` on the runner's own weight representation (the CPU kernels where the
+    runner uses them); its rows are independent of each other, so this is what a step samples from.
+    """
+    from inferflux.engine.model_runner import Chunk, prepare_weights
+    from inferflux.kernels.quant_matmul import linear
+
+    runner, weights = llm.runner, llm.model.weights
+    name = "embed" if llm.model.config.tie_word_embeddings else "lm_head"
+    head = prepare_weights({name: weights[name]}, runner.dtype, runner.weight_layout)[name]
+    chunk = runner.token_buckets[-1]
+    pages = llm.allocator.allocate(-(-len(tokens) // runner.page_size))
     try:
-        picks = []
-        for i, token in enumerate(tokens):
-            (result,) = llm.runner.step([Chunk(tokens=[token], start_pos=i, pages=pages, history=tokens[: i + 1],
-                                               num_prompt=i + 1, sampling=RowParams(temperature=0.0))])
-            picks.append(result.token_id)
-        return np.asarray(picks)
+        hidden = np.concatenate([
+            runner.hidden_states([Chunk(tokens=tokens[i:i + chunk], start_pos=i, pages=pages)])[0]
+            for i in range(0, len(tokens), chunk)])
     finally:
         llm.allocator.release(pages)
+    logits = jax.jit(lambda h, w: linear(h, w, out_dtype=jnp.float32))(hidden, head)
+    return np.asarray(jnp.argmax(logits, axis=-1))
+
+
+def _teacher_forced_top1_hf(model: torch.nn.Module, tokens: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0].argmax(-1).numpy()
+
+
+def _agreements(llm: LLM, hf_model: torch.nn.Module, path: Path, sequences: int = 4) -> dict[str, float]:
+    """Teacher-forced top-1 agreement over `sequences` x 128 random tokens: ours vs llama.cpp, and each vs
+    transformers on the file's dequantized weights."""
+    rng = np.random.default_rng(1)
+    hits = np.zeros(3)
+    for _ in range(sequences):
+        tokens = [int(t) for t in rng.integers(1, llm.model.config.vocab_size - 10, size=128)]
+        ours, llama = _teacher_forced_top1_ours(llm, tokens), _teacher_forced_top1_llama_cpp(path, tokens)
+        hf = _teacher_forced_top1_hf(hf_model, tokens)
+        hits += [np.sum(ours == llama), np.sum(ours == hf), np.sum(llama == hf)]
+    total = 128 * sequences
+    return dict(zip(("ours_llama", "ours_hf", "llama_hf"), (float(h) / total for h in hits)))
 
 
 @pytest.mark.parametrize("qtype", OUR_TYPES + sorted(LLAMA_CPP_TYPES))
 def test_quantized_types(tiny_model, quantized_gguf, qtype: str) -> None:
-    """Token-identical to transformers on the dequantized weights; close to llama.cpp teacher-forced."""
+    """Exact mode: token-identical to transformers on the dequantized weights. Default (CPU kernels where
+    the type has one): as close to transformers as llama.cpp is, and close to llama.cpp, teacher-forced."""
     path = quantized_gguf(qtype)
     stored = {gguf.GGMLQuantizationType(t.tensor_type).name for t in gguf.GGUFReader(path).tensors
               if len(t.shape) == 2}
     assert qtype in stored  # the file really holds this type
-    llm = make_llm(path)
-    expected = hf_greedy(effective_hf_model(tiny_model("llama-q"), path), PROMPT, 48)
-    assert llm.generate([PROMPT], GREEDY)[0].outputs[0].token_ids == expected
+    hf_model = effective_hf_model(tiny_model("llama-q"), path)
+    expected = hf_greedy(hf_model, PROMPT, 48)
+    exact = make_llm(path, cpu_kernels="exact")
+    assert exact.generate([PROMPT], GREEDY)[0].outputs[0].token_ids == expected
+    del exact
 
-    rng = np.random.default_rng(1)
-    tokens = [int(t) for t in rng.integers(1, llm.model.config.vocab_size - 10, size=128)]
-    ours = _teacher_forced_top1_ours(llm, tokens)
-    reference = _teacher_forced_top1_llama_cpp(path, tokens)
-    agreement = float(np.mean(ours == reference))
-    assert agreement >= AGREEMENT_FLOOR[qtype], f"{qtype}: top-1 agreement {agreement:.3f}"
+    llm = make_llm(path)
+    rates = _agreements(llm, hf_model, path)
+    assert rates["ours_llama"] >= AGREEMENT_FLOOR[qtype], f"{qtype}: {rates}"
+    # Both quantize activations to int8 before quantized matmuls (ours where the type has a CPU kernel); ours
+    # must lose no more to it than llama.cpp does. Equal arithmetic flips different near-ties, so the two
+    # rates differ by noise: over 512 tokens it was -1.0% (Q8_0) to +1.9% (Q6_K), ours minus llama.cpp's.
+    assert rates["ours_hf"] >= rates["llama_hf"] - AGREEMENT_NOISE, f"{qtype}: {rates}"
 
 
 def test_batch_invariance(tiny_model) -> None:

@@ -1,9 +1,12 @@
-"""Per-backend choices, in one table: compute dtype and whether quantized weights stay packed.
+"""Per-backend choices, in one table: compute dtype and how quantized weights are laid out.
 
 On XLA:CPU a float32 GEMV streams at memory speed while bf16 and int8 dots
-ran 20-50x slower (measured, see ARCHITECTURE.md), so CPU computes in float32
-with quantized weights dequantized at load. GPUs compute in bfloat16 and keep
-quantized weights packed on device, dequantized inside the step.
+ran 20-50x slower (measured, see ARCHITECTURE.md), so XLA alone would need
+quantized weights dequantized to float32 at load (4x-8x their file size, and
+as many bytes read per token). CPU therefore keeps them as the file's raw GGUF
+blocks and multiplies them with our C++ FFI kernels (kernels/cpu), falling
+back to float32 where the kernels are unavailable. GPUs compute in bfloat16
+and keep quantized weights packed as `QTensor`, dequantized inside the step.
 """
 
 from __future__ import annotations
@@ -14,18 +17,27 @@ import os
 import jax
 import jax.numpy as jnp
 
+# Layouts of quantized GGUF weights on a backend (prepare_weights in engine/model_runner.py builds them).
+DENSE = "dense"  # dequantized at load to the compute dtype
+QTENSOR = "qtensor"  # formats.quants.QTensor: packed quant bits + unpacked scales
+GGUF_BLOCKS = "gguf_blocks"  # kernels.cpu.qmatmul.GGUFBlocks: the file's bytes, read by the CPU kernels
+
 
 @dataclasses.dataclass(frozen=True)
 class BackendDefaults:
     dtype: jnp.dtype
-    keep_quantized_packed: bool
+    weight_layout: str
+
+    @property
+    def keep_quantized_packed(self) -> bool:
+        return self.weight_layout != DENSE
 
 
 BACKEND_DEFAULTS: dict[str, BackendDefaults] = {
-    "cpu": BackendDefaults(jnp.dtype(jnp.float32), keep_quantized_packed=False),
-    "gpu": BackendDefaults(jnp.dtype(jnp.bfloat16), keep_quantized_packed=True),  # CUDA and ROCm
-    "metal": BackendDefaults(jnp.dtype(jnp.float32), keep_quantized_packed=False),
-    "tpu": BackendDefaults(jnp.dtype(jnp.bfloat16), keep_quantized_packed=True),
+    "cpu": BackendDefaults(jnp.dtype(jnp.float32), weight_layout=GGUF_BLOCKS),
+    "gpu": BackendDefaults(jnp.dtype(jnp.bfloat16), weight_layout=QTENSOR),  # CUDA and ROCm
+    "metal": BackendDefaults(jnp.dtype(jnp.float32), weight_layout=DENSE),
+    "tpu": BackendDefaults(jnp.dtype(jnp.bfloat16), weight_layout=QTENSOR),
 }
 
 
@@ -35,6 +47,24 @@ def backend() -> str:
 
 def backend_defaults(name: str | None = None) -> BackendDefaults:
     return BACKEND_DEFAULTS.get(name or backend(), BACKEND_DEFAULTS["cpu"])
+
+
+def weight_layout(cpu_kernels: str = "auto", name: str | None = None) -> str:
+    """The layout quantized weights get here, given `runtime.cpu_kernels` ("auto", "exact" or "off").
+
+    CPU uses raw GGUF blocks when the kernel library is loaded and vectorised for this CPU ("exact" needs
+    no kernels: it dequantizes inside the step), else float32; `INFERFLUX_CPU_KERNELS=off` forces float32.
+    """
+    layout = backend_defaults(name).weight_layout
+    if layout != GGUF_BLOCKS:
+        return layout
+    from inferflux.kernels import cpu  # imported here: loading the library is only a CPU concern
+
+    if cpu_kernels == "off" or cpu.switched_off():
+        return DENSE
+    if cpu_kernels == "exact" or cpu.fast_path():
+        return GGUF_BLOCKS
+    return DENSE
 
 
 def compute_dtype(requested: str = "auto", name: str | None = None) -> jnp.dtype:

@@ -34,8 +34,9 @@ from inferflux.engine.program_cache import FreshJit, ProgramCache
 from inferflux.engine.sampler import RowParams, SampleOutput, SamplingTensors, sample, token_logprobs
 from inferflux.engine.sampling_params import RESERVED_BIAS_SLOTS
 from inferflux.formats.loader import LoadedModel
-from inferflux.formats.quants import QTensor, dequantize_raw
+from inferflux.formats.quants import QUANTIZED_TYPES, QTensor, dequantize_raw
 from inferflux.formats.weights import QuantizedWeight, Weight
+from inferflux.kernels.cpu import qmatmul
 from inferflux.kernels.paged_attention import _select_impl as _select_attention
 from inferflux.models.llama import KVCache, LlamaModel, StepInputs, init_kv_cache, kv_bytes_per_page
 
@@ -113,7 +114,8 @@ class ModelRunner:
         self.max_model_len = min(runtime.max_model_len or model.config.max_position, model.config.max_position)
         self.page_size = runtime.page_size
         self.pages_per_seq = -(-self.max_model_len // self.page_size)
-        weights = prepare_weights(model.weights, self.dtype, device.backend_defaults().keep_quantized_packed)
+        self.weight_layout = device.weight_layout(runtime.cpu_kernels)
+        weights = prepare_weights(model.weights, self.dtype, self.weight_layout, exact=runtime.cpu_kernels == "exact")
         graphdef, self.state = nnx.split(LlamaModel(model.config, weights, self.dtype))
         self.num_pages = self._num_pages()
         self.kv_cache: KVCache = init_kv_cache(model.config, self.num_pages, self.page_size, self.dtype)
@@ -381,15 +383,27 @@ def _abstract_inputs(bucket: Bucket, runner: ModelRunner) -> tuple[Any, ...]:
                         (inputs, sampling, history, is_output))
 
 
-def prepare_weights(weights: dict[str, Weight], dtype: jnp.dtype, keep_packed: bool) -> dict[str, Any]:
-    """Host weights -> device arrays: dense in `dtype`, or packed `QTensor`s where the backend wants that."""
+def prepare_weights(weights: dict[str, Weight], dtype: jnp.dtype, layout: str = device.DENSE,
+                    exact: bool = False) -> dict[str, Any]:
+    """Host weights -> the backend's representation (`layout`, from `device.weight_layout`).
+
+    Quantized matrices become `QTensor`s (GPU), `GGUFBlocks` (CPU kernels; `exact`: dequantized inside the
+    step instead) or dense arrays in `dtype`. A type the CPU kernels lack falls back to dense, per tensor.
+    GGUF blocks are copied once, as stored: a quantized file takes about its own size in memory.
+    """
     out: dict[str, Any] = {}
     for name, weight in weights.items():
         if isinstance(weight, QuantizedWeight):
-            if keep_packed:
+            if layout == device.QTENSOR:
                 out[name] = QTensor.from_raw(weight.raw, weight.qtype, weight.shape, name=name)
-            else:
-                out[name] = dequantize_raw(weight.raw, weight.qtype, weight.shape, name=name).astype(dtype)
+                continue
+            if layout == device.GGUF_BLOCKS and len(weight.shape) == 2 and (
+                    qmatmul.supports(weight.qtype, weight.shape[1]) or exact and weight.qtype in QUANTIZED_TYPES):
+                raw = np.ascontiguousarray(weight.raw).view(np.uint8).reshape(weight.shape[0], -1)
+                out[name] = qmatmul.GGUFBlocks(jnp.asarray(raw), weight.qtype, tuple(weight.shape),
+                                               mode="exact" if exact else "int8")
+                continue
+            out[name] = dequantize_raw(weight.raw, weight.qtype, weight.shape, name=name).astype(dtype)
         else:
             out[name] = jnp.asarray(np.asarray(weight, np.float32) if weight.dtype != np.float32 else weight,
                                     dtype=dtype)

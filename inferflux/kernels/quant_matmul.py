@@ -1,11 +1,14 @@
 """The one place where activations meet weight matrices.
 
 Every projection in every model calls `linear`, so the weight representation
-is decided here and nowhere else: a dense array (float32 on CPU, where
-quantized files are dequantized at load) or a packed `QTensor` (GPU, where
-quantized weights stay packed on device). A fused dequantizing Pallas kernel
-for the GPU, or a CPU kernel that reads GGUF blocks directly, slots in here
-without touching the models.
+is decided here and nowhere else (engine/device.py picks it per backend):
+
+* a dense array (float32 where quantized files were dequantized at load);
+* a packed `QTensor` (GPU: quantized weights stay packed on device and are
+  dequantized inside the step);
+* `GGUFBlocks` (CPU): the file's raw GGUF blocks, multiplied by the C++ FFI
+  kernel `kernels/cpu/qmatmul.py` (activations quantized to int8 per block,
+  integer dots), or in "exact" mode dequantized to float32 inside the step.
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ import jax
 import jax.numpy as jnp
 
 from inferflux.formats.quants import QTensor, dequantize
+from inferflux.kernels.cpu.qmatmul import GGUFBlocks, dequantize_blocks, qmatmul
 
-Weight = jax.Array | QTensor
+Weight = jax.Array | QTensor | GGUFBlocks
 
 
 def linear(
@@ -25,10 +29,15 @@ def linear(
 
     Accumulates in float32; the result is `out_dtype` (default: x's dtype).
     """
-    if isinstance(weight, QTensor):
-        # Dequantize inside the compiled step: weights stay packed in device memory.
-        weight = dequantize(weight, x.dtype)
-    y = jnp.einsum("...i,oi->...o", x, weight.astype(x.dtype), preferred_element_type=jnp.float32)
+    if isinstance(weight, GGUFBlocks) and weight.mode != "exact":
+        y = qmatmul(x, weight)
+    else:
+        if isinstance(weight, QTensor):
+            # Dequantize inside the compiled step: weights stay packed in device memory.
+            weight = dequantize(weight, x.dtype)
+        elif isinstance(weight, GGUFBlocks):
+            weight = dequantize_blocks(weight)
+        y = jnp.einsum("...i,oi->...o", x, weight.astype(x.dtype), preferred_element_type=jnp.float32)
     y = y.astype(out_dtype or x.dtype)
     if bias is not None:
         y = y + bias.astype(y.dtype)
@@ -36,7 +45,9 @@ def linear(
 
 
 def embed(table: Weight, ids: jax.Array, dtype: jnp.dtype) -> jax.Array:
-    """Rows `ids` of an embedding table (dense or packed)."""
+    """Rows `ids` of an embedding table (dense or packed); packed rows are dequantized exactly."""
     if isinstance(table, QTensor):
         return dequantize(table.gather_rows(ids), dtype)
+    if isinstance(table, GGUFBlocks):
+        return dequantize_blocks(table.rows(ids)).astype(dtype)
     return jnp.take(table, ids, axis=0).astype(dtype)

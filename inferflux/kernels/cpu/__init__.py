@@ -99,9 +99,16 @@ def best_isa() -> Isa:
     return Isa(int(fn()))
 
 
+@functools.cache
 def fast_path() -> bool:
     """Kernels loaded and vectorised for this CPU (the scalar build is a test oracle, not faster than XLA)."""
-    return available() and platform.machine().lower() in ("x86_64", "amd64") and best_isa() >= Isa.AVX2
+    if not available():
+        return False
+    if platform.machine().lower() not in ("x86_64", "amd64") or best_isa() < Isa.AVX2:
+        log.info("CPU kernels loaded but not vectorised for this CPU (%s): quantized weights are dequantized "
+                 "to float32 at load", platform.machine())
+        return False
+    return True
 
 
 def register(symbol: str, target_name: str | None = None) -> str:

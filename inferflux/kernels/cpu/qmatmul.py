@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from inferflux.formats import quants
 from inferflux.kernels import cpu
 
 _T = gguf.GGMLQuantizationType
@@ -63,3 +64,11 @@ def qmatmul(x: jax.Array, w: GGUFBlocks, isa: cpu.Isa = cpu.Isa.AUTO) -> jax.Arr
     out = jax.ffi.ffi_call(QMATMUL_TARGET, jax.ShapeDtypeStruct((x2.shape[0], w.shape[0]), jnp.float32))(
         x2, w.raw, qtype=np.int64(int(w.qtype)), isa=np.int64(int(isa)))
     return out.reshape(*lead, w.shape[0])
+
+
+def dequantize_blocks(w: GGUFBlocks) -> jax.Array:
+    """float32 values of `w` (jittable), bit-identical to `gguf.quants.dequantize` (formats/quants.py)."""
+    block_size, type_size = gguf.GGML_QUANT_SIZES[w.qtype]
+    rows, cols = w.shape
+    blocks = w.raw.reshape(rows, cols // block_size, type_size)
+    return quants._dequantize_blocks(w.qtype, blocks, (rows, cols))  # the jitted family decoders

@@ -7,11 +7,14 @@ into bucket-shaped numpy arrays, runs the executable for that bucket with the
 KV pages donated (updated in place), and returns only the sampled ids and
 logprobs.
 
-Buckets are (tokens per step, sequences per step, pages per sequence), each a
-power of two bounded by the config, so a server compiles a fixed, known set
-of programs; `warmup()` compiles all of them up front. On GPU, steps made only
-of decode tokens get their own programs (a fourth bucket field), which run
-the Pallas decode-attention kernel; elsewhere that field is always False.
+Buckets are (tokens per step, sequences per step, pages per sequence): tokens
+double, sequences follow the token bucket, pages grow by
+`runtime.page_bucket_growth`, so a server compiles a small, known set of
+programs (tokens x pages; docs/runtime.md has the count); `warmup()` compiles
+them up front. On GPU, steps made only of decode tokens get their own programs
+(a fourth bucket field), which run the Pallas decode-attention kernel;
+elsewhere that field is always False. Compiled programs live in a bounded LRU
+(`program_cache.ProgramCache`) so a long-running server's memory maps stay bounded.
 """
 
 from __future__ import annotations

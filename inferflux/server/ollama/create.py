@@ -28,8 +28,9 @@ from inferflux.server.http import read_body, server_state
 from inferflux.server.ollama import bp
 from inferflux.server.ollama.bodies import CreateRequest
 from inferflux.server.ollama.overrides import check_create_fields
+from inferflux.server.ollama.store import store_as
 from inferflux.server.openapi import documented
-from inferflux.store import ModelNotFoundError, StoreError, parse_name
+from inferflux.store import StoreError, parse_name
 
 _NOT_HERE = "use `inferctl pull` (or /api/pull) to add model files, then create from the stored name"
 _REFUSED = {
@@ -66,23 +67,11 @@ async def api_create() -> Any:
     if _looks_like_path(source):
         raise bad_request(f"creating from a path ({source}) is not supported; " + _NOT_HERE)
     overrides = check_create_fields(data)
+    created = await store_as(source, name, overrides, f"model '{source}' not found, try pulling it first")
     pool = server_state().pool
     try:
-        target = await pool.target(source, strict=True)
-    except APIError:
-        raise APIError(404, f"model '{source}' not found, try pulling it first") from None
-    stored = pool.store.has(source) and (
-        not target.default or await asyncio.to_thread(lambda: str(pool.store.path(source).resolve())) == target.key)
-    try:
-        if stored:
-            created = await asyncio.to_thread(pool.store.copy, source, name, overrides)
-        else:  # the model given to `inferctl serve` by path: stored under the new name first
-            await asyncio.to_thread(pool.store.pull, str(target.path), name)
-            created = await asyncio.to_thread(pool.store.copy, name, name, overrides)
         path = await asyncio.to_thread(pool.store.path, created)
         layers = (await asyncio.to_thread(pool.store.show, created))["blobs"]
-    except ModelNotFoundError:
-        raise APIError(404, f"model '{source}' not found") from None
     except (InferFluxError, OSError) as exc:
         raise APIError(500, f"create {name} from {source}: {exc}") from None
     pool.replaced(created, path)

@@ -162,6 +162,30 @@ async def api_pull() -> Any:
     return last
 
 
+async def store_as(source: str, destination: str, overrides: dict[str, Any] | None, not_found: str) -> str:
+    """Store `source` (a stored model, or the model given to `inferctl serve`) under `destination`, with
+    `/api/create`'s overrides; the same blobs, nothing copied. Returns the stored name."""
+    pool = server_state().pool
+    try:
+        target = await pool.target(source, strict=True)
+    except APIError:
+        raise APIError(404, not_found) from None
+    stored = pool.store.has(source) and (
+        not target.default or await asyncio.to_thread(lambda: str(pool.store.path(source).resolve())) == target.key)
+    try:
+        if stored:
+            return await asyncio.to_thread(pool.store.copy, source, destination, overrides)
+        # The model given to `inferctl serve` by path: stored under the new name first.
+        await asyncio.to_thread(pool.store.pull, str(target.path), destination)
+        if overrides is not None:
+            return await asyncio.to_thread(pool.store.copy, destination, destination, overrides)
+        return destination
+    except ModelNotFoundError:
+        raise APIError(404, f"model '{source}' not found") from None
+    except (InferFluxError, OSError) as exc:
+        raise APIError(500, f"store {source} as {destination}: {exc}") from None
+
+
 @bp.post("/api/copy")
 @documented(CopyRequest, "Store a model under another name (Ollama)", content="text/plain")
 async def api_copy() -> Any:
@@ -172,22 +196,7 @@ async def api_copy() -> Any:
         parse_name(destination)
     except StoreError as exc:
         raise bad_request(str(exc)) from None
-    pool = server_state().pool
-    try:
-        target = await pool.target(source, strict=True)
-    except APIError:
-        raise APIError(404, f"model '{source}' not found") from None
-    stored = pool.store.has(source) and (
-        not target.default or await asyncio.to_thread(lambda: str(pool.store.path(source).resolve())) == target.key)
-    try:
-        if stored:
-            await asyncio.to_thread(pool.store.copy, source, destination)
-        else:  # the model given to `inferctl serve` by path: store it under the new name
-            await asyncio.to_thread(pool.store.pull, str(target.path), destination)
-    except ModelNotFoundError:
-        raise APIError(404, f"model '{source}' not found") from None
-    except (InferFluxError, OSError) as exc:
-        raise APIError(500, f"copy {source} to {destination}: {exc}") from None
+    await store_as(source, destination, None, f"model '{source}' not found")
     return Response("", status=200)
 
 

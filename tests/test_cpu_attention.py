@@ -8,6 +8,11 @@ NaN, so reading anything masked shows up. Each instruction-set path this CPU has
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -142,6 +147,39 @@ def test_a_row_alone_equals_the_row_in_a_batch_bitwise():
         np.testing.assert_array_equal(alone[t], batch[t])
         solo = np.asarray(fn(q[t:t + 1], k, v, tables[seq[t]:seq[t] + 1], np.zeros(1, np.int32), pos[t:t + 1]))
         np.testing.assert_array_equal(solo[0], batch[t])
+
+
+_THREADS_SCRIPT = """
+import json, os, sys
+os.sched_setaffinity(0, {cpus!r})  # before jax starts: XLA sizes its intra-op pool by the affinity mask
+sys.path.insert(0, {root!r})
+import numpy as np
+from tests.test_cpu_attention import random_step
+from inferflux.kernels import cpu
+from inferflux.kernels.cpu.attention import paged_attention_cpu
+args = random_step(np.random.default_rng(11), chunks=[(1500, 1), (600, 24), (90, 1)], kv_heads=2, group=8,
+                   head_dim=64, page_size=16, pages_per_seq=100)
+out = np.asarray(paged_attention_cpu(*args, scale=0.125))
+print(json.dumps({{"threads": cpu.pool_threads(), "out": out.tobytes().hex()}}))
+"""
+
+
+def test_thread_count_does_not_change_results():
+    """One pool thread or two (a step big enough to be split over them): the same bits."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs two CPUs")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def run(pinned: set[int]) -> dict:
+        done = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT.format(root=root, cpus=pinned)],
+                              env={**os.environ, "JAX_PLATFORMS": "cpu"}, cwd=root, capture_output=True, text=True,
+                              timeout=300, check=True)
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    one, two = run({cpus[0]}), run(set(cpus[:2]))
+    assert (one["threads"], two["threads"]) == (1, 2)
+    assert one["out"] == two["out"]
 
 
 def test_out_of_range_page_ids_are_masked_not_read():

@@ -71,17 +71,19 @@ def input_ids(spec: EmbeddingSpec, handle: ModelHandle) -> list[list[int]]:
     keep = spec.truncate_tokens or (limit if spec.truncate else None)
     if keep is not None and not 1 <= keep <= limit:
         raise bad_request(f"truncate_prompt_tokens must be between 1 and {limit}", param="truncate_prompt_tokens")
+    lists: list[list[int]]
     if all(isinstance(x, int) for x in raw):
-        lists = [list(raw)]  # type: ignore[arg-type]
+        lists = [[int(x) for x in raw]]  # type: ignore[arg-type]
     elif handle.embedder is not None and all(isinstance(x, str) for x in raw):
         try:  # the embedder adds [CLS]/[SEP] and truncates keeping the closing [SEP]
-            lists = handle.embedder.tokenize(raw, truncate=keep)
+            lists = handle.embedder.tokenize([str(x) for x in raw], truncate=keep)
         except ValueError as exc:
             raise bad_request(f"{exc}; or set `truncate: true`", param="input",
                               code="context_length_exceeded") from None
         keep = None
     else:
-        lists = [handle.tokenizer.encode(x) if isinstance(x, str) else list(x) for x in raw]  # type: ignore[arg-type]
+        lists = [handle.tokenizer.encode(x) if isinstance(x, str) else [int(t) for t in x]  # type: ignore[union-attr]
+                 for x in raw]
     out = []
     for i, ids in enumerate(lists):
         if not ids:
@@ -99,5 +101,6 @@ async def compute(handle: ModelHandle, lists: list[list[int]]) -> np.ndarray:
     if handle.embedder is not None:
         return await asyncio.to_thread(handle.embed_encoder, lists)
     # Engine errors (bad ids, a dead engine) map to 4xx/503 in the app's error handler.
-    vectors = await handle.engine.embed(lists, server_state().config.runtime.embedding_pooling)
+    pooling = server_state().config.runtime.embedding_pooling  # "mean" or "last": checked when the config loaded
+    vectors = await handle.engine.embed(lists, pooling)  # type: ignore[arg-type]
     return vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)

@@ -76,7 +76,7 @@ class GenerationSpec:
     params: SamplingParams  # max_tokens is set from `limits` per prompt
     limits: Limits = dataclasses.field(default_factory=Limits)
     keep_alive: float | None = None  # seconds the model stays loaded once idle (None: its default)
-    tool_names: list[str] | None = None  # parse tool calls out of the text (the request gave these tools)
+    tool_names: set[str] | None = None  # parse tool calls out of the text (the request gave these tools)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,7 +206,7 @@ class Generation:
                 outputs.setdefault(choice, []).extend(out.new_token_ids)
                 if out.new_token_ids and out.last_token_time is not None:
                     self._times.setdefault(choice, []).append(out.last_token_time)
-                text, new_calls = out.new_text, []
+                text, new_calls = out.new_text, list[ToolCall]()
                 parser = parsers.get(choice)
                 if parser is not None:
                     text, new_calls = parser.feed(out.new_text)

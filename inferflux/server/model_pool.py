@@ -455,7 +455,11 @@ class ModelPool:
         for key in list(self._timers):
             self._cancel_timer(key)
         handles = self.live()
-        await asyncio.to_thread(lambda: [h.stop() for h in handles])
+        def stop_all() -> None:
+            for handle in handles:
+                handle.stop()
+
+        await asyncio.to_thread(stop_all)
         if self._stops:
             await asyncio.gather(*list(self._stops), return_exceptions=True)
 

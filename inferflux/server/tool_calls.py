@@ -46,10 +46,11 @@ class ToolCall:
 
 def tool_names(tools: Iterable[Any] | None) -> set[str]:
     """Function names of OpenAI/Ollama `tools` entries ({"type": "function", "function": {"name": ...}})."""
-    names = set()
+    names: set[str] = set()
     for tool in tools or []:
         if isinstance(tool, dict):
-            function = tool.get("function") if isinstance(tool.get("function"), dict) else tool
+            inner = tool.get("function")
+            function = inner if isinstance(inner, dict) else tool
             if isinstance(function.get("name"), str):
                 names.add(function["name"])
     return names
@@ -75,7 +76,7 @@ def _call(obj: Any) -> ToolCall | None:
 
 def _json_values(text: str) -> list[Any] | None:
     """JSON values in `text` separated by whitespace or `;` (Llama writes several that way); None if not all JSON."""
-    decoder, values, pos = json.JSONDecoder(), [], 0
+    decoder, values, pos = json.JSONDecoder(), list[Any](), 0
     while True:
         while pos < len(text) and (text[pos].isspace() or text[pos] == ";"):
             pos += 1
@@ -115,7 +116,8 @@ class ToolCallStream:
 
     def feed(self, delta: str) -> tuple[str, list[ToolCall]]:
         self._pending += delta
-        out, calls = [], []
+        out: list[str] = []
+        calls: list[ToolCall] = []
         while True:
             if self._mode == "start":
                 stripped = self._pending.lstrip()

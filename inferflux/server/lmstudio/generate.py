@@ -22,11 +22,12 @@ RUNTIME = {"name": "inferflux-jax", "version": __version__, "supported_formats":
 
 def stats(done: Finished | None) -> dict[str, Any]:
     """LM Studio's `stats` of the first choice: speed, time to first token, generation time, stop reason."""
-    if done is None or done.timings.last_token is None:
+    last = None if done is None else done.timings.last_token
+    if done is None or last is None:
         return {"tokens_per_second": 0.0, "time_to_first_token": None, "generation_time": 0.0,
                 "stop_reason": "userStopped"}
     t = done.timings
-    generation = t.last_token - t.arrival
+    generation = last - t.arrival
     if done.reason == "length":
         reason = "maxPredictedTokensReached"
     elif isinstance(done.stop_reason, str):
@@ -34,7 +35,7 @@ def stats(done: Finished | None) -> dict[str, Any]:
     else:
         reason = "eosFound"
     return {"tokens_per_second": done.completion_tokens / generation if generation > 0 else 0.0,
-            "time_to_first_token": (t.first_token or t.last_token) - t.arrival, "generation_time": generation,
+            "time_to_first_token": (t.first_token or last) - t.arrival, "generation_time": generation,
             "stop_reason": reason}
 
 

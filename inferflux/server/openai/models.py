@@ -83,7 +83,7 @@ async def tokenize() -> Any:
             ids = encode(Prompt(messages=[m.for_template() for m in req.messages],
                                 add_generation_prompt=req.add_generation_prompt), handle)
         else:
-            ids = handle.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+            ids = handle.tokenizer.encode(req.prompt or "", add_special_tokens=req.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": handle.max_model_len}
     finally:
         handle.release()

@@ -116,7 +116,11 @@ class _Sampling(_Request):
     def scores_prompt(self) -> bool:
         return False
 
-    def _spec(self, prompts: list[Prompt], requested: int | None, tool_names: list[str] | None = None
+    @property
+    def num_logprobs(self) -> int | None:
+        return None
+
+    def _spec(self, prompts: list[Prompt], requested: int | None, tool_names: set[str] | None = None
               ) -> GenerationSpec:
         if requested is not None and requested < 1 and requested != -1 and not (requested == 0 and self.scores_prompt):
             raise bad_request("max_tokens must be at least 1 (or -1 for no limit; 0 only with echo)",
@@ -197,8 +201,9 @@ class CompletionRequest(_Sampling):
         if not prompt:
             raise bad_request("the prompt is empty", param="prompt")
         if all(isinstance(p, int) for p in prompt):
-            return [Prompt(token_ids=list(prompt))]  # type: ignore[arg-type]
-        return [Prompt(text=p) if isinstance(p, str) else Prompt(token_ids=list(p)) for p in prompt]  # type: ignore[union-attr]
+            return [Prompt(token_ids=[int(p) for p in prompt])]  # type: ignore[arg-type]
+        return [Prompt(text=p) if isinstance(p, str) else Prompt(token_ids=list(p))  # type: ignore[arg-type]
+                for p in prompt]
 
     def spec(self) -> GenerationSpec:
         if self.suffix:

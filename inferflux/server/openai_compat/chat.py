@@ -58,7 +58,8 @@ async def chat_chunks(req: ChatCompletionRequest, gen: Generation, with_usage: b
 async def fold_chat(req: ChatCompletionRequest, gen: Generation) -> dict[str, Any]:
     """The non-streamed response: the same chunks, folded per choice."""
     n = gen.num_choices
-    texts, finish, logprobs = [""] * n, ["stop"] * n, [[] for _ in range(n)]
+    texts, finish = [""] * n, ["stop"] * n
+    logprobs: list[list[dict[str, Any]]] = [[] for _ in range(n)]
     calls: list[list[dict[str, Any]]] = [[] for _ in range(n)]
     async for obj in chat_chunks(req, gen, True):
         for choice in obj["choices"]:

@@ -24,8 +24,9 @@ async def completion_response(req: CompletionRequest, extras: Extras | None = No
 
 def echo_texts(req: CompletionRequest, gen: Generation) -> list[str]:
     """The prompts as the client sent them (text verbatim), never with the BOS the server added."""
-    given = [req.prompt] if isinstance(req.prompt, str) or isinstance(req.prompt[0], int) else req.prompt
-    tokenizer = gen.handle.model.tokenizer
+    given: list[Any] = [req.prompt] if isinstance(req.prompt, str) or isinstance(req.prompt[0], int) \
+        else list(req.prompt)
+    tokenizer = gen.handle.tokenizer
     return [given[i] if isinstance(given[i], str) else tokenizer.decode(ids, skip_special_tokens=True)
             for i, ids in enumerate(gen.prompt_ids)]
 

@@ -18,10 +18,10 @@ Tensor types follow llama.cpp's quantizer for the same file type:
   (the first and last eighth and every third in between), output Q6_K: the common Ollama/LM Studio mix.
 A matrix whose rows do not split into whole blocks falls back as llama.cpp does (`quantize.fallback_type`).
 
-The vocabulary is the demo model's trained byte-level BPE tokenizer (`convert.demo_model`, Llama-3
+The vocabulary is the demo model's trained byte-level BPE tokenizer (`inferflux.convert.demo_model`, Llama-3
 pre-tokenizer, so English prompts tokenize normally in both runtimes), padded with unused `[PADn]`
-tokens up to the shape's vocabulary size, and written by `convert.gguf_vocab` exactly as a converted
-model's would be. Metadata is written by `convert.hf_to_gguf`'s own code.
+tokens up to the shape's vocabulary size, and written by `inferflux.convert.gguf_vocab` exactly as a converted
+model's would be. Metadata is written by `inferflux.convert.hf_to_gguf`'s own code.
 """
 
 from __future__ import annotations
@@ -37,10 +37,10 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from convert.demo_model import CHAT_TEMPLATE, SPECIAL_TOKENS, train_tokenizer
-from convert.gguf_vocab import add_vocab
-from convert.hf_to_gguf import _add_metadata, _nbytes
-from convert.quantize import fallback_type
+from inferflux.convert.demo_model import CHAT_TEMPLATE, SPECIAL_TOKENS, train_tokenizer
+from inferflux.convert.gguf_vocab import add_vocab
+from inferflux.convert.hf_to_gguf import _add_metadata, _nbytes
+from inferflux.convert.quantize import fallback_type
 from inferflux.files import atomic_write
 from inferflux.formats.model_config import ModelConfig
 from inferflux.formats.weights import expected_shapes, ours_to_gguf
@@ -171,7 +171,7 @@ def make_gguf(shape: str, qtype: str, out_path: str | Path, seed: int = 0,
 def write_vocab_folder(folder: Path, vocab_size: int, max_position: int) -> Path:
     """A Hugging Face tokenizer folder: the demo tokenizer, `config.json` asking for `vocab_size` ids.
 
-    `convert.gguf_vocab.add_vocab` pads the token list with unused `[PADn]` tokens up to that size,
+    `inferflux.convert.gguf_vocab.add_vocab` pads the token list with unused `[PADn]` tokens up to that size,
     as it does for a real model whose embedding is larger than its tokenizer.
     """
     tokenizer = train_tokenizer()

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model = args.model
     if args.make:
-        from convert.demo_model import make_demo_model
+        from inferflux.convert.demo_model import make_demo_model
 
         model = make_demo_model(Path(tempfile.mkdtemp()) / args.make, **SHAPES[args.make])
     overrides = dict(item.split("=", 1) for item in args.set)

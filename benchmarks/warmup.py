@@ -40,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    from convert.demo_model import make_demo_model
     from inferflux.config import load_config
+    from inferflux.convert.demo_model import make_demo_model
     from inferflux.engine.compile_cache import enable_persistent_cache
     from inferflux.engine.model_runner import ModelRunner
     from inferflux.engine.program_cache import max_map_count, process_map_count

@@ -186,7 +186,7 @@ class InferCtl:
             type TYPE: F32, F16, BF16, Q8_0, Q4_0, Q4_K or Q6_K
             name NAME: general.name in the file's metadata (default: the folder's name)
         """
-        from convert.hf_to_gguf import convert_hf_to_gguf
+        from inferflux.convert.hf_to_gguf import convert_hf_to_gguf
 
         def progress(tensor: str, done: int, total: int) -> None:
             if sys.stderr.isatty():

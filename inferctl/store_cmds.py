@@ -65,7 +65,7 @@ def make_demo(store: ModelStore, name: str = "demo", force: bool = False) -> str
     A stored model of that name is kept unless `force`: replacing someone's `demo` (or a real model
     they happened to call that) without asking would lose it.
     """
-    from convert.demo_model import make_demo_model
+    from inferflux.convert.demo_model import make_demo_model
 
     target = store_name(name)
     if store.has(target) and not force:
@@ -86,7 +86,7 @@ def make_demo_folder(out: Path, force: bool = False) -> Path:
     files would overwrite a real model's `config.json` and weights); rewriting an earlier demo is
     allowed, since it is rebuilt identically, so the README's first command can be run twice.
     """
-    from convert.demo_model import make_demo_model
+    from inferflux.convert.demo_model import make_demo_model
 
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
@@ -101,7 +101,7 @@ def make_demo_folder(out: Path, force: bool = False) -> Path:
 
 def _is_demo_folder(folder: Path) -> bool:
     """An earlier `make-demo-model --out`: its config.json has the demo's exact shape."""
-    from convert.demo_model import SHAPE
+    from inferflux.convert.demo_model import SHAPE
 
     try:
         config = json.loads((folder / "config.json").read_text())

@@ -67,7 +67,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory, tokenizer_dirs: dict[st
 @pytest.fixture(scope="session")
 def tiny_gguf(tmp_path_factory: pytest.TempPathFactory, tiny_model):
     """`tiny_gguf(name, out_type)` -> GGUF file converted from `tiny_model(name)` by our converter."""
-    from convert.hf_to_gguf import convert_hf_to_gguf
+    from inferflux.convert.hf_to_gguf import convert_hf_to_gguf
 
     built: dict[tuple[str, str], Path] = {}
     out_dir = tmp_path_factory.mktemp("gguf")

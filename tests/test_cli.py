@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -135,6 +136,26 @@ def test_bench_dispatches_to_the_benchmark_scripts(tmp_path: Path) -> None:
     assert ran.returncode == 0, ran.stderr
     result = json.loads(out.read_text())
     assert result["num_prompts"] == 2 and result["output_tokens_per_s"] > 0
+
+
+def test_bench_finds_the_checkout_from_any_folder_and_says_where_to_get_it_without_one(tmp_path: Path) -> None:
+    """`benchmarks/` is not installed: `inferctl bench` imports it from the checkout beside `inferctl/`."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    ran = subprocess.run([sys.executable, "-m", "inferctl.cli", "bench", "make-model", "--help"], cwd=elsewhere,
+                         capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0 and "--shape" in ran.stdout, ran.stderr
+    # An inferctl with no checkout around it (what a wheel installs): a pointer to the checkout, no traceback.
+    site = tmp_path / "site"
+    shutil.copytree(REPO / "inferctl", site / "inferctl")
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    ran = subprocess.run([sys.executable, "-m", "inferctl.cli", "bench", "decode", "--batch", "1"], cwd=elsewhere,
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert ran.returncode == 2 and "Traceback" not in ran.stderr, ran.stderr
+    assert "source checkout" in ran.stderr and "python -m benchmarks.NAME" in ran.stderr
+    listing = subprocess.run([sys.executable, "-m", "inferctl.cli", "bench", "--help"], cwd=elsewhere,
+                             capture_output=True, text=True, timeout=300, env=env)
+    assert listing.returncode == 0 and "not part of the installed package" in listing.stdout
 
 
 # --- the command line itself: flags, help, version, errors before anything runs ---

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from convert.hf_to_gguf import OUTPUT_TYPES, convert_hf_to_gguf
+from inferflux.convert.hf_to_gguf import OUTPUT_TYPES, convert_hf_to_gguf
 from inferflux.formats.gguf_file import GGUFFile
 from inferflux.formats.hf_folder import SafetensorsFolder
 

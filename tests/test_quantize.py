@@ -1,4 +1,4 @@
-"""Tests for convert.quantize, with llama.cpp itself as the oracle.
+"""Tests for inferflux.convert.quantize, with llama.cpp itself as the oracle.
 
 A tiny F32 ``llama`` GGUF is written once per module and quantized by
 llama.cpp's own ``llama_model_quantize`` (through llama-cpp-python) to each
@@ -25,8 +25,8 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from convert import quantize as quantize_module
-from convert.quantize import (
+from inferflux.convert import quantize as quantize_module
+from inferflux.convert.quantize import (
     SUPPORTED_QUANTIZE_TYPES,
     block_compatible,
     fallback_type,

@@ -25,7 +25,7 @@ import pytest
 import tokenizers
 from transformers import AutoTokenizer
 
-from convert.gguf_vocab import add_vocab
+from inferflux.convert.gguf_vocab import add_vocab
 from inferflux.errors import ModelFormatError
 from inferflux.formats.gguf_tokenizer import tokenizer_from_gguf
 from inferflux.formats.tokenizer import Tokenizer

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from convert.demo_model import make_demo_model
 from inferflux import LLM, SamplingParams
 from inferflux.config import load_config
+from inferflux.convert.demo_model import make_demo_model
 from inferflux.engine.model_runner import ModelRunner
 from inferflux.engine.program_cache import ProgramCache, process_map_count
 from inferflux.formats.loader import load_model

@@ -23,8 +23,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from convert.gguf_vocab import add_vocab
-from convert.quantize import fallback_type, quantize
+from inferflux.convert.gguf_vocab import add_vocab
+from inferflux.convert.quantize import fallback_type, quantize
 from inferflux.errors import ModelFormatError
 from inferflux.files import atomic_write
 from inferflux.formats.chat_template import template_from_hf_dir

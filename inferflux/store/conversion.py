@@ -30,7 +30,7 @@ def check_quantize(quantize: str | None) -> str | None:
 def convert_to_blob(blobs: Blobs, folder: Path, quant: str, progress: Progress | None,
                     on_layer: LayerHook | None = None) -> dict[str, Any]:
     """Convert `folder` to a `quant` GGUF stored as a blob; returns its layer (digest, size)."""
-    from convert.hf_to_gguf import convert_hf_to_gguf
+    from inferflux.convert.hf_to_gguf import convert_hf_to_gguf
 
     def on_tensor(_tensor: str, done: int, total: int) -> None:
         if progress is not None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -84,9 +85,9 @@ class Attention(nnx.Module):
         decode_only: bool,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         t = x.shape[0]
-        q = linear(x, self.q.get_value(), _value(self.q_bias)).reshape(t, self.num_heads, self.head_dim)
-        k = linear(x, self.k.get_value(), _value(self.k_bias)).reshape(t, self.num_kv_heads, self.head_dim)
-        v = linear(x, self.v.get_value(), _value(self.v_bias)).reshape(t, self.num_kv_heads, self.head_dim)
+        q = linear(x, _value(self.q), _value(self.q_bias)).reshape(t, self.num_heads, self.head_dim)
+        k = linear(x, _value(self.k), _value(self.k_bias)).reshape(t, self.num_kv_heads, self.head_dim)
+        v = linear(x, _value(self.v), _value(self.v_bias)).reshape(t, self.num_kv_heads, self.head_dim)
         q = apply_rope(q, inputs.positions, inv_freq)
         k = apply_rope(k, inputs.positions, inv_freq)
         k_pages, v_pages = write_kv(kv[0], kv[1], k, v, inputs.slot_mapping)
@@ -94,7 +95,7 @@ class Attention(nnx.Module):
             q, k_pages, v_pages, inputs.block_tables, inputs.token_seq, inputs.positions,
             scale=1.0 / math.sqrt(self.head_dim), sliding_window=self.sliding_window, decode_only=decode_only,
         )
-        out = linear(out.reshape(t, self.num_heads * self.head_dim).astype(x.dtype), self.o.get_value(),
+        out = linear(out.reshape(t, self.num_heads * self.head_dim).astype(x.dtype), _value(self.o),
                      _value(self.o_bias))
         return out, (k_pages, v_pages)
 
@@ -106,8 +107,8 @@ class MLP(nnx.Module):
         self.down = nnx.Param(w["down"])
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        hidden = jax.nn.silu(linear(x, self.gate.get_value())) * linear(x, self.up.get_value())
-        return linear(hidden, self.down.get_value())
+        hidden = jax.nn.silu(linear(x, _value(self.gate))) * linear(x, _value(self.up))
+        return linear(hidden, _value(self.down))
 
 
 class DecoderLayer(nnx.Module):
@@ -122,10 +123,10 @@ class DecoderLayer(nnx.Module):
         self, x: jax.Array, inputs: StepInputs, inv_freq: jax.Array, kv: tuple[jax.Array, jax.Array],
         decode_only: bool,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        attn_out, kv = self.attn(rms_norm(x, self.attn_norm.get_value(), self.eps), inputs, inv_freq, kv,
+        attn_out, kv = self.attn(rms_norm(x, _value(self.attn_norm), self.eps), inputs, inv_freq, kv,
                                  decode_only)
         x = x + attn_out
-        x = x + self.mlp(rms_norm(x, self.mlp_norm.get_value(), self.eps))
+        x = x + self.mlp(rms_norm(x, _value(self.mlp_norm), self.eps))
         return x, kv
 
 
@@ -151,25 +152,25 @@ class LlamaModel(nnx.Module):
         """
         x, new_cache = self._trunk(inputs, kv_cache, decode_only)
         last = jnp.take(x, inputs.logits_index, axis=0)
-        last = rms_norm(last, self.norm.get_value(), self.config.rms_norm_eps)
-        head = self.embed.get_value() if self.lm_head is None else self.lm_head.get_value()
+        last = rms_norm(last, _value(self.norm), self.config.rms_norm_eps)
+        head = _value(self.embed) if self.lm_head is None else _value(self.lm_head)
         return linear(last, head, out_dtype=jnp.float32), new_cache
 
     def token_logits(self, inputs: StepInputs, kv_cache: KVCache) -> tuple[jax.Array, KVCache]:
         """Logits `[T, vocab]` (float32) of every token of the step: what scoring a prompt needs."""
         x, new_cache = self._trunk(inputs, kv_cache, False)
-        x = rms_norm(x, self.norm.get_value(), self.config.rms_norm_eps)
-        head = self.embed.get_value() if self.lm_head is None else self.lm_head.get_value()
+        x = rms_norm(x, _value(self.norm), self.config.rms_norm_eps)
+        head = _value(self.embed) if self.lm_head is None else _value(self.lm_head)
         return linear(x, head, out_dtype=jnp.float32), new_cache
 
     def hidden_states(self, inputs: StepInputs, kv_cache: KVCache) -> tuple[jax.Array, KVCache]:
         """Final-norm hidden states `[T, hidden]` (float32) of every token: what embeddings pool."""
         x, new_cache = self._trunk(inputs, kv_cache, False)
-        return rms_norm(x, self.norm.get_value(), self.config.rms_norm_eps).astype(jnp.float32), new_cache
+        return rms_norm(x, _value(self.norm), self.config.rms_norm_eps).astype(jnp.float32), new_cache
 
     def _trunk(self, inputs: StepInputs, kv_cache: KVCache, decode_only: bool) -> tuple[jax.Array, KVCache]:
-        x = embed(self.embed.get_value(), inputs.tokens, self.dtype)
-        inv_freq = self.inv_freq.get_value()
+        x = embed(_value(self.embed), inputs.tokens, self.dtype)
+        inv_freq = _value(self.inv_freq)
         new_cache = []
         for layer, kv in zip(self.layers, kv_cache):
             x, kv = layer(x, inputs, inv_freq, kv, decode_only)
@@ -193,6 +194,7 @@ def _layer_weights(weights: Mapping[str, Weight], i: int) -> dict[str, Weight]:
     return {name[len(prefix):]: value for name, value in weights.items() if name.startswith(prefix)}
 
 
-def _value(param: nnx.Param | None) -> jax.Array | None:
+def _value(param: nnx.Variable | None) -> Any:
+    """A parameter's array (or packed weight), None for an absent optional one; Any because nnx.Param is untyped."""
     return None if param is None else param.get_value()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ class LoadedModel:
     path: Path
     format: str  # "gguf" or "safetensors"
     config: ModelConfig
-    weights: dict[str, Weight]
+    weights: Mapping[str, Weight]
     tokenizer: Tokenizer
     chat_template: ChatTemplate
     metadata: dict[str, Any]  # GGUF key/values, or the HF config.json
@@ -49,9 +50,9 @@ def _load_gguf(path: Path) -> LoadedModel:
     tokenizer = Tokenizer.from_gguf(file.reader, path)
     meta = file.metadata
     special = {
-        key: tokenizer.id_to_token(token_id)
+        key: text
         for key, token_id in (("bos_token", tokenizer.bos_id), ("eos_token", tokenizer.eos_id))
-        if token_id is not None
+        if token_id is not None and (text := tokenizer.id_to_token(token_id)) is not None
     }
     return LoadedModel(
         path=path,

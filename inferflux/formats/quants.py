@@ -585,9 +585,9 @@ class QTensor:
 
         return dataclasses.replace(
             self,
-            qs=take(self.qs),
+            qs=jnp.take(self.qs, idx, axis=axis),
             qh=take(self.qh),
-            d=take(self.d),
+            d=jnp.take(self.d, idx, axis=axis),
             dmin=take(self.dmin),
             scales=take(self.scales),
             mins=take(self.mins),

@@ -12,7 +12,7 @@ row-major, with GGML quant blocks running along `in_features`.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import gguf
@@ -153,7 +153,7 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_complete(weights: dict[str, Weight], config: ModelConfig, path: Path) -> None:
+def check_complete(weights: Mapping[str, Weight], config: ModelConfig, path: Path) -> None:
     """Every expected weight is present with the shape the config implies."""
     expected = expected_shapes(config)
     missing = [n for n in expected if n not in weights]

@@ -156,6 +156,8 @@ def _show_rows(info: dict[str, Any]) -> list[tuple[str, Any]]:
         rows.append(("name", info["name"]))
     rows += [("path", info.get("path")), ("format", info.get("format")),
              ("architecture", info.get("architecture") or "unknown")]
+    if info.get("capabilities"):  # ModelFacts' words: completion, tools, embedding
+        rows.append(("capabilities", ", ".join(info["capabilities"])))
     if info.get("parameters") is not None:
         rows.append(("parameters", f'{info.get("parameter_size")} ({info["parameters"]:,})'))
     if info.get("layers") is not None and "heads" in info:

@@ -124,6 +124,30 @@ def test_pull_list_show_copy_delete(server, client, gguf) -> None:
     assert info.value.status_code == 404
 
 
+def test_listing_reads_only_manifests(server, client, gguf) -> None:
+    """/api/tags, /api/v0/models and /v1/models answer from the facts recorded at pull: with the stored model's
+    blob moved away (no model file left to open), they list it with the same details as before."""
+    ensure_stored(client, gguf)
+    manifest = json.loads((server.home / "models" / "manifests" / STORED / "latest.json").read_text())
+    facts = manifest["facts"]
+    assert (facts["kind"], facts["architecture"], facts["quantization"]) == ("llm", "llama", "F32")
+    assert facts["capabilities"] == ["completion", "tools"] and facts["context_length"] > 0
+    before = {m.model: m for m in client.list().models}[f"{STORED}:latest"]
+    blob = server.home / "models" / "blobs" / manifest["layers"][0]["digest"].replace(":", "-")
+    hidden = blob.with_name(".hidden-" + blob.name)
+    blob.rename(hidden)
+    try:
+        after = {m.model: m for m in client.list().models}[f"{STORED}:latest"]
+        assert after.details == before.details and after.size == before.size and after.digest == before.digest
+        lmstudio = httpx.get(f"{server.url}/api/v0/models/{STORED}", timeout=30).json()
+        assert (lmstudio["type"], lmstudio["arch"], lmstudio["quantization"]) == ("llm", "llama", "F32")
+        assert lmstudio["state"] == "not-loaded" and lmstudio["max_context_length"] > 0
+        ids = [m["id"] for m in httpx.get(f"{server.url}/v1/models", timeout=30).json()["data"]]
+        assert any(i.startswith(STORED) for i in ids)
+    finally:
+        hidden.rename(blob)
+
+
 def test_load_on_first_use_and_lru_eviction(server, client, gguf) -> None:
     ensure_stored(client, gguf)
     client.generate(model="tiny", prompt="", keep_alive=-1)  # make sure the served model is the loaded one

@@ -1,11 +1,16 @@
-"""A model file's facts for people: what `inferctl show` prints (and, later, Ollama's `/api/show`).
+"""What a model is, read once from its headers: `ModelFacts`, and `describe_model` for `inferctl show`.
 
 Reads headers only (GGUF metadata and tensor table, safetensors headers), so
-describing a large model costs no weight reads.
+describing a large model costs no weight reads. `ModelFacts` is the one answer
+to "what kind of model is this" (generative or encoder, format, size, context,
+template, capabilities): the store writes it into a model's manifest at pull, so
+listing routes read no model files, and loaded handles carry it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +23,82 @@ from inferflux.formats.gguf_file import GGUFFile
 from inferflux.formats.hf_folder import SafetensorsFolder, is_hf_folder
 from inferflux.formats.json_file import read_json_object
 from inferflux.formats.model_config import ModelConfig
+
+KINDS = ("llm", "encoder")
+FACTS_VERSION = 1  # bumped when a field is added, so manifests written before are recomputed
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFacts:
+    """A model's identity as every API reports it; frozen and cached (one read of the headers per file version)."""
+
+    kind: str  # "llm" (generates; served by the engine) or "encoder" (embeddings only; served by the embedder)
+    format: str  # "gguf" or "safetensors"
+    architecture: str
+    parameters: int
+    parameter_size: str  # "1.1B", as Ollama labels it
+    quantization: str  # the GGUF file type ("Q4_K_M", "F16"), or "none" for safetensors
+    context_length: int  # what the model was trained for; a server may cap it (runtime.max_model_len)
+    embedding_length: int
+    chat_template: str | None = None
+    license: str | None = None
+    capabilities: tuple[str, ...] = ()  # Ollama's words: "completion", "tools", "embedding"
+
+    @property
+    def generative(self) -> bool:
+        return self.kind == "llm"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The manifest form (JSON), with the version that wrote it."""
+        return {"version": FACTS_VERSION, **dataclasses.asdict(self), "capabilities": list(self.capabilities)}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ModelFacts | None:
+        """Facts recorded in a manifest, or None when they are absent, older or malformed (recompute them)."""
+        if not isinstance(data, dict) or data.get("version") != FACTS_VERSION:
+            return None
+        try:
+            fields = {f.name: data[f.name] for f in dataclasses.fields(cls)}
+            fields["capabilities"] = tuple(str(c) for c in fields["capabilities"])
+            facts = cls(**fields)
+        except (KeyError, TypeError):
+            return None
+        return facts if facts.kind in KINDS else None
+
+    @classmethod
+    def from_summary(cls, summary: dict[str, Any]) -> ModelFacts:
+        """The facts in a `describe_model` summary."""
+        encoder = summary.get("kind") == "encoder"
+        template = None if encoder else summary.get("chat_template")
+        return cls(
+            kind="encoder" if encoder else "llm", format=summary["format"], architecture=summary["architecture"],
+            parameters=int(summary["parameters"]), parameter_size=summary["parameter_size"],
+            quantization=summary["quantization"], context_length=int(summary["context_length"]),
+            embedding_length=int(summary["embedding_length"]), chat_template=template,
+            license=summary.get("license"), capabilities=capabilities(encoder, template),
+        )
+
+
+def capabilities(encoder: bool, template: str | None) -> tuple[str, ...]:
+    """Ollama's capability list: an encoder embeds; a generator completes, and takes tools if its template does."""
+    if encoder:
+        return ("embedding",)
+    return ("completion", "tools") if template and "tools" in template else ("completion",)
+
+
+def model_facts(path: str | Path) -> ModelFacts:
+    """The facts of a model file or folder, cached per file version (path, sizes and mtimes)."""
+    path = Path(path).expanduser().resolve()
+    files = [path] if path.is_file() else sorted(p for p in path.glob("*") if p.is_file()) if path.is_dir() else []
+    if not files:
+        raise ModelFormatError(path, "no such model file or folder")
+    version = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    return _cached_facts(path, version)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_facts(path: Path, _version: tuple[tuple[str, int, int], ...]) -> ModelFacts:
+    return ModelFacts.from_summary(describe_model(path))
 
 
 def describe_model(path: str | Path) -> dict[str, Any]:
@@ -65,34 +146,36 @@ def _describe_encoder(path: Path, file: GGUFFile | None = None) -> dict[str, Any
         "context_length": config.max_position, "embedding_length": config.hidden_size,
         "layers": config.num_layers, "heads": config.num_heads, "kv_heads": config.num_heads,
         "vocab_size": config.vocab_size, "quantization": quantization, "tensor_types": {}, "size_bytes": size,
-        "license": None, "note": "embedding model: served on /v1/embeddings and /api/embed, not for chat",
+        "license": file.metadata.get("general.license") if file is not None else None,
+        "kind": "encoder", "capabilities": list(capabilities(True, None)),
+        "note": "embedding model: served on /v1/embeddings and /api/embed, not for chat",
     }
 
 
-def _gguf_quantization(file: GGUFFile) -> str:
+def _tensor_types(file: GGUFFile) -> dict[str, int]:
+    """Elements per GGML type: what the file's weights are stored as."""
     counts: dict[str, int] = {}
     for tensor in file.tensors.values():
         name = gguf.GGMLQuantizationType(tensor.tensor_type).name
         counts[name] = counts.get(name, 0) + int(tensor.n_elements)
+    return counts
+
+
+def _gguf_quantization(file: GGUFFile, counts: dict[str, int] | None = None) -> str:
+    """The file type the file declares ("Q4_K_M"), else the type most of its weights use."""
     try:
-        return gguf.LlamaFileType(file.metadata.get("general.file_type")).name.removeprefix("MOSTLY_") \
+        return gguf.LlamaFileType(int(file.metadata["general.file_type"])).name.removeprefix("MOSTLY_") \
             .removeprefix("ALL_")
-    except ValueError:
-        return max(counts, key=counts.get) if counts else "unknown"
+    except (KeyError, ValueError, TypeError):
+        types = _tensor_types(file) if counts is None else counts
+        return max(types, key=lambda name: types[name]) if types else "unknown"
 
 
 def _describe_gguf(path: Path, file: GGUFFile) -> dict[str, Any]:
     config = file.model_config()
     meta = file.metadata
-    counts: dict[str, int] = {}
-    for tensor in file.tensors.values():
-        name = gguf.GGMLQuantizationType(tensor.tensor_type).name
-        counts[name] = counts.get(name, 0) + int(tensor.n_elements)
-    file_type = meta.get("general.file_type")
-    try:
-        quantization = gguf.LlamaFileType(file_type).name.removeprefix("MOSTLY_").removeprefix("ALL_")
-    except ValueError:
-        quantization = max(counts, key=counts.get)
+    counts = _tensor_types(file)
+    quantization = _gguf_quantization(file, counts)
     return _summary(
         path, "gguf", config,
         parameters=sum(int(t.n_elements) for t in file.tensors.values() if t.name != "rope_freqs.weight"),
@@ -139,6 +222,8 @@ def _summary(path: Path, fmt: str, config: ModelConfig, *, parameters: int, quan
         "size_bytes": size_bytes,
         "chat_template": template,
         "license": license,
+        "kind": "llm",
+        "capabilities": list(capabilities(False, template)),
     }
 
 

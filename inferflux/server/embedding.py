@@ -9,7 +9,6 @@ numbers, unless `truncate` (or vLLM's `truncate_prompt_tokens`) asks to cut them
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import time
 
@@ -67,16 +66,16 @@ def input_ids(spec: EmbeddingSpec, handle: ModelHandle) -> list[list[int]]:
     if not raw:
         raise bad_request("`input` is empty", param="input")
     # An LLM needs one position left after the input; an encoder can use its whole window.
-    limit = handle.max_model_len - (1 if handle.engine is not None else 0)
+    limit = handle.served.embed_limit
     keep = spec.truncate_tokens or (limit if spec.truncate else None)
     if keep is not None and not 1 <= keep <= limit:
         raise bad_request(f"truncate_prompt_tokens must be between 1 and {limit}", param="truncate_prompt_tokens")
     lists: list[list[int]]
     if all(isinstance(x, int) for x in raw):
         lists = [[int(x) for x in raw]]  # type: ignore[arg-type]
-    elif handle.embedder is not None and all(isinstance(x, str) for x in raw):
-        try:  # the embedder adds [CLS]/[SEP] and truncates keeping the closing [SEP]
-            lists = handle.embedder.tokenize([str(x) for x in raw], truncate=keep)
+    elif all(isinstance(x, str) for x in raw):
+        try:  # an encoder adds [CLS]/[SEP] and truncates keeping the closing [SEP]
+            lists = handle.served.encode_texts([str(x) for x in raw], keep)
         except ValueError as exc:
             raise bad_request(f"{exc}; or set `truncate: true`", param="input",
                               code="context_length_exceeded") from None
@@ -98,9 +97,6 @@ def input_ids(spec: EmbeddingSpec, handle: ModelHandle) -> list[list[int]]:
 
 
 async def compute(handle: ModelHandle, lists: list[list[int]]) -> np.ndarray:
-    if handle.embedder is not None:
-        return await asyncio.to_thread(handle.embed_encoder, lists)
     # Engine errors (bad ids, a dead engine) map to 4xx/503 in the app's error handler.
     pooling = server_state().config.runtime.embedding_pooling  # "mean" or "last": checked when the config loaded
-    vectors = await handle.engine.embed(lists, pooling)  # type: ignore[arg-type]
-    return vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
+    return await handle.served.embed(lists, pooling)  # type: ignore[arg-type]

@@ -166,7 +166,7 @@ class Generation:
         handle = await state.acquire(spec.model, spec.keep_alive)
         submitted: list[Request] = []
         try:
-            if handle.engine is None:
+            if not handle.generative:
                 raise bad_request(f"the model `{handle.name}` is an embedding model; use /v1/embeddings",
                                   param="model")
             prompt_ids = [encode(prompt, handle) for prompt in spec.prompts]

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import math
@@ -13,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -20,19 +22,123 @@ from inferflux.config import Config
 from inferflux.engine.compile_cache import enable_persistent_cache
 from inferflux.engine.embedder import Embedder
 from inferflux.engine.engine import Engine
-from inferflux.engine.request import EngineStats
+from inferflux.engine.request import EngineStats, Pooling
+from inferflux.formats.describe import ModelFacts, model_facts
 from inferflux.formats.encoder import load_encoder
-from inferflux.formats.gguf_file import GGUFFile
-from inferflux.formats.json_file import read_json_object
 from inferflux.formats.loader import LoadedModel, load_model
 from inferflux.formats.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 
+class ServedModel(Protocol):
+    """What a route needs of a loaded model, whichever kind: routes ask this (or `ModelHandle.facts`), never
+    whether there is an engine. `Generator` (an LLM on the engine) and `Encoder` (a BERT embedder) are the two."""
+
+    generative: bool  # generates text (chat, completions, tokenize with a template); False: embeddings only
+
+    @property
+    def max_model_len(self) -> int: ...
+    @property
+    def embed_limit(self) -> int: ...  # the longest input `embed` takes: an LLM needs one position after the input
+    @property
+    def tokenizer(self) -> Tokenizer: ...
+    @property
+    def is_running(self) -> bool: ...
+    def stats(self) -> EngineStats: ...
+    def stop(self, wait: bool = True) -> None: ...
+    def encode_texts(self, texts: list[str], keep: int | None) -> list[list[int]]: ...
+    async def embed(self, token_lists: list[list[int]], pooling: Pooling) -> np.ndarray: ...
+
+
+class Generator:
+    """A generative model with its running engine."""
+
+    generative = True
+
+    def __init__(self, model: LoadedModel | None, engine: Engine) -> None:
+        self.model, self.engine = model, engine  # model None: a pool test's stand-in engine
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.core.max_model_len
+
+    @property
+    def embed_limit(self) -> int:
+        return self.max_model_len - 1
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self.model is None:
+            raise RuntimeError("this handle has an engine but no model")
+        return self.model.tokenizer
+
+    @property
+    def is_running(self) -> bool:
+        return self.engine.is_running
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    def stop(self, wait: bool = True) -> None:
+        self.engine.stop(timeout=30.0 if wait else 0)
+
+    def encode_texts(self, texts: list[str], keep: int | None) -> list[list[int]]:
+        return [self.tokenizer.encode(text)[:keep] if keep else self.tokenizer.encode(text) for text in texts]
+
+    async def embed(self, token_lists: list[list[int]], pooling: Pooling) -> np.ndarray:
+        """Pooled hidden states from the engine (scheduled with the generations in flight), unit length."""
+        vectors = await self.engine.embed(token_lists, pooling)
+        return vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
+
+
+class Encoder:
+    """An encoder (embeddings only) with its embedder; no engine, nothing to stop."""
+
+    generative = False
+
+    def __init__(self, embedder: Embedder) -> None:
+        self.embedder = embedder
+        # The embedder holds device state and compiles on demand: one caller at a time.
+        self.lock = threading.Lock()
+
+    @property
+    def max_model_len(self) -> int:
+        return self.embedder.model.max_seq_length
+
+    @property
+    def embed_limit(self) -> int:
+        return self.max_model_len
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.embedder.model.tokenizer
+
+    @property
+    def is_running(self) -> bool:
+        return True
+
+    def stats(self) -> EngineStats:
+        return EngineStats()
+
+    def stop(self, wait: bool = True) -> None:
+        pass
+
+    def encode_texts(self, texts: list[str], keep: int | None) -> list[list[int]]:
+        """[CLS] ... [SEP] per text, truncated keeping the closing [SEP]; ValueError if too long and no `keep`."""
+        return self.embedder.tokenize(texts, truncate=keep)
+
+    async def embed(self, token_lists: list[list[int]], pooling: Pooling) -> np.ndarray:
+        def run() -> np.ndarray:
+            with self.lock:
+                return self.embedder.embed(token_lists)
+
+        return await asyncio.to_thread(run)
+
+
 @dataclasses.dataclass
 class ModelHandle:
-    """A served model: a generative LLM with its engine, or an encoder (embeddings only) with its embedder."""
+    """A served model (a `Generator` or an `Encoder`, as `served`) with the pool's bookkeeping and its facts."""
 
     name: str
     aliases: tuple[str, ...]
@@ -40,12 +146,8 @@ class ModelHandle:
     model: LoadedModel | None
     engine: Engine | None
     embedder: Embedder | None = None
-    # The embedder holds device state and compiles on demand: one caller at a time.
-    embed_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
-
-    def embed_encoder(self, token_lists: list[list[int]]) -> np.ndarray:
-        with self.embed_lock:
-            return self.embedder.embed(token_lists)
+    facts: ModelFacts | None = None  # None only for handles built around test doubles
+    served: ServedModel = dataclasses.field(init=False)
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
     in_flight: int = 0
     retired: bool = False
@@ -57,27 +159,36 @@ class ModelHandle:
     load_seconds: float = 0.0
     on_idle: Callable[[ModelHandle], None] | None = None
 
+    def __post_init__(self) -> None:
+        if self.embedder is not None:
+            self.served = Encoder(self.embedder)
+        elif self.engine is not None:
+            self.served = Generator(self.model, self.engine)
+        else:
+            raise ValueError("a ModelHandle needs an engine or an embedder")
+
+    @property
+    def generative(self) -> bool:
+        return self.served.generative
+
     @property
     def max_model_len(self) -> int:
-        if self.engine is None:
-            return self.embedder.model.max_seq_length
-        return self.engine.core.max_model_len
+        return self.served.max_model_len
 
     @property
     def tokenizer(self) -> Tokenizer:
-        return self.model.tokenizer if self.model is not None else self.embedder.model.tokenizer
+        return self.served.tokenizer
 
     @property
     def is_running(self) -> bool:
-        return self.engine is None or self.engine.is_running
+        return self.served.is_running
 
     def stats(self) -> EngineStats:
-        return EngineStats() if self.engine is None else self.engine.stats()
+        return self.served.stats()
 
     def stop(self, wait: bool = True) -> None:
         """Stop the engine; `wait=False` from the event loop, which must not block on the join."""
-        if self.engine is not None:
-            self.engine.stop(timeout=30.0 if wait else 0)
+        self.served.stop(wait)
 
     def names(self) -> tuple[str, ...]:
         return (self.name, *self.aliases)
@@ -109,21 +220,18 @@ def load_handle(config: Config, path: str | Path, served_name: str | None = None
     enable_persistent_cache(config.home_path / "xla-cache")
     name = served_name or config.server.served_model_name or Path(path).name
     aliases = config_aliases(config) if aliases is None else aliases
-    if is_encoder(path):
+    facts = model_facts(path)
+    if not facts.generative:  # BERT-family embedding models are served by the embedder, not the engine
         embedder = Embedder(load_encoder(path))
-        return ModelHandle(name=name, aliases=aliases, path=Path(path), model=None, engine=None, embedder=embedder)
+        return ModelHandle(name=name, aliases=aliases, path=Path(path), model=None, engine=None, embedder=embedder,
+                           facts=facts)
     model = load_model(path)
     engine = Engine(model, config).start()
-    return ModelHandle(name=name, aliases=aliases, path=Path(path), model=model, engine=engine)
+    return ModelHandle(name=name, aliases=aliases, path=Path(path), model=model, engine=engine, facts=facts)
 
 
 def is_encoder(path: str | Path) -> bool:
-    """BERT-family embedding models are served by the embedder, not the generation engine."""
-    path = Path(path)
-    if path.is_dir():
-        config = read_json_object(path / "config.json", missing_ok=True)
-        archs = config.get("architectures") or []
-        return config.get("model_type") == "bert" or any(a.startswith("Bert") for a in archs)
-    return path.is_file() and GGUFFile(path).metadata.get("general.architecture") == "bert"
+    """Whether a model path is an encoder (embeddings only): what its `ModelFacts` say."""
+    return not model_facts(path).generative
 
 

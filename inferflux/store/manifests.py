@@ -13,12 +13,15 @@ import hashlib
 import json
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from inferflux.errors import InferFluxError
 from inferflux.files import atomic_write
 from inferflux.store.blobs import layers_digest
 from inferflux.store.names import ModelNotFoundError, ModelRef, StoreError, first_line
+
+if TYPE_CHECKING:
+    from inferflux.formats.describe import ModelFacts
 
 MODEL_ROLE = "model"
 FORMATS = ("gguf", "safetensors")
@@ -36,6 +39,7 @@ class ModelEntry:
     architecture: str | None = None
     parameter_size: str | None = None
     digest: str = ""  # sha256 of the layer list: same digest = same model content
+    facts: ModelFacts | None = None  # what the model is, recorded at pull (None: its headers were unreadable)
 
 
 class Manifests:
@@ -116,17 +120,18 @@ def load_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def entry(ref: ModelRef, manifest: dict[str, Any]) -> ModelEntry:
+def entry(ref: ModelRef, manifest: dict[str, Any], facts: ModelFacts | None = None) -> ModelEntry:
     """A manifest as a `list()` row: read from the manifest alone, no model file is opened."""
     return ModelEntry(
         name=str(ref),
         size=sum(int(layer["size"]) for layer in manifest["layers"]),
         format=manifest["format"],
-        quantization=manifest.get("quantization"),
+        quantization=facts.quantization if facts else manifest.get("quantization"),
         modified=parse_time(manifest.get("modified")),
-        architecture=manifest.get("architecture"),
-        parameter_size=manifest.get("parameter_size"),
+        architecture=facts.architecture if facts else manifest.get("architecture"),
+        parameter_size=facts.parameter_size if facts else manifest.get("parameter_size"),
         digest=entry_digest(manifest),
+        facts=facts,
     )
 
 

@@ -18,12 +18,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import json
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from inferflux.errors import InferFluxError, ModelFormatError
 from inferflux.files import TMP_PREFIX, is_abandoned, remove_path
@@ -39,6 +38,9 @@ from inferflux.store.manifests import (
 )
 from inferflux.store.names import ModelNotFoundError, ModelRef, StoreError, looks_like_path, parse_name
 from inferflux.store.sources import Source, check_gguf, folder_files, open_source
+
+if TYPE_CHECKING:
+    from inferflux.formats.describe import ModelFacts
 
 _LOCK_WAIT_S = 10.0
 
@@ -136,8 +138,42 @@ class ModelStore:
     # ------------------------------------------------------------ read side
 
     def list(self) -> list[ModelEntry]:
-        """Every stored model, sorted by name; read from the manifests alone."""
-        return sorted((entry(ref, manifest) for ref, manifest in self._manifests.all()), key=lambda e: e.name)
+        """Every stored model, sorted by name; read from the manifests alone (a manifest written before
+        facts were recorded gets them computed and written back once, see `facts`)."""
+        from inferflux.formats.describe import ModelFacts
+
+        entries = []
+        for ref, manifest in self._manifests.all():
+            facts = ModelFacts.from_dict(manifest.get("facts")) or self._computed_facts(ref, manifest)
+            entries.append(entry(ref, manifest, facts))
+        return sorted(entries, key=lambda e: e.name)
+
+    def facts(self, name: str) -> ModelFacts | None:
+        """What a stored model is (kind, format, context, template, capabilities), from its manifest.
+
+        None only for a model whose headers cannot be read (it was stored anyway). Facts missing
+        from an older manifest are computed from the model's headers and recorded in it.
+        """
+        from inferflux.formats.describe import ModelFacts
+
+        ref = self._lookup(str(name))
+        manifest = self._manifests.read(ref)
+        return ModelFacts.from_dict(manifest.get("facts")) or self._computed_facts(ref, manifest)
+
+    def _computed_facts(self, ref: ModelRef, manifest: dict[str, Any]) -> ModelFacts | None:
+        """Facts read from the model's headers, written into its manifest if no pull or rm is running
+        (and the name still means the same layers), so the next listing reads no model file."""
+        from inferflux.formats.describe import model_facts
+
+        try:
+            facts = model_facts(self.path(str(ref)))
+        except InferFluxError:  # unreadable or missing blob: list it with what the manifest says
+            return None
+        with contextlib.suppress(StoreError), self._lock(exclusive=True, wait_s=0):
+            current = self._manifests.read(ref)
+            if layers_digest(current["layers"]) == layers_digest(manifest["layers"]):
+                self._manifests.write(ref, {**current, "facts": facts.to_dict()})
+        return facts
 
     def show(self, name: str) -> dict[str, Any]:
         """`describe_model` of the stored model, plus the store's fields (name, source, dates, digest, blobs)."""
@@ -298,25 +334,13 @@ class ModelStore:
 
 
 def _facts(path: Path) -> dict[str, Any]:
-    """Architecture, parameters and quantization for the manifest; best effort for models
-    `describe_model` does not cover (e.g. BERT embedding models), so they can still be stored."""
-    from inferflux.formats.describe import describe_model
+    """The manifest's facts: `ModelFacts` under "facts" (what every listing reads), plus the top-level
+    architecture/parameters/quantization that manifests carried before facts existed (older readers)."""
+    from inferflux.formats.describe import model_facts
 
     try:
-        info = describe_model(path)
-    except ModelFormatError:
-        return {"architecture": _raw_architecture(path), "parameters": None, "parameter_size": None,
-                "quantization": None}
-    return {key: info[key] for key in ("architecture", "parameters", "parameter_size", "quantization")}
-
-
-def _raw_architecture(path: Path) -> str | None:
-    try:
-        if path.is_file():
-            from inferflux.formats.gguf_file import GGUFFile
-
-            return GGUFFile(path).metadata.get("general.architecture")
-        config = json.loads((path / "config.json").read_text())
-        return (config.get("architectures") or [None])[0] or config.get("model_type")
-    except (InferFluxError, OSError, ValueError, AttributeError):
-        return None
+        facts = model_facts(path)
+    except ModelFormatError:  # a model describe_model cannot read can still be stored, with no facts
+        return {"architecture": None, "parameters": None, "parameter_size": None, "quantization": None}
+    return {"architecture": facts.architecture, "parameters": facts.parameters,
+            "parameter_size": facts.parameter_size, "quantization": facts.quantization, "facts": facts.to_dict()}

@@ -3,48 +3,40 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 from typing import Any
 
-from inferflux.formats.describe import describe_model
+from inferflux.formats.describe import ModelFacts
 from inferflux.server.errors import model_not_found
 from inferflux.server.handle import ModelHandle
 from inferflux.server.http import server_state
 from inferflux.server.lmstudio import bp
 from inferflux.server.model_pool import Listed, tagged
-from inferflux.store import ModelStore
+
+
+def _entry(name: str, facts: ModelFacts | None, state: str, context: int | None) -> dict[str, Any]:
+    """One row of LM Studio's list, from a model's facts (read from a manifest or a loaded handle, no file)."""
+    row: dict[str, Any] = {"id": name, "object": "model", "type": "llm", "publisher": "local", "state": state}
+    if facts is not None:
+        row.update({"type": "llm" if facts.generative else "embeddings", "arch": facts.architecture,
+                    "compatibility_type": facts.format, "quantization": facts.quantization})
+    return {**row, "max_context_length": context}
 
 
 def model_entry(handle: ModelHandle, name: str) -> dict[str, Any]:
-    if handle.model is not None:
-        config, meta = handle.model.config, handle.model.metadata
-        arch, kind, fmt = config.architecture, "llm", handle.model.format
-        quant = _quantization(meta) if fmt == "gguf" else "none"
-    else:
-        arch, kind, fmt, quant = "bert", "embeddings", handle.embedder.model.format, "none"
-    return {"id": name, "object": "model", "type": kind, "publisher": "local", "arch": arch,
-            "compatibility_type": fmt, "quantization": quant, "state": "loaded",
-            "max_context_length": handle.max_model_len}
+    """A loaded model: its facts, and the context window it was loaded with."""
+    return _entry(name, handle.facts, "loaded", handle.max_model_len)
 
 
-def stored_entry(row: Listed, context: int | None) -> dict[str, Any]:
-    """A stored model that is not loaded: what its manifest and file headers say."""
-    entry = row.stored
-    arch = entry.architecture or "unknown"
+def stored_entry(row: Listed) -> dict[str, Any]:
+    """A stored model that is not loaded: what its manifest says (the context capped as a load would cap it)."""
+    facts = row.stored.facts if row.stored is not None else None
+    context = facts.context_length if facts is not None else None
     limit = server_state().config.runtime.max_model_len
-    return {"id": row.name, "object": "model", "type": "embeddings" if arch.lower().startswith("bert") else "llm",
-            "publisher": "local", "arch": arch, "compatibility_type": entry.format,
-            "quantization": entry.quantization or "none", "state": "not-loaded",
-            "max_context_length": min(context, limit) if context and limit else context}
-
-
-@functools.lru_cache(maxsize=256)
-def _context_length(store: ModelStore, name: str, digest: str) -> int | None:
-    """The context length in a stored model's headers (cached per content digest)."""
-    try:
-        return describe_model(store.path(name)).get("context_length")
-    except Exception:  # noqa: BLE001 - e.g. an encoder describe_model does not cover
-        return None
+    entry = _entry(row.name, facts, "not-loaded", min(context, limit) if context and limit else context)
+    if facts is None and row.stored is not None:  # headers unreadable at pull: the manifest's own fields
+        entry.update({"arch": row.stored.architecture or "unknown", "compatibility_type": row.stored.format,
+                      "quantization": row.stored.quantization or "none"})
+    return entry
 
 
 async def _entries() -> list[dict[str, Any]]:
@@ -58,21 +50,11 @@ async def _entries() -> list[dict[str, Any]]:
         if handle is not None:
             out.append(model_entry(handle, row.name))
         elif row.stored is not None:
-            context = await asyncio.to_thread(_context_length, pool.store, row.name, row.stored.digest)
-            out.append(stored_entry(row, context))
+            out.append(stored_entry(row))
         else:  # the default model while it is not loaded (keep_alive 0, or evicted)
             out.append({"id": row.name, "object": "model", "type": "llm", "publisher": "local",
                         "state": "not-loaded"})
     return out
-
-
-def _quantization(meta: dict[str, Any]) -> str:
-    import gguf
-
-    try:
-        return gguf.LlamaFileType(meta.get("general.file_type")).name.removeprefix("MOSTLY_").removeprefix("ALL_")
-    except ValueError:
-        return "unknown"
 
 
 @bp.get("/api/v0/models")

@@ -77,7 +77,7 @@ async def tokenize() -> Any:
     handle = await server_state().acquire(req.model)
     try:
         if req.messages:
-            if handle.engine is None:
+            if not handle.generative:
                 raise bad_request(f"the model `{handle.name}` is an embedding model; it has no chat template",
                                   param="messages")
             ids = encode(Prompt(messages=[m.for_template() for m in req.messages],
@@ -113,7 +113,7 @@ async def tokenizer_info() -> Any:
         def text(token_id: int | None) -> str | None:
             return None if token_id is None else tokenizer.id_to_token(token_id)
 
-        template = handle.model.chat_template if handle.engine is not None else None
+        template = handle.model.chat_template if handle.generative and handle.model is not None else None
         return {"tokenizer_class": "InferFluxTokenizer", "model_max_length": handle.max_model_len,
                 "vocab_size": tokenizer.vocab_size, "bos_token": text(tokenizer.bos_id),
                 "eos_token": text(tokenizer.eos_id), "pad_token": None, "add_bos_token": tokenizer.add_bos,

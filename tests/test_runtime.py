@@ -37,8 +37,8 @@ OUR_TYPES = ["Q8_0", "Q4_0", "Q4_K", "Q6_K"]
 # Measured: Q8_0 .938, Q4_0 .883, Q4_K .898, Q6_K .828, Q4_1 .914, Q5_0 .938, Q5_1 .938, Q2_K .867,
 # Q3_K .953, Q5_K .906, IQ4_NL .898, IQ4_XS .898.
 # With the CPU kernels (which quantize activations, in blocks of 32 where llama.cpp uses 256 for K-quants)
-# the agreement moved: measured over 512 tokens, floors rounded down to 0.05 (Q5_K: .844, because ours is now
-# closer to transformers than llama.cpp is, 0.908 vs 0.877).
+# the agreement moved, measured over 512 tokens: Q8_0 .955, Q4_0 .965, Q4_K .861, Q6_K .865, IQ4_XS .861,
+# Q5_K .844 (ours is closer to transformers than llama.cpp is for K-quants, so further from llama.cpp).
 AGREEMENT_FLOOR = {"Q8_0": 0.9, "Q4_0": 0.85, "Q4_K": 0.85, "Q6_K": 0.8, "Q4_1": 0.9, "Q5_0": 0.9, "Q5_1": 0.9,
                    "Q2_K": 0.85, "Q3_K": 0.9, "Q5_K": 0.8, "IQ4_NL": 0.85, "IQ4_XS": 0.85}
 # How far our agreement with transformers may fall below llama.cpp's (10 of 512 tokens): see test_quantized_types.
@@ -184,8 +184,9 @@ def test_quantized_types(tiny_model, quantized_gguf, qtype: str) -> None:
     rates = _agreements(llm, hf_model, path)
     assert rates["ours_llama"] >= AGREEMENT_FLOOR[qtype], f"{qtype}: {rates}"
     # Both quantize activations to int8 before quantized matmuls (ours where the type has a CPU kernel); ours
-    # must lose no more to it than llama.cpp does. Equal arithmetic flips different near-ties, so the two
-    # rates differ by noise: over 512 tokens it was -1.0% (Q8_0) to +1.9% (Q6_K), ours minus llama.cpp's.
+    # must lose no more to it than llama.cpp does. Measured over these 512 tokens, ours minus llama.cpp's:
+    # Q4_K +3.5%, Q5_K +3.1%, Q6_K +3.1%, IQ4_XS +4.3% (our activation blocks are 32 values, ggml's 256),
+    # Q4_0 +0.4%, Q8_0 -1.2% (the same arithmetic as ggml's: different near-ties flip, noise).
     assert rates["ours_hf"] >= rates["llama_hf"] - AGREEMENT_NOISE, f"{qtype}: {rates}"
 
 

@@ -274,3 +274,22 @@ def test_bad_shapes_are_errors() -> None:
     raw, x = _inputs(T.Q4_K, 2)
     with pytest.raises(ValueError):
         qmatmul(jnp.asarray(x[:, :256]), GGUFBlocks(jnp.asarray(raw), T.Q4_K, (raw.shape[0], x.shape[1])))
+
+
+def test_env_switch_forces_the_float_path() -> None:
+    """INFERFLUX_CPU_KERNELS=off: the library is not loaded and CPU weights are dequantized at load."""
+    script = ("from inferflux.kernels import cpu; from inferflux.engine import device; "
+              "print(cpu.available(), device.weight_layout('auto'), device.weight_layout('exact'))")
+    env = {**os.environ, "INFERFLUX_CPU_KERNELS": "off", "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120,
+                          check=True)
+    assert done.stdout.split() == ["False", "dense", "dense"]
+
+
+def test_layouts_by_mode() -> None:
+    from inferflux.engine import device
+
+    assert device.weight_layout("auto", "cpu") == (device.GGUF_BLOCKS if cpu.fast_path() else device.DENSE)
+    assert device.weight_layout("exact", "cpu") == device.GGUF_BLOCKS
+    assert device.weight_layout("off", "cpu") == device.DENSE
+    assert device.weight_layout("auto", "gpu") == device.QTENSOR

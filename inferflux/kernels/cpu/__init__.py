@@ -75,7 +75,9 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
             return ctypes.CDLL(str(path)), ""
         except OSError as exc:
             reason = f"cannot load {path.name}: {exc}"
-    log.info("CPU kernels unavailable (%s): quantized weights are dequantized to float32 at load", reason)
+    # A deliberate switch-off is news only at info level; a missing or broken build is worth a warning.
+    log.log(logging.INFO if switched_off() else logging.WARNING,
+            "CPU kernels unavailable (%s): quantized weights are dequantized to float32 at load", reason)
     return None, reason
 
 

@@ -56,6 +56,9 @@ class InferCtl:
         elif not Path(model).expanduser().exists():
             overrides["server.served_model_name"] = model  # a store name is what clients should send
         settings = load_config(config, overrides)  # a bad value fails here, before JAX is imported
+        from inferflux.server.access import check_exposure
+
+        check_exposure(settings)  # as must a reachable address without auth
         path = open_store(settings.home_path).resolve(model)
         from inferflux.server.serve import serve
 
@@ -228,6 +231,12 @@ class InferCtl:
 
         store_cmds.make_demo(open_store(), name, force=force)
 
+    def admin(self) -> None:
+        """Tenants and API keys: admin tenants create|list|delete, admin keys create|list|revoke."""
+        from inferctl.admin_cmds import usage
+
+        print(usage())
+
     def bench(self) -> None:
         """Run a benchmark (serving, decode, side-by-side, ...); `inferctl bench --help` lists them."""
         from inferctl.bench_cmds import usage
@@ -249,6 +258,7 @@ COMMANDS = [
     Command.of("convert", InferCtl.convert),
     Command.of("replay", InferCtl.replay),
     Command.of("make-demo-model", InferCtl.make_demo_model),
+    Command.of("admin", InferCtl.admin),
     Command.of("bench", InferCtl.bench),
 ]
 _BY_NAME = {c.name: c for c in COMMANDS}
@@ -288,6 +298,10 @@ def dispatch(argv: list[str]) -> int:
             print(_help())
             return 0
         name, rest = rest[0], ["--help"]
+    if name == "admin":  # admin GROUP VERB: sub-commands of their own
+        from inferctl.admin_cmds import dispatch as admin
+
+        return admin(rest)
     if name == "bench":  # argparse programs: they take their own flags, --set and --help included
         from inferctl.bench_cmds import bench
 

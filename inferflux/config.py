@@ -163,7 +163,8 @@ class ServerConfig:
     cors_origins: str = key("http://localhost,https://localhost,http://127.0.0.1,https://127.0.0.1,http://0.0.0.0")
     # Also listen on this port (e.g. 11434, Ollama's), serving the same app; 0 = off.
     ollama_port: int = key(0, **_PORT, zero=True)
-    # /admin/* routes (model reload) are served only when true, until API-key auth exists.
+    # /admin/* routes (reload, tenants, keys) with security.auth off; with auth required they are always
+    # served, to keys with the admin scope.
     admin_enabled: bool = key(False)
     # Default max_tokens when a request gives none; 0 = up to the context window.
     default_max_tokens: int = key(0, lo=1, hi=_MAX, zero=True)
@@ -178,9 +179,23 @@ class ServerConfig:
 
 
 @dataclasses.dataclass
+class SecurityConfig:
+    """Who may use the server (docs/security.md). Read at start-up; a reload does not change them."""
+
+    # "off" (no keys; the desktop default, loopback addresses only) or "required" (every route but the
+    # probes needs an API key with the route's scope; keys live in $INFERFLUX_HOME/state.db).
+    auth: str = key("off", choices=("off", "required"))
+    # Serve with auth off on an address other machines can reach (behind a proxy that authenticates).
+    allow_unauthenticated: bool = key(False)
+    # /metrics without a key when auth is required (for a Prometheus that cannot send one).
+    public_metrics: bool = key(False)
+
+
+@dataclasses.dataclass
 class Config:
     runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
     server: ServerConfig = dataclasses.field(default_factory=ServerConfig)
+    security: SecurityConfig = dataclasses.field(default_factory=SecurityConfig)
     # Where models, the XLA compilation cache and state live. Default: $INFERFLUX_HOME or ~/.inferflux.
     home: str = key("")
 
@@ -321,6 +336,8 @@ def _coerce(value: Any, kind: type, dotted: str, source: str) -> Any:
             return lowered in ("1", "true", "yes", "on")
         if kind in (int, float) and isinstance(value, bool):
             raise ValueError(value)
+        if kind is str and isinstance(value, bool):
+            return "on" if value else "off"  # YAML 1.1 reads a bare `auth: off` as false
         return kind(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{source}: {dotted} must be {kind.__name__}, got {value!r}") from None

@@ -1,4 +1,8 @@
-"""The Quart application factory: one blueprint per dialect, one error mapper, CORS, limits.
+"""The Quart application factory: one blueprint per dialect, one error mapper, CORS, limits, access.
+
+Access (`server/access/`): with `security.auth: required` every request's key and the route's
+scope are checked before the route runs; the 401/403 goes through the same error mapper, so each
+dialect answers in its own shape.
 
 Errors: every exception a route raises goes through `errors.to_api_error` here (domain error ->
 status, once); the dialect that serves the route picks only the body's shape (its package's
@@ -16,6 +20,8 @@ from quart import Quart, Response, request
 from werkzeug.exceptions import HTTPException
 
 from inferflux.server import lmstudio, ollama, openai, ops
+from inferflux.server.access import admin as access_admin
+from inferflux.server.access import auth
 from inferflux.server.errors import APIError, ErrorShape, to_api_error
 from inferflux.server.state import ServerState
 
@@ -23,7 +29,11 @@ from inferflux.server.state import ServerState
 ERROR_SHAPES: dict[str, ErrorShape] = {
     openai.bp.name: openai.ERROR_SHAPE, lmstudio.bp.name: lmstudio.ERROR_SHAPE, ops.bp.name: ops.ERROR_SHAPE,
     ops.admin_bp.name: ops.ERROR_SHAPE, ollama.bp.name: ollama.ERROR_SHAPE,
+    access_admin.bp.name: access_admin.ERROR_SHAPE,
 }
+# Every blueprint: the dialects and operations, then /admin/* (with auth required, or server.admin_enabled).
+SERVED = (openai.bp, lmstudio.bp, ops.bp, ollama.bp)
+ADMIN = (ops.admin_bp, access_admin.bp)
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +44,9 @@ def create_app(state: ServerState) -> Quart:
     app.extensions["inferflux"] = state
     app.config["MAX_CONTENT_LENGTH"] = state.config.server.max_body_bytes
     app.config["RESPONSE_TIMEOUT"] = None
-    for bp in (openai.bp, lmstudio.bp, ops.bp, ollama.bp):
+    auth_required = state.config.security.auth == "required"
+    for bp in SERVED + (ADMIN if auth_required or state.config.server.admin_enabled else ()):
         app.register_blueprint(bp)
-    if state.config.server.admin_enabled:
-        app.register_blueprint(ops.admin_bp)
 
     @app.before_request
     async def limits_and_preflight() -> Any:
@@ -52,6 +61,9 @@ def create_app(state: ServerState) -> Quart:
         if request.method == "OPTIONS":
             return Response("", status=204)
         return None
+
+    if auth_required:  # after the checks above: a preflight is answered without a key
+        auth.install(app, state.config.security.public_metrics)
 
     @app.after_request
     async def cors_and_count(response: Response) -> Response:
@@ -82,7 +94,8 @@ def create_app(state: ServerState) -> Quart:
             log.exception("unhandled error on %s %s", request.method, request.path)
             error = APIError(500, f"internal error: {type(exc).__name__}", type="server_error")
         shape = ERROR_SHAPES.get(request.blueprint or _blueprint_of_path(app, exc) or "", APIError.body)
-        return shape(error), error.status
+        headers = {"WWW-Authenticate": 'Bearer realm="inferflux"'} if error.status == 401 else {}
+        return shape(error), error.status, headers
 
     return app
 

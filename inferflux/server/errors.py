@@ -1,8 +1,9 @@
 """Errors a client sees: domain errors map to an HTTP status here, once; each dialect picks the body shape.
 
 `APIError` is an error already decided (status, message, kind, param, code). `to_api_error` maps
-everything else the server can raise on purpose (bad sampling values, a chat template that fails,
-a context that is too long, the engine being gone, model store errors) to one, so no route
+everything else the server can raise on purpose (a missing or bad API key -> 401, a key without
+the route's scope -> 403, bad sampling values, a chat template that fails, a context that is too
+long, the engine being gone, model store errors) to one, so no route
 catches and re-raises domain errors itself. The app's error handler and the streaming encoders
 both use it; the body shape is chosen by the dialect that serves the route (`ErrorShape`).
 """
@@ -66,11 +67,20 @@ def to_api_error(exc: BaseException) -> APIError | None:
     from inferflux.engine.engine import EngineDeadError
     from inferflux.engine.sampling_params import SamplingParamsError
     from inferflux.formats.chat_template import ChatTemplateError
+    from inferflux.server.access.errors import AuthenticationError, KeyStoreError, NotFoundError, PermissionDenied
     from inferflux.server.generation import ContextLengthError
     from inferflux.store import ModelNotFoundError, StoreError
 
     if isinstance(exc, APIError):
         return exc
+    if isinstance(exc, AuthenticationError):
+        return APIError(401, str(exc), type="authentication_error", code="invalid_api_key")
+    if isinstance(exc, PermissionDenied):
+        return APIError(403, str(exc), type="permission_error", code="insufficient_scope")
+    if isinstance(exc, NotFoundError):
+        return not_found(str(exc))
+    if isinstance(exc, KeyStoreError):
+        return bad_request(str(exc))
     if isinstance(exc, ContextLengthError):
         return APIError(400, str(exc), param="max_tokens", code="context_length_exceeded")
     if isinstance(exc, SamplingParamsError):

@@ -24,6 +24,7 @@ from hypercorn.config import Config as HypercornConfig
 
 from inferflux.config import Config
 from inferflux.errors import InferFluxError
+from inferflux.server.access import check_exposure
 from inferflux.server.app import create_app
 from inferflux.server.state import ServerState, load_handle
 
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 def serve(model: str, config: Config, config_path: str | None = None) -> int:
     """Serve `model` until SIGTERM/SIGINT; returns the process exit status."""
+    check_exposure(config)  # no unauthenticated server on a reachable address (docs/security.md)
     addresses = [(config.server.host, config.server.port)]
     if config.server.ollama_port:
         addresses.append((config.server.host, config.server.ollama_port))

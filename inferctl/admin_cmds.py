@@ -1,0 +1,224 @@
+"""`inferctl admin tenants|keys ...`: tenants and API keys, on the local `$INFERFLUX_HOME` or on a server.
+
+Without `--url` the commands open `$INFERFLUX_HOME/state.db` directly (SQLite in WAL mode, so a
+running server sees a revocation at its next request); with `--url` (or INFERFLUX_URL) they call
+the server's `/admin/*` routes with an `admin`-scoped key (`--api-key` or INFERFLUX_API_KEY).
+Each sub-command is a method of `Admin`, parsed like every other command (`cli_args.py`).
+"""
+
+from __future__ import annotations
+
+import json as jsonlib
+import os
+import sys
+import time
+from typing import Any
+
+from inferctl.cli_args import Command, UsageError, closest, command_help, parse
+from inferflux.errors import InferFluxError
+
+
+class _Local:
+    """The key store of this machine's `$INFERFLUX_HOME`."""
+
+    def __init__(self) -> None:
+        from inferflux.config import load_config
+        from inferflux.server.access.keys import KeyStore
+
+        self.store = KeyStore.at_home(load_config().home_path)
+
+    def call(self, action: str, **args: Any) -> Any:
+        from inferflux.server.access.keys import parse_duration
+
+        s = self.store
+        if action == "tenants.create":
+            return s.create_tenant(args["name"])
+        if action == "tenants.list":
+            return s.tenants()
+        if action == "tenants.delete":
+            s.delete_tenant(args["name"])
+            return {"name": args["name"], "deleted": True}
+        if action == "keys.create":
+            expires = parse_duration(args["expires"]) if args.get("expires") else None
+            secret, record = s.create_key(args["tenant"], args["scopes"], expires, args.get("name") or "")
+            return {**record.public(), "key": secret}
+        if action == "keys.list":
+            return [k.public() for k in s.keys(args.get("tenant"))]
+        if action == "keys.revoke":
+            return s.revoke(args["key_id"]).public()
+        raise AssertionError(action)
+
+
+class _Remote:
+    """A server's `/admin/*` routes."""
+
+    def __init__(self, url: str, api_key: str | None) -> None:
+        import httpx
+
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=30.0)
+
+    def call(self, action: str, **args: Any) -> Any:
+        routes = {"tenants.create": ("POST", "/admin/tenants", {"name": args.get("name")}),
+                  "tenants.list": ("GET", "/admin/tenants", None),
+                  "tenants.delete": ("DELETE", f"/admin/tenants/{args.get('name')}", None),
+                  "keys.create": ("POST", "/admin/keys", {k: v for k, v in args.items() if v is not None}),
+                  "keys.list": ("GET", "/admin/keys", None),
+                  "keys.revoke": ("POST", f"/admin/keys/{args.get('key_id')}/revoke", None)}
+        method, path, body = routes[action]
+        params = {"tenant": args["tenant"]} if action == "keys.list" and args.get("tenant") else None
+        response = self.http.request(method, path, json=body, params=params)
+        data = response.json() if response.content else {}
+        if response.status_code >= 400:
+            error = data.get("error") if isinstance(data, dict) else None
+            message = error.get("message") if isinstance(error, dict) else error
+            raise InferFluxError(f"{self.http.base_url}{path}: {response.status_code} {message or response.text}")
+        return data.get("data", data) if isinstance(data, dict) and data.get("object") == "list" else data
+
+
+def _backend(url: str | None, api_key: str | None) -> _Local | _Remote:
+    url = url or os.environ.get("INFERFLUX_URL")
+    if url:
+        return _Remote(url, api_key or os.environ.get("INFERFLUX_API_KEY"))
+    return _Local()
+
+
+def _when(stamp: float | None) -> str:
+    return "-" if stamp is None else time.strftime("%Y-%m-%d %H:%M", time.localtime(stamp))
+
+
+def _table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+class Admin:
+    """Tenants and API keys: `inferctl admin tenants create|list|delete`, `inferctl admin keys create|list|revoke`."""
+
+    def tenants_create(self, name: str, url: str | None = None, api_key: str | None = None) -> None:
+        """Create a tenant (the owner of API keys).
+
+        Args:
+            name NAME: letters, digits, '.', '_' or '-'
+            url URL: a running server instead of the local $INFERFLUX_HOME (default INFERFLUX_URL)
+            api_key KEY: an admin-scoped key for --url (default INFERFLUX_API_KEY)
+        """
+        tenant = _backend(url, api_key).call("tenants.create", name=name)
+        print(f"created tenant {tenant['name']}")
+
+    def tenants_list(self, url: str | None = None, api_key: str | None = None, json: bool = False) -> None:  # noqa: A002
+        """List the tenants and how many keys each has.
+
+        Args:
+            url URL: a running server instead of the local $INFERFLUX_HOME (default INFERFLUX_URL)
+            api_key KEY: an admin-scoped key for --url (default INFERFLUX_API_KEY)
+            json: print JSON
+        """
+        tenants = _backend(url, api_key).call("tenants.list")
+        if json:
+            print(jsonlib.dumps(tenants, indent=2))
+            return
+        _table([[t["name"], str(t["keys"]), _when(t["created"])] for t in tenants], ["TENANT", "KEYS", "CREATED"])
+
+    def tenants_delete(self, name: str, url: str | None = None, api_key: str | None = None) -> None:
+        """Delete a tenant and all its keys (they stop working at the next request).
+
+        Args:
+            name NAME: the tenant
+            url URL: a running server instead of the local $INFERFLUX_HOME (default INFERFLUX_URL)
+            api_key KEY: an admin-scoped key for --url (default INFERFLUX_API_KEY)
+        """
+        _backend(url, api_key).call("tenants.delete", name=name)
+        print(f"deleted tenant {name}")
+
+    def keys_create(self, tenant: str, scopes: str, expires: str | None = None, name: str | None = None,
+                    url: str | None = None, api_key: str | None = None, json: bool = False) -> None:  # noqa: A002
+        """Create an API key; it is printed once and cannot be shown again.
+
+        Args:
+            tenant TENANT: the tenant the key belongs to
+            scopes LIST: comma-separated: inference, embeddings, models:read, models:write, admin
+            expires DURATION: expire after this long, e.g. 30d, 12h, 2w (default: never)
+            name TEXT: a label for lists
+            url URL: a running server instead of the local $INFERFLUX_HOME (default INFERFLUX_URL)
+            api_key KEY: an admin-scoped key for --url (default INFERFLUX_API_KEY)
+            json: print the record (with the key) as JSON
+        """
+        if not scopes.strip():
+            raise UsageError("admin keys create: --scopes needs at least one scope")
+        created = _backend(url, api_key).call("keys.create", tenant=tenant, scopes=scopes, expires=expires,
+                                              name=name)
+        if json:
+            print(jsonlib.dumps(created, indent=2))
+            return
+        print(f"created key {created['id']} for tenant {created['tenant']} "
+              f"(scopes {','.join(created['scopes'])}; expires {_when(created['expires'])})", file=sys.stderr)
+        print("store it now: it is not shown again", file=sys.stderr)
+        print(created["key"])
+
+    def keys_list(self, tenant: str | None = None, url: str | None = None, api_key: str | None = None,
+                  json: bool = False) -> None:  # noqa: A002
+        """List API keys (ids, scopes, expiry, revocation, last use; never the keys themselves).
+
+        Args:
+            tenant TENANT: only this tenant's keys
+            url URL: a running server instead of the local $INFERFLUX_HOME (default INFERFLUX_URL)
+            api_key KEY: an admin-scoped key for --url (default INFERFLUX_API_KEY)
+            json: print JSON
+        """
+        keys = _backend(url, api_key).call("keys.list", tenant=tenant)
+        if json:
+            print(jsonlib.dumps(keys, indent=2))
+            return
+        rows = [[k["id"], k["tenant"], ",".join(k["scopes"]),
+                 "revoked" if k["revoked"] else "active" if k["active"] else "expired",
+                 _when(k["expires"]), _when(k["last_used"]), k["name"]] for k in keys]
+        _table(rows, ["KEY ID", "TENANT", "SCOPES", "STATE", "EXPIRES", "LAST USED", "NAME"])
+
+    def keys_revoke(self, key_id: str, url: str | None = None, api_key: str | None = None) -> None:
+        """Revoke an API key: requests with it get 401 from now on.
+
+        Args:
+            key_id KEYID: the key's id (`inferctl admin keys list`), e.g. key_0123456789ab
+            url URL: a running server instead of the local $INFERFLUX_HOME (default INFERFLUX_URL)
+            api_key KEY: an admin-scoped key for --url (default INFERFLUX_API_KEY)
+        """
+        _backend(url, api_key).call("keys.revoke", key_id=key_id)
+        print(f"revoked {key_id}")
+
+
+COMMANDS = [Command.of(f"admin {group} {verb}", getattr(Admin, f"{group}_{verb}"))
+            for group, verbs in (("tenants", ("create", "list", "delete")), ("keys", ("create", "list", "revoke")))
+            for verb in verbs]
+_BY_NAME = {c.name: c for c in COMMANDS}
+
+
+def usage() -> str:
+    width = max(len(c.name) for c in COMMANDS)
+    lines = [f"  inferctl {c.name:<{width}}  {c.summary}" for c in COMMANDS]
+    return "\n".join(["usage: inferctl admin tenants|keys VERB [ARGUMENTS] [FLAGS]", "", Admin.__doc__ or "", "",
+                      *lines, "", "`inferctl admin keys create --help` shows a command's flags."])
+
+
+def dispatch(argv: list[str]) -> int:
+    """`inferctl admin GROUP VERB ...`."""
+    words = [a for a in argv[:2] if not a.startswith("-")]
+    if len(words) < 2:
+        if not argv or argv[0] in ("-h", "--help"):
+            print(usage())
+            return 0
+        raise UsageError(f"admin: expected `tenants|keys VERB`, e.g. `inferctl admin keys list`\n{usage()}")
+    name = f"admin {words[0]} {words[1]}"
+    command = _BY_NAME.get(name)
+    if command is None:
+        guess = closest(name, _BY_NAME)
+        raise UsageError(f"unknown command {name!r}" + (f"; did you mean {guess}?" if guess else "")
+                         + " (`inferctl admin --help` lists them)")
+    rest = argv[2:]
+    if "-h" in rest or "--help" in rest:
+        print(command_help(command))
+        return 0
+    values, _ = parse(command, rest)
+    getattr(Admin(), command.method.__name__)(**values)
+    return 0

@@ -1,0 +1,95 @@
+"""The access check every request passes before its route runs: key -> principal -> route scope.
+
+Installed by `create_app` as a `before_request` (and `before_websocket`) hook after the origin,
+body-size and preflight checks, so a CORS preflight (which browsers send without credentials) is
+answered, and a request that fails here never reaches a dialect. With `security.auth: off` the
+hook is not installed at all: nothing about a desktop server changes.
+
+A key is read from `Authorization: Bearer <key>` (OpenAI's and Ollama's clients, LM Studio's
+tools) or `x-api-key: <key>` (Anthropic's clients), on every route of every dialect. The decided
+principal is left on `g.principal` for what comes later in the request path (limits, audit).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+
+from quart import Quart, Response, current_app, g, request, websocket
+from werkzeug.datastructures import Headers
+
+from inferflux.server.access.errors import AuthenticationError, PermissionDenied
+from inferflux.server.access.keys import KeyStore, Principal
+from inferflux.server.access.scopes import PUBLIC, required_scope
+from inferflux.server.errors import to_api_error
+
+log = logging.getLogger(__name__)
+_EXTENSION = "inferflux.keys"
+
+
+def key_store(app: Quart | None = None) -> KeyStore:
+    """The app's key store (`$INFERFLUX_HOME/state.db`), opened on first use."""
+    app = app or current_app
+    store = app.extensions.get(_EXTENSION)
+    if store is None:
+        store = app.extensions[_EXTENSION] = KeyStore.at_home(app.extensions["inferflux"].config.home_path)
+    return store
+
+
+def install(app: Quart, public_metrics: bool) -> None:
+    """Require a key with the route's scope on every request to `app` (security.auth: required)."""
+    store = key_store(app)
+    if not store.keys():
+        log.warning("security.auth is required and %s holds no API keys: every request will get 401 "
+                    "(create one with `inferctl admin keys create --tenant T --scopes inference`)", store.path)
+
+    @app.before_request
+    async def check_request() -> None:
+        if request.method == "OPTIONS" or request.url_rule is None:
+            return  # a preflight, or no route: answered without running anything
+        g.principal = authorize(store, request.url_rule.endpoint, request.headers, public_metrics)
+
+    @app.before_websocket
+    async def check_websocket() -> Response | None:
+        # Answered here, not raised: the app's error handler works on HTTP requests. The handshake is
+        # refused with the same status and OpenAI's error body (the WebSocket route is OpenAI's).
+        if websocket.url_rule is None:
+            return None
+        try:
+            g.principal = authorize(store, websocket.url_rule.endpoint, websocket.headers, public_metrics)
+        except (AuthenticationError, PermissionDenied) as exc:
+            error = to_api_error(exc)
+            assert error is not None
+            return Response(json.dumps(error.body()), status=error.status, content_type="application/json")
+        return None
+
+
+def presented_key(headers: Headers | Mapping[str, str]) -> str | None:
+    """The key in `Authorization: Bearer ...` or `x-api-key`, or None."""
+    get = headers.get
+    auth = (get("Authorization") or "").strip()
+    scheme, _, value = auth.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    key = (get("x-api-key") or "").strip()
+    return key or None
+
+
+def authorize(store: KeyStore, endpoint: str, headers: Headers | Mapping[str, str],
+              public_metrics: bool) -> Principal | None:
+    """The request's principal, or None on a public route; AuthenticationError (401) or PermissionDenied (403)."""
+    scope = required_scope(endpoint, public_metrics)
+    if scope == PUBLIC:
+        return None
+    secret = presented_key(headers)
+    if secret is None:
+        raise AuthenticationError("an API key is required: send `Authorization: Bearer <key>` or `x-api-key: <key>`")
+    principal = store.authenticate(secret)
+    if scope is None:
+        log.warning("denied %s: the route is not in the access table (server/access/scopes.py)", endpoint)
+        raise PermissionDenied(f"route {endpoint} is not open to any API key")
+    if scope not in principal.scopes:
+        raise PermissionDenied(f"API key {principal.key_id} lacks the `{scope}` scope this route needs "
+                               f"(it has {', '.join(sorted(principal.scopes))})")
+    return principal

@@ -1,0 +1,82 @@
+"""The one table of what each route needs: a scope, or nothing (public).
+
+Keyed by the Quart endpoint name (`blueprint.function`), so a route names its scope once and a
+renamed or added route that is not listed here is *denied* when `security.auth` is `required`
+(fail closed); `tests/test_access.py` asserts every registered route is listed.
+
+Scopes (a key holds any set of them):
+- `inference`: generating routes of every dialect (chat, completions, generate, WebSocket chat),
+  and the tokenizer routes (`/tokenize`, `/detokenize`, `/tokenizer_info`): they load the model and
+  run it, the same resource as inference, and inference clients call them to budget prompts.
+- `embeddings`: embedding routes of every dialect (rerank joins when it exists).
+- `models:read`: listing and describing models (`/v1/models`, `/api/tags`, `/api/ps`, `/api/show`,
+  `/api/v0/models`), the version routes and `/metrics` (read-only views of the server; none of
+  them loads a model).
+- `models:write`: changing the model store or what is loaded (pull, copy, delete, create).
+- `admin`: everything under `/admin` (reload, tenants, keys).
+
+Public: `/healthz`, `/readyz` (probes carry no credentials), `/openapi.json` (the contract, no
+data) and Ollama's `/` ("Ollama is running", the probe its clients use). `/metrics` is public only
+with `security.public_metrics: true`.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+INFERENCE: Final = "inference"
+EMBEDDINGS: Final = "embeddings"
+MODELS_READ: Final = "models:read"
+MODELS_WRITE: Final = "models:write"
+ADMIN: Final = "admin"
+SCOPES: Final = (INFERENCE, EMBEDDINGS, MODELS_READ, MODELS_WRITE, ADMIN)
+
+PUBLIC: Final = ""  # no key needed
+METRICS: Final = "metrics"  # models:read, or public with security.public_metrics
+
+ROUTE_SCOPES: Final[dict[str, str]] = {
+    # operations
+    "ops.healthz": PUBLIC, "ops.readyz": PUBLIC, "ops.openapi": PUBLIC, "ops.metrics": METRICS,
+    # OpenAI (and vLLM's extras)
+    "openai.chat_completions": INFERENCE, "openai.chat_websocket": INFERENCE, "openai.completions": INFERENCE,
+    "openai.tokenize": INFERENCE, "openai.detokenize": INFERENCE, "openai.tokenizer_info": INFERENCE,
+    "openai.embeddings": EMBEDDINGS,
+    "openai.list_models": MODELS_READ, "openai.get_model": MODELS_READ, "openai.version": MODELS_READ,
+    # Ollama
+    "ollama.root": PUBLIC,
+    "ollama.api_generate": INFERENCE, "ollama.api_chat": INFERENCE,
+    "ollama.api_embed": EMBEDDINGS, "ollama.api_embeddings": EMBEDDINGS,
+    "ollama.api_version": MODELS_READ, "ollama.api_tags": MODELS_READ, "ollama.api_ps": MODELS_READ,
+    "ollama.api_show": MODELS_READ,
+    "ollama.api_pull": MODELS_WRITE, "ollama.api_copy": MODELS_WRITE, "ollama.api_delete": MODELS_WRITE,
+    "ollama.api_create": MODELS_WRITE,
+    # LM Studio
+    "lmstudio.chat_completions": INFERENCE, "lmstudio.completions": INFERENCE,
+    "lmstudio.embeddings": EMBEDDINGS,
+    "lmstudio.list_models": MODELS_READ, "lmstudio.get_model": MODELS_READ,
+    # /admin
+    "admin.reload": ADMIN,
+    "access.list_tenants": ADMIN, "access.create_tenant": ADMIN, "access.delete_tenant": ADMIN,
+    "access.list_keys": ADMIN, "access.create_key": ADMIN, "access.revoke_key": ADMIN,
+}
+
+
+def required_scope(endpoint: str, public_metrics: bool = False) -> str | None:
+    """The scope `endpoint` needs, `PUBLIC` for none, or None when the route is not listed (deny it)."""
+    scope = ROUTE_SCOPES.get(endpoint)
+    if scope == METRICS:
+        return PUBLIC if public_metrics else MODELS_READ
+    return scope
+
+
+def parse_scopes(text: str | list[str]) -> tuple[str, ...]:
+    """`"inference,models:read"` (or a list) as known scopes, in the table's order; unknown ones are an error."""
+    from inferflux.server.access.errors import KeyStoreError
+
+    items = [s.strip() for s in (text.split(",") if isinstance(text, str) else text) if s.strip()]
+    unknown = [s for s in items if s not in SCOPES]
+    if unknown:
+        raise KeyStoreError(f"unknown scope {', '.join(unknown)}: scopes are {', '.join(SCOPES)}")
+    if not items:
+        raise KeyStoreError(f"a key needs at least one scope: {', '.join(SCOPES)}")
+    return tuple(s for s in SCOPES if s in items)

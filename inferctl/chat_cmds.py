@@ -126,8 +126,10 @@ class _Session:
                 f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
     def save(self, file: str) -> int:
-        with open(file, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in self.records)
+        """`/save FILE`: the whole session, written atomically (a failed save keeps the file it replaces)."""
+        from inferflux.files import atomic_write
+
+        atomic_write(file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.records))
         return len(self.records)
 
 

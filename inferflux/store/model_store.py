@@ -169,7 +169,7 @@ class ModelStore:
             facts = model_facts(self.path(str(ref)))
         except InferFluxError:  # unreadable or missing blob: list it with what the manifest says
             return None
-        with contextlib.suppress(StoreError), self._lock(exclusive=True, wait_s=0):
+        with contextlib.suppress(StoreError, OSError), self._lock(exclusive=True, wait_s=0):  # OSError: read-only
             current = self._manifests.read(ref)
             if layers_digest(current["layers"]) == layers_digest(manifest["layers"]):
                 self._manifests.write(ref, {**current, "facts": facts.to_dict()})

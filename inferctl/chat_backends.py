@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import threading
 from collections.abc import Generator, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -36,6 +37,12 @@ _STATUS_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
 def _one_line(value: object) -> str:
     """Errors reach the user as one line (`inferctl: error: ...`); library messages may hold newlines."""
     return " ".join(str(value).split())
+
+
+def api_headers() -> dict[str, str]:
+    """`Authorization: Bearer $INFERFLUX_API_KEY` when it is set: what a server with security.auth=required needs."""
+    key = os.environ.get("INFERFLUX_API_KEY", "").strip()
+    return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 def base_url(url: str) -> str:
@@ -98,14 +105,14 @@ class ServerBackend:
         card = next((c for c in cards if c.get("id") == model), None)
         # vLLM and InferFlux both publish max_model_len; with it, answers can be fitted to the context.
         self.max_model_len: int | None = card.get("max_model_len") if card else None
-        self._client = httpx.Client(timeout=_TIMEOUT)
+        self._client = httpx.Client(timeout=_TIMEOUT, headers=api_headers())
         self._response: httpx.Response | None = None
         self._lock = threading.Lock()
         self._cancelled = threading.Event()
 
     def _models(self) -> list[dict[str, Any]]:
         try:
-            resp = httpx.get(self.url + "/v1/models", timeout=_STATUS_TIMEOUT)
+            resp = httpx.get(self.url + "/v1/models", timeout=_STATUS_TIMEOUT, headers=api_headers())
         except httpx.HTTPError as exc:
             raise _unreachable(self.url, exc) from None
         if resp.status_code != 200:
@@ -127,7 +134,7 @@ class ServerBackend:
             return max_tokens
         try:
             resp = httpx.post(self.url + "/tokenize", json={"model": self.model, "messages": list(messages)},
-                              timeout=_STATUS_TIMEOUT)
+                              timeout=_STATUS_TIMEOUT, headers=api_headers())
             count = int(resp.json()["count"]) if resp.status_code == 200 else None
         except (httpx.HTTPError, ValueError, KeyError, TypeError):
             count = None

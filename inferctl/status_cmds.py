@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 
-from inferctl.chat_backends import _STATUS_TIMEOUT, _one_line, _unreachable, base_url
+from inferctl.chat_backends import _STATUS_TIMEOUT, _one_line, _unreachable, api_headers, base_url
 from inferflux.errors import InferFluxError
 
 
@@ -44,7 +44,7 @@ def collect_status(url: str, window: float = 1.0) -> dict[str, Any]:
     """
     url = base_url(url)
     try:
-        with httpx.Client(timeout=_STATUS_TIMEOUT) as client:
+        with httpx.Client(timeout=_STATUS_TIMEOUT, headers=api_headers()) as client:
             health = client.get(url + "/healthz")
             ready = client.get(url + "/readyz")
             models_resp = client.get(url + "/v1/models")

@@ -298,6 +298,23 @@ def test_admin_api_and_cli(secured) -> None:
                                                            "keys": 5}]
 
 
+def test_cli_clients_send_inferflux_api_key(secured) -> None:
+    server, keys = secured
+
+    def cli(key: str | None, *args: str) -> subprocess.CompletedProcess[str]:
+        env = {"PATH": "/usr/bin:/bin", **({"INFERFLUX_API_KEY": key} if key else {})}
+        return subprocess.run([sys.executable, "-m", "inferctl.cli", *args], capture_output=True, text=True,
+                              cwd=ROOT, env=env, timeout=120)
+
+    status = cli(keys.reader, "status", server.url, "--json", "--window", "0")
+    assert status.returncode == 0, status.stderr
+    assert [m["id"] for m in json.loads(status.stdout)["models"]][0] == "tiny"
+    ran = cli(keys.all, "run", "tiny", "hi", "--url", server.url, "--max-tokens", "2")
+    assert ran.returncode == 0, ran.stderr
+    refused = cli(None, "run", "tiny", "hi", "--url", server.url, "--max-tokens", "2")
+    assert refused.returncode == 1 and "401" in refused.stderr, refused.stderr
+
+
 def test_no_secret_in_the_database_or_the_log(secured) -> None:
     server, keys = secured
     files = [p for p in server.home.glob("state.db*")]

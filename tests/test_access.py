@@ -230,6 +230,11 @@ def test_probes_open_metrics_closed(secured) -> None:
     assert httpx.get(server.url + "/metrics").status_code == 401
     metrics = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {keys.reader}"})
     assert metrics.status_code == 200 and "inferflux" in metrics.text
+    document = httpx.get(server.url + "/openapi.json").json()
+    assert set(document["components"]["securitySchemes"]) == {"bearer", "api_key"}
+    assert "security" in document["paths"]["/v1/chat/completions"]["post"]
+    assert "`inference`" in document["paths"]["/v1/chat/completions"]["post"]["description"]
+    assert "security" not in document["paths"]["/healthz"]["get"]
     preflight = httpx.options(server.url + "/v1/chat/completions", headers={
         "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST"})
     assert preflight.status_code == 204  # browsers send preflights without credentials

@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from quart import Quart
 
 from inferflux import __version__
+from inferflux.server.access.scopes import PUBLIC, required_scope
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -44,6 +45,11 @@ def documented(body: type[BaseModel] | None = None, summary: str = "", streams: 
 def openapi_document(app: Quart) -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
     schemas: dict[str, Any] = {}
+    # With security.auth required, every route that needs a key says so (and which scope), and 401/403 are
+    # in each one's 4XX; the scopes come from the one table in server/access/scopes.py.
+    state = app.extensions.get("inferflux")
+    secured = state is not None and state.config.security.auth == "required"
+    public_metrics = state is not None and state.config.security.public_metrics
     for rule in sorted(app.url_map.iter_rules(), key=lambda r: r.rule):
         if rule.endpoint == "static" or getattr(rule, "websocket", False):
             continue
@@ -60,6 +66,9 @@ def openapi_document(app: Quart) -> dict[str, Any]:
                                          "responses": _responses(blueprint, meta)}
             if params:
                 operation["parameters"] = params
+            if secured and required_scope(rule.endpoint, public_metrics) != PUBLIC:
+                operation["security"] = [{"bearer": []}, {"api_key": []}]
+                operation["description"] = f"Needs an API key with the `{required_scope(rule.endpoint)}` scope."
             model = meta.get("body")
             if model is not None and method in ("POST", "PUT", "DELETE", "PATCH"):
                 schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
@@ -68,10 +77,14 @@ def openapi_document(app: Quart) -> dict[str, Any]:
                 operation["requestBody"] = {"required": True, "content": {"application/json": {
                     "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
             paths.setdefault(path, {})[method.lower()] = operation
+    components: dict[str, Any] = {"schemas": schemas}
+    if secured:
+        components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"},
+                                         "api_key": {"type": "apiKey", "in": "header", "name": "x-api-key"}}
     return {"openapi": "3.1.0",
             "info": {"title": "InferFlux", "version": __version__,
                      "description": "OpenAI-, Ollama- and LM Studio-compatible LLM inference server."},
-            "paths": paths, "components": {"schemas": schemas}}
+            "paths": paths, "components": components}
 
 
 def _responses(blueprint: str, meta: dict[str, Any]) -> dict[str, Any]:

@@ -119,7 +119,7 @@ def sampler_times(vocab: int, num_logprobs: int, repeats: int = 50) -> list[dict
     import jax
     import jax.numpy as jnp
 
-    from inferflux.engine import sampler
+    from inferflux.engine import sampler, sampling_rows
 
     def timed(fn, *args) -> float:
         jax.block_until_ready(fn(*args))
@@ -135,9 +135,10 @@ def sampler_times(vocab: int, num_logprobs: int, repeats: int = 50) -> list[dict
         hist, is_out = jnp.full((batch, 128), -1, jnp.int32), jnp.zeros((batch, 128), bool)
         step = jax.jit(lambda x, st, h, o: sampler.sample(x, st, h, o, num_logprobs=num_logprobs))
         for asked in (True, False):
-            params = [sampler.RowParams(temperature=0.0, seed=i, top_logprobs=num_logprobs if asked and not i else 0)
+            params = [sampling_rows.RowParams(temperature=0.0, seed=i,
+                                              top_logprobs=num_logprobs if asked and not i else 0)
                       for i in range(batch)]
-            st = sampler.SamplingTensors.from_params(params, batch)
+            st = sampling_rows.SamplingTensors.from_params(params, batch)
             rows.append({"what": f"sample, top-{num_logprobs} {'asked by a row' if asked else 'not asked'}",
                          "batch": batch, "ms": timed(step, logits, st, hist, is_out)})
         rows.append({"what": "jnp.argmax", "batch": batch, "ms": timed(jax.jit(lambda x: jnp.argmax(x, -1)), logits)})

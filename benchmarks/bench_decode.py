@@ -249,7 +249,7 @@ def copy_bandwidth(nbytes: int, repeats: int = 8) -> dict[str, Any]:
 
 
 def _greedy(seed: int):
-    from inferflux.engine.sampler import RowParams
+    from inferflux.engine.sampling_rows import RowParams
 
     return RowParams(temperature=0.0, seed=seed)
 

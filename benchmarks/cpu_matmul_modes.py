@@ -20,7 +20,7 @@ from pathlib import Path
 
 from inferflux.config import load_config
 from inferflux.engine.model_runner import Chunk, ModelRunner
-from inferflux.engine.sampler import RowParams
+from inferflux.engine.sampling_rows import RowParams
 from inferflux.formats.loader import load_model
 
 

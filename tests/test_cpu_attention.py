@@ -217,7 +217,7 @@ def _kv_copies(hlo_text: str, kv_shape: tuple[int, ...]) -> list[str]:
 def test_decode_step_updates_the_cache_in_place_and_batch_1_is_unpadded(tiny_model, batch):
     from inferflux import LLM
     from inferflux.engine.model_runner import Chunk
-    from inferflux.engine.sampler import RowParams
+    from inferflux.engine.sampling_rows import RowParams
 
     llm = LLM(tiny_model("llama"), page_size=8, max_num_seqs=4, max_num_batched_tokens=32, max_model_len=128,
               num_pages=300, max_logprobs=2)

@@ -211,7 +211,7 @@ def test_batch_invariance(tiny_model) -> None:
 def test_chunked_prefill_invariance(tiny_model) -> None:
     """A 300-token prompt prefilled in one chunk or in chunks of 64 yields the same next-token logprobs."""
     from inferflux.engine.model_runner import Chunk
-    from inferflux.engine.sampler import RowParams
+    from inferflux.engine.sampling_rows import RowParams
 
     prompt = [int(t) for t in np.random.default_rng(3).integers(1, 500, size=300)]
     llm = make_llm(tiny_model("llama"), max_num_batched_tokens=512, max_model_len=512, num_pages=100)

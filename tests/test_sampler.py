@@ -14,15 +14,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from inferflux.engine.sampler import (
-    MIN_BIAS_SLOTS,
-    RowParams,
-    SamplingTensors,
-    build_history,
-    filter_logits,
-    process_logits,
-    sample,
-)
+from inferflux.engine.sampler import filter_logits, process_logits, sample
+from inferflux.engine.sampling_rows import MIN_BIAS_SLOTS, RowParams, SamplingTensors, build_history
 
 _sample = jax.jit(sample, static_argnames="num_logprobs")
 _process = jax.jit(process_logits)

@@ -34,8 +34,9 @@ from flax import nnx
 from inferflux.config import RuntimeConfig
 from inferflux.engine import device
 from inferflux.engine.program_cache import FreshJit, ProgramCache
-from inferflux.engine.sampler import RowParams, SampleOutput, SamplingTensors, sample, token_logprobs
+from inferflux.engine.sampler import sample, token_logprobs
 from inferflux.engine.sampling_params import RESERVED_BIAS_SLOTS
+from inferflux.engine.sampling_rows import RowParams, SampleOutput, SamplingTensors
 from inferflux.formats.loader import LoadedModel
 from inferflux.formats.quants import QUANTIZED_TYPES, QTensor, dequantize_raw
 from inferflux.formats.weights import QuantizedWeight, Weight

@@ -11,8 +11,8 @@ import dataclasses
 import itertools
 from collections.abc import Sequence as Seq
 
-from inferflux.engine.sampler import RowParams
 from inferflux.engine.sampling_params import SamplingParams
+from inferflux.engine.sampling_rows import RowParams
 
 _ids = itertools.count()
 

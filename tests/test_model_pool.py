@@ -20,7 +20,8 @@ from inferflux.engine.request import EngineStats
 from inferflux.server import model_pool
 from inferflux.server.errors import APIError
 from inferflux.server.handle import ModelHandle
-from inferflux.server.model_pool import FOREVER, ModelPool, parse_keep_alive
+from inferflux.server.keep_alive import FOREVER, parse_keep_alive
+from inferflux.server.model_pool import ModelPool
 from inferflux.store import ModelNotFoundError
 
 

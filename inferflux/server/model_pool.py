@@ -33,8 +33,6 @@ import collections
 import dataclasses
 import gc
 import logging
-import math
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -44,53 +42,13 @@ from inferflux.engine.request import EngineStats
 from inferflux.errors import InferFluxError
 from inferflux.server.errors import APIError, model_not_found, unavailable
 from inferflux.server.handle import ModelHandle, config_aliases, load_handle
+from inferflux.server.keep_alive import FOREVER, parse_keep_alive
 from inferflux.store import ModelEntry, ModelNotFoundError, ModelStore, StoreError, open_store, parse_name
 
 log = logging.getLogger(__name__)
 
-FOREVER = math.inf
-_GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-_GO_PART = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
 _TOTALS = ("prompt_tokens", "generation_tokens", "num_preemptions", "prefix_queries", "prefix_hits", "num_steps",
            "total_step_seconds")
-
-
-def parse_keep_alive(value: Any) -> float | None:
-    """Seconds a model stays loaded once idle; None when not given, `FOREVER` for "never unload".
-
-    Ollama's forms: a number of seconds, or a Go duration string ("5m", "1h30m", "250ms", "0");
-    a plain number in a string ("300", "-1") is seconds too. Negative means forever.
-    Raises ValueError for anything else.
-    """
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ValueError(f"keep_alive must be a duration like \"5m\" or a number of seconds, not {value!r}")
-    if isinstance(value, str):
-        text = value.strip()
-        try:
-            seconds = float(text)
-        except ValueError:
-            seconds = _go_duration(text)
-    else:
-        seconds = float(value)
-    if math.isnan(seconds):
-        raise ValueError("keep_alive must be a number of seconds or a duration")
-    return FOREVER if seconds < 0 or math.isinf(seconds) else seconds
-
-
-def _go_duration(text: str) -> float:
-    sign = -1.0 if text.startswith("-") else 1.0
-    body = text[1:] if text[:1] in "+-" else text
-    total, pos = 0.0, 0
-    for match in _GO_PART.finditer(body):
-        if match.start() != pos:
-            break
-        total += float(match[1]) * _GO_UNITS[match[2]]
-        pos = match.end()
-    if not body or pos != len(body):
-        raise ValueError(f"invalid keep_alive duration {text!r}: use e.g. \"5m\", \"1h30m\", \"30s\", 300, 0 or -1")
-    return sign * total
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
-from inferflux.server.model_pool import parse_keep_alive
+from inferflux.server.keep_alive import parse_keep_alive
 
 
 class _Body(BaseModel):

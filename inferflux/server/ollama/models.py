@@ -23,7 +23,8 @@ from inferflux.formats.describe import ModelFacts, capabilities, describe_model,
 from inferflux.formats.gguf_file import GGUFFile
 from inferflux.server.handle import ModelHandle
 from inferflux.server.http import read_body, server_state
-from inferflux.server.model_pool import FOREVER, Listed, Target, tagged
+from inferflux.server.keep_alive import FOREVER
+from inferflux.server.model_pool import Listed, Target, tagged
 from inferflux.server.ollama import bp
 from inferflux.server.ollama.bodies import ShowRequest
 from inferflux.server.ollama.overrides import modelfile_lines, overrides_for, parameters_text

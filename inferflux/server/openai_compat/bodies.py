@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from inferflux.engine.sampling_params import SamplingParams
 from inferflux.server.errors import bad_request
 from inferflux.server.generation import GenerationSpec, Limits, Prompt
-from inferflux.server.model_pool import parse_keep_alive
+from inferflux.server.keep_alive import parse_keep_alive
 
 
 class _Request(BaseModel):

@@ -6,7 +6,7 @@ import base64
 from typing import Any
 
 from inferflux.server.embedding import Embeddings, EmbeddingSpec, embed
-from inferflux.server.model_pool import parse_keep_alive
+from inferflux.server.keep_alive import parse_keep_alive
 from inferflux.server.openai_compat.bodies import EmbeddingRequest
 
 

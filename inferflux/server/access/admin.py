@@ -50,7 +50,7 @@ async def create_tenant() -> Any:
     body = validate(CreateTenant, await json_body())
     tenant = key_store().create_tenant(body.name)
     log.info("tenant %s created", body.name)
-    return tenant, 201
+    return tenant
 
 
 @bp.delete("/admin/tenants/<name>")
@@ -75,7 +75,7 @@ async def create_key() -> Any:
     expires_in = parse_duration(body.expires) if body.expires else None
     secret, record = key_store().create_key(body.tenant, body.scopes, expires_in, body.name)
     log.info("key %s created for tenant %s (scopes %s)", record.id, record.tenant, ",".join(record.scopes))
-    return {**record.public(), "key": secret}, 201
+    return {**record.public(), "key": secret}
 
 
 @bp.post("/admin/keys/<key_id>/revoke")

@@ -22,9 +22,9 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -66,8 +66,8 @@ class Chunk:
 class Sampled:
     token_id: int
     logprob: float
-    top_ids: np.ndarray
-    top_logprobs: np.ndarray
+    top_ids: Any  # int32 [N] (host numpy, from the device)
+    top_logprobs: Any  # float32 [N]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,7 +234,7 @@ class ModelRunner:
 
     @property
     def compiled_buckets(self) -> set[Bucket]:
-        return set(self._executables)
+        return {cast(Bucket, bucket) for bucket in self._executables}
 
     # --- running ---
 
@@ -387,7 +387,7 @@ def _abstract_inputs(bucket: Bucket, runner: ModelRunner) -> tuple[Any, ...]:
                         (inputs, sampling, history, is_output))
 
 
-def prepare_weights(weights: dict[str, Weight], dtype: jnp.dtype, layout: str = device.DENSE,
+def prepare_weights(weights: Mapping[str, Weight], dtype: jnp.dtype, layout: str = device.DENSE,
                     exact: bool = False) -> dict[str, Any]:
     """Host weights -> the backend's representation (`layout`, from `device.weight_layout`).
 
@@ -404,7 +404,7 @@ def prepare_weights(weights: dict[str, Weight], dtype: jnp.dtype, layout: str = 
             if layout == device.GGUF_BLOCKS and len(weight.shape) == 2 and (
                     qmatmul.supports(weight.qtype, weight.shape[1]) or exact and weight.qtype in QUANTIZED_TYPES):
                 raw = np.ascontiguousarray(weight.raw).view(np.uint8).reshape(weight.shape[0], -1)
-                out[name] = qmatmul.GGUFBlocks(jnp.asarray(raw), weight.qtype, tuple(weight.shape),
+                out[name] = qmatmul.GGUFBlocks(jnp.asarray(raw), weight.qtype, (weight.shape[0], weight.shape[1]),
                                                mode="exact" if exact else "int8")
                 continue
             out[name] = dequantize_raw(weight.raw, weight.qtype, weight.shape, name=name).astype(dtype)

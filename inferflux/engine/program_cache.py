@@ -28,7 +28,7 @@ import logging
 import threading
 from collections.abc import Callable, Hashable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import jax
 
@@ -177,7 +177,8 @@ class ProgramView:
         return (self.kind, bucket) in self.cache
 
     def __iter__(self) -> Iterator[Hashable]:
-        return iter([bucket for kind, bucket in self.cache.keys() if kind == self.kind])  # type: ignore[misc]
+        keys = cast(list[tuple[str, Hashable]], self.cache.keys())  # this cache's keys are (kind, bucket)
+        return iter([bucket for kind, bucket in keys if kind == self.kind])
 
     def __len__(self) -> int:
         return sum(1 for _ in self)

@@ -16,6 +16,9 @@ from flax import struct
 
 from inferflux.engine.sampling_params import SamplingKnobs, SamplingParamsError, bias_token_id
 
+# A step input: built as numpy on the host, a traced jax.Array inside the compiled step.
+HostOrDevice = jax.Array | np.ndarray
+
 # Rows with a temperature below this are greedy (vLLM uses the same epsilon).
 GREEDY_EPS = 1e-5
 # Smallest static width of the sparse logit-bias arrays.
@@ -85,20 +88,21 @@ def _fold_seed(seed: int | None) -> int:
 @struct.dataclass
 class SamplingTensors:
     """Per-row sampling settings as arrays (a pytree; every leaf is ``[B]``
-    except the sparse bias, ``[B, NB]``). Build with :meth:`from_params`."""
+    except the sparse bias, ``[B, NB]``). Build with :meth:`from_params`: numpy on the host, traced
+    `jax.Array`s inside the step (hence `HostOrDevice`)."""
 
-    temperature: jax.Array  # f32 [B]; < GREEDY_EPS -> greedy
-    top_k: jax.Array  # i32 [B]; <= 0 -> off
-    top_p: jax.Array  # f32 [B]; 1 -> off
-    min_p: jax.Array  # f32 [B]; 0 -> off
-    presence_penalty: jax.Array  # f32 [B]
-    frequency_penalty: jax.Array  # f32 [B]
-    repetition_penalty: jax.Array  # f32 [B]; 1 -> off
-    bias_ids: jax.Array  # i32 [B, NB]; -1 -> unused slot
-    bias_values: jax.Array  # f32 [B, NB]
-    seed: jax.Array  # u32 [B]
-    step: jax.Array  # i32 [B]
-    top_logprobs: jax.Array  # i32 [B]; 0 -> the row needs no top-N logprobs
+    temperature: HostOrDevice  # f32 [B]; < GREEDY_EPS -> greedy
+    top_k: HostOrDevice  # i32 [B]; <= 0 -> off
+    top_p: HostOrDevice  # f32 [B]; 1 -> off
+    min_p: HostOrDevice  # f32 [B]; 0 -> off
+    presence_penalty: HostOrDevice  # f32 [B]
+    frequency_penalty: HostOrDevice  # f32 [B]
+    repetition_penalty: HostOrDevice  # f32 [B]; 1 -> off
+    bias_ids: HostOrDevice  # i32 [B, NB]; -1 -> unused slot
+    bias_values: HostOrDevice  # f32 [B, NB]
+    seed: HostOrDevice  # u32 [B]
+    step: HostOrDevice  # i32 [B]
+    top_logprobs: HostOrDevice  # i32 [B]; 0 -> the row needs no top-N logprobs
 
     @classmethod
     def from_params(
@@ -122,11 +126,11 @@ class SamplingTensors:
         """
         if len(rows) > batch_size:
             raise ValueError(f"{len(rows)} rows do not fit in a batch of {batch_size}")
-        rows = [PADDING_ROW if r is None else r for r in rows]
-        for r in rows:
+        filled = [PADDING_ROW if r is None else r for r in rows]
+        for r in filled:
             if validate and r is not PADDING_ROW:
                 r.validate(vocab_size)
-        rows += [PADDING_ROW] * (batch_size - len(rows))
+        rows = filled + [PADDING_ROW] * (batch_size - len(filled))
         widest = max((len(r.logit_bias or {}) for r in rows), default=0)
         if num_bias_slots is None:
             num_bias_slots = max(MIN_BIAS_SLOTS, 1 << max(widest - 1, 0).bit_length())
@@ -141,7 +145,8 @@ class SamplingTensors:
         for i, r in enumerate(rows):
             items = list((r.logit_bias or {}).items())
             if items:
-                bias_ids[i, : len(items)] = [bias_token_id(t) for t, _ in items]
+                ids = [bias_token_id(t) for t, _ in items]  # valid ids (checked at admission): None never stays
+                bias_ids[i, : len(items)] = [-1 if t is None else t for t in ids]
                 bias_values[i, : len(items)] = [v for _, v in items]
         return cls(
             temperature=col("temperature", np.float32),

@@ -30,6 +30,7 @@ The pieces:
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -244,10 +245,7 @@ def _decode_kernel(
 
     ctx = lens_ref[pl.program_id(0)]
     hi = jnp.minimum(pl.cdiv(ctx, block_len), num_blocks)
-    if sliding_window is None:
-        lo = 0
-    else:
-        lo = jnp.minimum(jnp.maximum(ctx - sliding_window, 0) // block_len, hi)
+    lo: Any = 0 if sliding_window is None else jnp.minimum(jnp.maximum(ctx - sliding_window, 0) // block_len, hi)
     q = q_ref[...]
     # float32 caches get true float32 products: Triton (and XLA:GPU in interpret mode) would otherwise use
     # TF32, ~1e-3 off. bfloat16 inputs are exact in any mode, so they keep the default.

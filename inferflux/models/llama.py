@@ -39,12 +39,13 @@ KVCache = tuple[tuple[jax.Array, jax.Array], ...]
 class StepInputs:
     """Device arrays describing one ragged step (all shapes come from the bucket)."""
 
-    tokens: jax.Array  # [T] int32
-    positions: jax.Array  # [T] int32, -1 for padding tokens
-    token_seq: jax.Array  # [T] int32, the token's sequence slot
-    slot_mapping: jax.Array  # [T] int32, page_id * page_size + offset (page 0 for padding)
-    block_tables: jax.Array  # [S, P] int32
-    logits_index: jax.Array  # [S] int32, the row of T whose logits each slot samples from
+    # numpy arrays when the runner packs them on the host, traced jax.Arrays inside the step.
+    tokens: Any  # [T] int32
+    positions: Any  # [T] int32, -1 for padding tokens
+    token_seq: Any  # [T] int32, the token's sequence slot
+    slot_mapping: Any  # [T] int32, page_id * page_size + offset (page 0 for padding)
+    block_tables: Any  # [S, P] int32
+    logits_index: Any  # [S] int32, the row of T whose logits each slot samples from
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:

@@ -24,12 +24,13 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
-from inferflux.engine.engine import EngineDeadError
+from inferflux.engine.engine import Engine, EngineDeadError
 from inferflux.engine.request import Request, StreamOutput
 from inferflux.engine.sampling_params import SamplingParams
 from inferflux.engine.sequence import TokenLogprobs
 from inferflux.errors import InferFluxError
 from inferflux.formats.chat_template import ChatTemplate
+from inferflux.formats.loader import LoadedModel
 from inferflux.server.errors import bad_request, unavailable
 from inferflux.server.handle import ModelHandle
 from inferflux.server.http import server_state
@@ -176,7 +177,7 @@ class Generation:
             state.check_capacity(handle)
             streams = []
             for request in requests:  # all or nothing: a later refusal aborts the earlier ones
-                streams.append(await handle.engine.submit(request))
+                streams.append(await _llm(handle)[1].submit(request))
                 submitted.append(request)
         except EngineDeadError as exc:
             _abort(handle, submitted)
@@ -244,16 +245,24 @@ class Generation:
                                 self.handle.load_seconds))
 
 
+def _llm(handle: ModelHandle) -> tuple[LoadedModel, Engine]:
+    """The generative model and its engine; a 400 for an embedding-only model."""
+    if handle.model is None or handle.engine is None:
+        raise bad_request(f"the model `{handle.name}` is an embedding model; use /v1/embeddings", param="model")
+    return handle.model, handle.engine
+
+
 def _abort(handle: ModelHandle, requests: list[Request]) -> None:
     for request in requests:
-        handle.engine.abort(request.request_id)
+        _llm(handle)[1].abort(request.request_id)
 
 
 def encode(prompt: Prompt, handle: ModelHandle) -> list[int]:
     """The token ids a prompt means for this model (templates write BOS and other special tokens as text)."""
-    tokenizer = handle.model.tokenizer
+    model = _llm(handle)[0]
+    tokenizer = model.tokenizer
     if prompt.messages is not None:
-        template = handle.model.chat_template
+        template = model.chat_template
         if prompt.template:  # with the model's special tokens (bos_token, ...)
             template = ChatTemplate(prompt.template, template.special_tokens)
         text = template.render(prompt.messages, add_generation_prompt=prompt.add_generation_prompt,

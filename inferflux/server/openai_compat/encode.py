@@ -43,7 +43,7 @@ def usage(prompt_tokens: int, completion_tokens: int, cached: int) -> dict[str, 
 
 
 def token_text(handle: ModelHandle, token_id: int) -> str:
-    return handle.model.tokenizer.token_to_piece(token_id).decode("utf-8", errors="replace")
+    return handle.tokenizer.token_to_piece(token_id).decode("utf-8", errors="replace")
 
 
 def chat_logprobs(handle: ModelHandle, entries: list[TokenLogprobs] | None) -> dict[str, Any] | None:
@@ -52,7 +52,7 @@ def chat_logprobs(handle: ModelHandle, entries: list[TokenLogprobs] | None) -> d
         return None
 
     def entry(token_id: int, logprob: float) -> dict[str, Any]:
-        piece = handle.model.tokenizer.token_to_piece(token_id)
+        piece = handle.tokenizer.token_to_piece(token_id)
         return {"token": piece.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(piece)}
 
     return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top.items()]}
@@ -63,7 +63,7 @@ def legacy_logprobs(handle: ModelHandle, entries: list[TokenLogprobs | None],
                     token_ids: list[int] | None = None) -> dict[str, Any]:
     """Completions' `logprobs` object; `token_ids` names the tokens of entries that are None (a prompt's first)."""
     ids = [lp.token_id if lp is not None else token_ids[i] for i, lp in enumerate(entries)]  # type: ignore[index]
-    bos = handle.model.tokenizer.bos_id
+    bos = handle.tokenizer.bos_id
     tokens = [token_text(handle, t) for t in ids]
     offsets, position = [], 0
     for token_id, token in zip(ids, tokens):

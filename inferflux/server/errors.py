@@ -39,6 +39,10 @@ class APIError(Exception):
 ErrorShape = Callable[[APIError], dict[str, Any]]
 
 
+class ContextLengthError(InferFluxError):
+    """The prompt (plus the tokens asked for) does not fit the model's context window (a 400)."""
+
+
 def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,  # noqa: A002
                code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
@@ -68,7 +72,6 @@ def to_api_error(exc: BaseException) -> APIError | None:
     from inferflux.engine.sampling_params import SamplingParamsError
     from inferflux.formats.chat_template import ChatTemplateError
     from inferflux.server.access.errors import AuthenticationError, KeyStoreError, NotFoundError, PermissionDenied
-    from inferflux.server.generation import ContextLengthError
     from inferflux.store import ModelNotFoundError, StoreError
 
     if isinstance(exc, APIError):

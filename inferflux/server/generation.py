@@ -28,17 +28,12 @@ from inferflux.engine.engine import Engine, EngineDeadError
 from inferflux.engine.request import Request, StreamOutput
 from inferflux.engine.sampling_params import SamplingParams
 from inferflux.engine.sequence import TokenLogprobs
-from inferflux.errors import InferFluxError
 from inferflux.formats.chat_template import ChatTemplate
 from inferflux.formats.loader import LoadedModel
-from inferflux.server.errors import bad_request, unavailable
+from inferflux.server.errors import ContextLengthError, bad_request, unavailable
 from inferflux.server.handle import ModelHandle
 from inferflux.server.http import server_state
 from inferflux.server.tool_calls import ToolCall, ToolCallStream
-
-
-class ContextLengthError(InferFluxError):
-    """The prompt (plus the tokens asked for) does not fit the model's context window."""
 
 
 @dataclasses.dataclass
@@ -333,5 +328,5 @@ async def merged(streams: list[AsyncIterator[StreamOutput]]) -> AsyncIterator[tu
             task.cancel()
 
 
-__all__ = ["ContextLengthError", "Event", "Finished", "Generation", "GenerationSpec", "Limits", "Prompt",
+__all__ = ["Event", "Finished", "Generation", "GenerationSpec", "Limits", "Prompt",
            "Started", "TextDelta", "Timings", "ToolCallDelta", "encode", "max_tokens_for", "merged"]

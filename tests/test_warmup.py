@@ -33,17 +33,17 @@ def _runner(path: Path, **runtime: object) -> ModelRunner:
 
 
 def test_default_config_bucket_count(demo_model: Path) -> None:
-    """The demo model under the default bucket keys: token buckets x 3 page buckets (21 or 30 programs on CPU).
+    """The demo model under the default bucket keys: token buckets x 2 page buckets (14 or 20 programs on CPU).
 
     Token buckets double from 8 (1 where the CPU attention kernel is loaded) to 512: 7 or 10 of them.
     """
     runner = _runner(demo_model, num_pages=200)  # everything else default; pages only size the KV cache
     tokens = runner.token_buckets
     assert tokens in ([8, 16, 32, 64, 128, 256, 512], [1, 2, 4, 8, 16, 32, 64, 128, 256, 512])
-    assert runner.page_buckets == [1, 16, 128]  # 2048-token context / 16-token pages
+    assert runner.page_buckets == [16, 128]  # 2048-token context / 16-token pages, from page_bucket_growth
     decode = len(runner.seq_buckets) * len(runner.page_buckets) if runner.decode_buckets else 0
     buckets = runner.all_buckets()
-    assert len(buckets) == len(set(buckets)) == len(tokens) * 3 + decode
+    assert len(buckets) == len(set(buckets)) == len(tokens) * 2 + decode
     assert len(buckets) < runner.runtime.max_compiled_programs
     # Every step shape lands in the set: sequences are tied to the token bucket.
     for tokens, seqs, pages in [(1, 1, 1), (9, 3, 5), (512, 32, 128), (33, 32, 2), (200, 1, 64)]:
@@ -54,19 +54,19 @@ def test_warmup_compiles_the_formula_then_nothing(tiny_model) -> None:
     """Warm-up compiles len(token buckets) x len(page buckets) programs, and a workload compiles no more."""
     llm = LLM(tiny_model("llama"), **SMALL, warmup=True)
     runner = llm.runner
-    assert runner.token_buckets[-1] == 32 and runner.page_buckets == [1, 8]
-    assert runner.programs.compiles == len(runner.all_buckets()) == len(runner.token_buckets) * 2 + (
-        len(runner.seq_buckets) * 2 if runner.decode_buckets else 0)
+    assert runner.token_buckets[-1] == 32 and runner.page_buckets == [8]
+    assert runner.programs.compiles == len(runner.all_buckets()) == len(runner.token_buckets) * 1 + (
+        len(runner.seq_buckets) * 1 if runner.decode_buckets else 0)
     prompts = [[5, 17, 42], list(range(1, 30)), [7] * 12, [3, 4]]
     llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True))
     assert runner.programs.compiles == len(runner.all_buckets()) and runner.programs.evictions == 0
 
 
 def test_warmup_never_compiles_more_than_the_cap(tiny_model) -> None:
-    runner = _runner(tiny_model("llama"), **SMALL, max_compiled_programs=4)
-    assert len(runner.all_buckets()) > 4
-    assert runner.warmup() == 4
-    assert len(runner.programs) == 4 and runner.programs.evictions == 0
+    runner = _runner(tiny_model("llama"), **SMALL, max_compiled_programs=2)
+    assert len(runner.all_buckets()) > 2
+    assert runner.warmup() == 2
+    assert len(runner.programs) == 2 and runner.programs.evictions == 0
 
 
 def test_lru_bound_evicts_and_recompiles_with_same_outputs(tiny_model) -> None:

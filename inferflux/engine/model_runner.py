@@ -127,7 +127,10 @@ class ModelRunner:
         # Mixed steps use min(token bucket, max_num_seqs) sequence rows (`seqs_for`), not a bucket dimension of
         # their own; decode-only programs (GPU) use these.
         self.seq_buckets = power_of_two_buckets(1, runtime.max_num_seqs)
-        self.page_buckets = geometric_buckets(1, self.pages_per_seq, runtime.page_bucket_growth)
+        # The smallest page bucket is `growth` pages, not 1: attention reads a sequence's own positions (the
+        # kernels stop at its length), so a wider block table costs nothing, and each bucket costs a program.
+        growth = runtime.page_bucket_growth
+        self.page_buckets = geometric_buckets(min(growth, self.pages_per_seq), self.pages_per_seq, growth)
         self.num_logprobs = runtime.max_logprobs
         self.num_bias_slots = runtime.max_logit_bias + RESERVED_BIAS_SLOTS
         # Decode-only steps (one token per sequence) get their own programs on GPU, token t in slot t, running

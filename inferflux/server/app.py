@@ -16,10 +16,10 @@ import logging
 import os
 from typing import Any
 
-from quart import Quart, Response, request
+from quart import Quart, Response, request, websocket
 from werkzeug.exceptions import HTTPException
 
-from inferflux.server import lmstudio, ollama, openai, ops
+from inferflux.server import lmstudio, ollama, openai, ops, record
 from inferflux.server.access import admin as access_admin
 from inferflux.server.access import auth
 from inferflux.server.errors import APIError, ErrorShape, to_api_error
@@ -50,6 +50,8 @@ def create_app(state: ServerState) -> Quart:
 
     @app.before_request
     async def limits_and_preflight() -> Any:
+        endpoint = request.url_rule.endpoint if request.url_rule is not None else ""
+        record.begin(app, request.method, endpoint, request.path, request.headers.get("x-request-id"))
         origin = request.headers.get("Origin")
         if origin and not _origin_allowed(origin, _allowed_origins(state)):
             # A web page from another site must not drive a local model server (Ollama's rule).
@@ -78,6 +80,24 @@ def create_app(state: ServerState) -> Quart:
             # The route template, not the raw path, so label values stay bounded.
             endpoint = request.url_rule.rule if request.url_rule is not None else "unmatched"
             state.metrics.observe_request(endpoint, response.status_code)
+        finished = record.current()
+        if finished is not None:
+            response.headers["x-request-id"] = finished.request_id
+            finished.status = response.status_code
+            finished.release()  # a streamed body still holds it; the last release finishes it
+        return response
+
+    @app.before_websocket
+    async def begin_websocket() -> None:
+        endpoint = websocket.url_rule.endpoint if websocket.url_rule is not None else ""
+        record.begin(app, "WEBSOCKET", endpoint, websocket.path, websocket.headers.get("x-request-id"))
+
+    @app.after_websocket
+    async def end_websocket(response: Any) -> Any:
+        finished = record.current()
+        if finished is not None:
+            finished.status = response.status_code if response is not None else 101
+            finished.release()
         return response
 
     @app.errorhandler(Exception)
@@ -93,6 +113,9 @@ def create_app(state: ServerState) -> Quart:
         if error is None:
             log.exception("unhandled error on %s %s", request.method, request.path)
             error = APIError(500, f"internal error: {type(exc).__name__}", type="server_error")
+        failed = record.current()
+        if failed is not None:
+            failed.error = error.code or error.type
         shape = ERROR_SHAPES.get(request.blueprint or _blueprint_of_path(app, exc) or "", APIError.body)
         headers = {"WWW-Authenticate": 'Bearer realm="inferflux"'} if error.status == 401 else {}
         return shape(error), error.status, headers

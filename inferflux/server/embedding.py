@@ -15,6 +15,7 @@ import time
 import numpy as np
 
 from inferflux.engine.embedder import truncate_dimensions
+from inferflux.server import record
 from inferflux.server.errors import bad_request
 from inferflux.server.handle import ModelHandle
 from inferflux.server.http import server_state
@@ -45,11 +46,16 @@ async def embed(spec: EmbeddingSpec) -> Embeddings:
     """Acquire the model, tokenize, compute and normalize; the handle is released before this returns."""
     started = time.monotonic()
     handle = await server_state().acquire(spec.model, spec.keep_alive)
+    entry = record.current()
+    if entry is not None:
+        entry.model = handle.name
     try:
         lists = input_ids(spec, handle)
         vectors = await compute(handle, lists)
     finally:
         handle.release()
+    if entry is not None:
+        entry.add_usage(sum(len(ids) for ids in lists), 0)
     if spec.dimensions is not None:
         if not 1 <= spec.dimensions <= vectors.shape[-1]:
             raise bad_request(f"dimensions must be between 1 and {vectors.shape[-1]}", param="dimensions")

@@ -30,6 +30,7 @@ from inferflux.engine.sampling_params import SamplingParams
 from inferflux.engine.sequence import TokenLogprobs
 from inferflux.formats.chat_template import ChatTemplate
 from inferflux.formats.loader import LoadedModel
+from inferflux.server import record
 from inferflux.server.errors import ContextLengthError, bad_request, unavailable
 from inferflux.server.handle import ModelHandle
 from inferflux.server.http import server_state
@@ -142,6 +143,12 @@ class Generation:
         self._metrics = server_state().metrics
         self._times: dict[int, list[float]] = {}
         self.finished: list[Finished] = []
+        # The request's record (server/record.py) stays open until this generation closes: a streamed
+        # body's token counts are known only then.
+        self._record = record.current()
+        if self._record is not None:
+            self._record.model = handle.name
+            self._record.hold()
 
     @property
     def n(self) -> int:
@@ -232,6 +239,11 @@ class Generation:
             e2e = (times[-1] if times else time.monotonic()) - done.timings.arrival
             metrics.observe_finished(done.timings.ttft, [b - a for a, b in zip(times, times[1:])], e2e, done.reason)
         self.handle.release()
+        if self._record is not None:
+            # Prompt tokens count once per prompt (the n choices of one prompt share it).
+            prompts = {done.choice // self.n: done.prompt_tokens for done in self.finished}
+            self._record.add_usage(sum(prompts.values()), sum(done.completion_tokens for done in self.finished))
+            self._record.release()
 
     def _finished(self, choice: int, out: StreamOutput, num_calls: int, output_ids: list[int]) -> Finished:
         return Finished(choice, "length" if out.finish_reason == "length" else "stop", out.stop_reason, num_calls,

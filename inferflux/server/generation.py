@@ -107,6 +107,18 @@ class TextDelta:
 
 
 @dataclasses.dataclass(frozen=True)
+class ReasoningDelta:
+    """Text the model wrote inside `<think>...</think>` (server/reasoning.py splits it out of the answer).
+
+    Dialects show it apart from the answer: OpenAI `reasoning_content`/`reasoning`, Ollama `thinking`,
+    Anthropic `thinking` blocks, Responses `reasoning` items. It never appears in a `TextDelta`.
+    """
+
+    choice: int
+    text: str
+
+
+@dataclasses.dataclass(frozen=True)
 class ToolCallDelta:
     choice: int
     calls: list[ToolCall]
@@ -126,7 +138,7 @@ class Finished:
     timings: Timings
 
 
-Event = Started | TextDelta | ToolCallDelta | Finished
+Event = Started | TextDelta | ReasoningDelta | ToolCallDelta | Finished
 
 
 class Generation:
@@ -340,5 +352,5 @@ async def merged(streams: list[AsyncIterator[StreamOutput]]) -> AsyncIterator[tu
             task.cancel()
 
 
-__all__ = ["Event", "Finished", "Generation", "GenerationSpec", "Limits", "Prompt",
+__all__ = ["Event", "Finished", "Generation", "GenerationSpec", "Limits", "Prompt", "ReasoningDelta",
            "Started", "TextDelta", "Timings", "ToolCallDelta", "encode", "max_tokens_for", "merged"]

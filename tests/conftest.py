@@ -97,3 +97,20 @@ def client(server):
     import openai
 
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="session")
+def redis_base_url():
+    """The URL of one real redis-server for the run (tests/fixtures/redis_server.py)."""
+    from tests.fixtures.redis_server import redis_server
+
+    with redis_server() as url:
+        yield url
+
+
+@pytest.fixture
+def redis_url(redis_base_url: str) -> str:
+    """A Redis URL with a database index of this test's own, empty."""
+    from tests.fixtures.redis_server import fresh_db
+
+    return fresh_db(redis_base_url)

@@ -176,6 +176,32 @@ class ServerConfig:
     # Most models loaded at once, each with its own engine and KV cache; 0 = no limit. A request for
     # another model first unloads the least recently used idle one.
     max_loaded_models: int = key(1, lo=0, hi=1024)
+    # TLS without a proxy in front: a PEM certificate (chain) and its private key; both or neither.
+    tls_certfile: str = key("")
+    tls_keyfile: str = key("")
+
+
+@dataclasses.dataclass
+class OidcConfig:
+    """Bearer JWTs from an OpenID Connect provider, besides API keys (docs/security.md). Off while issuer is empty."""
+
+    # The provider's issuer URL, exactly as tokens' `iss` holds it (https, or http on a loopback host).
+    issuer: str = key("", pattern=r"(https?://\S+)?", what="empty or an http(s):// URL")
+    # The `aud` a token must name: this server's client id / API identifier at the provider.
+    audience: str = key("")
+    # Where the signing keys are; empty = the `jwks_uri` of <issuer>/.well-known/openid-configuration.
+    jwks_url: str = key("", pattern=r"(https?://\S+)?", what="empty or an http(s):// URL")
+    # The claim naming the token's tenant (a token without it is refused with 401).
+    tenant_claim: str = key("tenant", pattern=r"\S+", what="a claim name")
+    # The claim holding scopes: a space-separated string or a list; unknown scopes are ignored.
+    scopes_claim: str = key("scope", pattern=r"\S+", what="a claim name")
+    # Clock skew allowed on exp and nbf.
+    leeway_seconds: int = key(30, lo=0, hi=600)
+    # Keys are fetched again after this long (a key the provider dropped stops working then).
+    jwks_cache_seconds: int = key(3600, lo=10, hi=86400 * 7)
+    # At most one fetch per this many seconds for tokens naming an unknown key id (garbage must not
+    # hammer the provider).
+    jwks_min_refresh_seconds: int = key(10, lo=1, hi=3600)
 
 
 @dataclasses.dataclass
@@ -189,6 +215,20 @@ class SecurityConfig:
     allow_unauthenticated: bool = key(False)
     # /metrics without a key when auth is required (for a Prometheus that cannot send one).
     public_metrics: bool = key(False)
+    oidc: OidcConfig = dataclasses.field(default_factory=OidcConfig)
+    # A file holding the master key that encrypts stored secrets (32 bytes as base64 or hex, one line);
+    # the INFERFLUX_MASTER_KEY environment variable, if set, wins. Empty: env only (docs/security.md).
+    master_key_file: str = key("")
+
+
+@dataclasses.dataclass
+class StateConfig:
+    """Where tenants, API keys (and rate-limit counters) live: one host's SQLite, or a Redis that replicas share."""
+
+    # "sqlite" ($INFERFLUX_HOME/state.db, one host) or "redis" (state.redis_url, shared by many replicas).
+    backend: str = key("sqlite", choices=("sqlite", "redis"))
+    # redis://[:password@]host:port/db or rediss:// (TLS); required with backend redis.
+    redis_url: str = key("", pattern=r"(rediss?|unix)://\S+|", what="empty or a redis://, rediss:// or unix:// URL")
 
 
 @dataclasses.dataclass
@@ -196,6 +236,7 @@ class Config:
     runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
     server: ServerConfig = dataclasses.field(default_factory=ServerConfig)
     security: SecurityConfig = dataclasses.field(default_factory=SecurityConfig)
+    state: StateConfig = dataclasses.field(default_factory=StateConfig)
     # Where models, the XLA compilation cache and state live. Default: $INFERFLUX_HOME or ~/.inferflux.
     home: str = key("")
 
@@ -260,6 +301,18 @@ CROSS_RULES: list[tuple[tuple[str, ...], Callable[[Config], bool], str]] = [
     (("server.ollama_port", "server.port"),
      lambda c: c.server.ollama_port == 0 or c.server.ollama_port != c.server.port,
      "server.ollama_port must differ from server.port"),
+    (("security.oidc.issuer", "security.oidc.audience"),
+     lambda c: not c.security.oidc.issuer or bool(c.security.oidc.audience),
+     "security.oidc.issuer needs security.oidc.audience (the aud tokens must name)"),
+    (("security.oidc.issuer", "security.auth"),
+     lambda c: not c.security.oidc.issuer or c.security.auth == "required",
+     "security.oidc.issuer needs security.auth=required (with auth off no credential is checked)"),
+    (("server.tls_certfile", "server.tls_keyfile"),
+     lambda c: bool(c.server.tls_certfile) == bool(c.server.tls_keyfile),
+     "server.tls_certfile and server.tls_keyfile must be given together (both or neither)"),
+    (("state.backend", "state.redis_url"),
+     lambda c: c.state.backend != "redis" or bool(c.state.redis_url),
+     "state.backend=redis needs state.redis_url"),
 ]
 
 

@@ -31,10 +31,13 @@ from inferflux.engine.sequence import TokenLogprobs
 from inferflux.formats.chat_template import ChatTemplate
 from inferflux.formats.loader import LoadedModel
 from inferflux.server import record
+from inferflux.server.access import limits_http
 from inferflux.server.errors import ContextLengthError, bad_request, unavailable
 from inferflux.server.handle import ModelHandle
 from inferflux.server.http import server_state
-from inferflux.server.tool_calls import ToolCall, ToolCallStream
+from inferflux.server.output_split import splitters
+from inferflux.server.reasoning import template_reasons
+from inferflux.server.tool_calls import ToolCall
 
 
 @dataclasses.dataclass
@@ -74,6 +77,7 @@ class GenerationSpec:
     limits: Limits = dataclasses.field(default_factory=Limits)
     keep_alive: float | None = None  # seconds the model stays loaded once idle (None: its default)
     tool_names: set[str] | None = None  # parse tool calls out of the text (the request gave these tools)
+    think: bool | str | None = None  # Ollama's `think`: truthy on a model that does not reason is a 400
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,8 +149,9 @@ class Generation:
     """One request's life from submission to the last event; see the module docstring."""
 
     def __init__(self, spec: GenerationSpec, handle: ModelHandle, prompt_ids: list[list[int]],
-                 streams: list[AsyncIterator[StreamOutput]]) -> None:
+                 streams: list[AsyncIterator[StreamOutput]], rendered: list[str | None] | None = None) -> None:
         self.spec = spec
+        self.rendered = rendered or [None] * len(prompt_ids)  # each chat prompt's text (reasoning may start in it)
         self.handle = handle
         self.prompt_ids = prompt_ids
         self._streams = streams
@@ -184,10 +189,14 @@ class Generation:
             if not handle.generative:
                 raise bad_request(f"the model `{handle.name}` is an embedding model; use /v1/embeddings",
                                   param="model")
-            prompt_ids = [encode(prompt, handle) for prompt in spec.prompts]
+            if spec.think and spec.think not in ("none", "off") and not template_reasons(_source(spec, handle)):
+                raise bad_request(f'"{handle.name}" does not support thinking', param="think")
+            rendered: list[str | None] = []
+            prompt_ids = [encode(prompt, handle, rendered) for prompt in spec.prompts]
             requests = [Request(ids, dataclasses.replace(spec.params, max_tokens=max_tokens_for(
                 spec.limits, len(ids), handle.max_model_len, state.config.server.default_max_tokens)))
                 for ids in prompt_ids]
+            requests = limits_http.admit_generation(requests, spec.params.n)  # tenant limits: cap, reserve or 429
             state.check_capacity(handle)
             streams = []
             for request in requests:  # all or nothing: a later refusal aborts the earlier ones
@@ -201,12 +210,12 @@ class Generation:
             _abort(handle, submitted)
             handle.release()
             raise
-        return cls(spec, handle, prompt_ids, streams)
+        return cls(spec, handle, prompt_ids, streams, rendered)
 
     async def events(self) -> AsyncIterator[Event]:
         """Every choice's events as they come; the handle is released when this ends, however it ends."""
-        parsers = {c: ToolCallStream(self.spec.tool_names) for c in range(self.num_choices)} \
-            if self.spec.tool_names is not None else {}
+        parsers = splitters(_source(self.spec, self.handle), self.rendered, self.n, self.spec.tool_names,
+                            self.spec.prompts[0].tools if self.spec.prompts else None)
         calls = [0] * self.num_choices
         outputs: dict[int, list[int]] = {}  # each choice's token ids so far (Ollama's `context` returns them)
         started: set[int] = set()
@@ -221,13 +230,12 @@ class Generation:
                 outputs.setdefault(choice, []).extend(out.new_token_ids)
                 if out.new_token_ids and out.last_token_time is not None:
                     self._times.setdefault(choice, []).append(out.last_token_time)
-                text, new_calls = out.new_text, list[ToolCall]()
+                thought, text, new_calls = "", out.new_text, list[ToolCall]()
                 parser = parsers.get(choice)
                 if parser is not None:
-                    text, new_calls = parser.feed(out.new_text)
-                    if out.finished:
-                        rest, more = parser.finish()
-                        text, new_calls = text + rest, new_calls + more
+                    thought, text, new_calls = parser.feed(out.new_text, out.finished)
+                if thought:
+                    yield ReasoningDelta(choice, thought)
                 if text or out.new_logprobs:
                     yield TextDelta(choice, text, out.new_logprobs)
                 if new_calls:
@@ -276,8 +284,21 @@ def _abort(handle: ModelHandle, requests: list[Request]) -> None:
         _llm(handle)[1].abort(request.request_id)
 
 
-def encode(prompt: Prompt, handle: ModelHandle) -> list[int]:
-    """The token ids a prompt means for this model (templates write BOS and other special tokens as text)."""
+def _source(spec: GenerationSpec, handle: ModelHandle) -> str | None:
+    """The chat template the prompts render with (a created model's own, else the model's)."""
+    if handle.model is None:
+        return None
+    override = next((p.template for p in spec.prompts if p.template), None)
+    return override or getattr(handle.model.chat_template, "source", None)
+
+
+def encode(prompt: Prompt, handle: ModelHandle, rendered: list[str | None] | None = None) -> list[int]:
+    """The token ids a prompt means for this model (templates write BOS and other special tokens as text).
+
+    `rendered` gets the prompt's text when it came from chat messages (else None): the reasoning
+    splitter reads whether the template opened `<think>`.
+    """
+    text: str | None = None
     model = _llm(handle)[0]
     tokenizer = model.tokenizer
     if prompt.messages is not None:
@@ -291,6 +312,8 @@ def encode(prompt: Prompt, handle: ModelHandle) -> list[int]:
         ids = tokenizer.encode(prompt.text, add_special_tokens=prompt.add_special_tokens) if prompt.text else []
     else:
         ids = list(prompt.token_ids or [])
+    if rendered is not None:
+        rendered.append(text if prompt.messages is not None else None)
     ids = list(prompt.prefix_ids) + ids
     if not ids:
         raise bad_request("the prompt is empty", param="prompt")

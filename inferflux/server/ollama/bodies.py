@@ -69,6 +69,7 @@ class _Generates(_Loads):
     stream: bool = True
     format: Any = None
     options: Options | None = None
+    think: bool | Literal["low", "medium", "high"] | None = None  # reasoning models: `thinking` apart, or off
 
     def refused(self) -> str | None:
         """Why this request cannot be served, or None."""

@@ -12,12 +12,22 @@ from quart import Response
 
 from inferflux.engine.sampling_params import SamplingParams
 from inferflux.server.errors import APIError, bad_request, to_api_error
-from inferflux.server.generation import Finished, Generation, GenerationSpec, Limits, Prompt, TextDelta, ToolCallDelta
+from inferflux.server.generation import (
+    Finished,
+    Generation,
+    GenerationSpec,
+    Limits,
+    Prompt,
+    ReasoningDelta,
+    TextDelta,
+    ToolCallDelta,
+)
 from inferflux.server.http import read_body, server_state
 from inferflux.server.ollama import ERROR_SHAPE, OLLAMA_VERSION, bp
 from inferflux.server.ollama.bodies import ChatRequest, GenerateRequest, Options, _Generates
 from inferflux.server.ollama.overrides import IGNORED_OPTIONS, KNOWN_OPTIONS, Overrides, overrides_for
 from inferflux.server.openapi import documented
+from inferflux.server.reasoning import thinking_kwargs
 from inferflux.server.tool_calls import tool_names
 
 log = logging.getLogger(__name__)
@@ -90,16 +100,19 @@ async def respond(req: _Generates, gen: Generation, chat: bool) -> Any:
     def head() -> dict[str, Any]:
         return {"model": req.model, "created_at": now_rfc3339()}
 
-    def text_obj(text: str, calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    def text_obj(text: str, calls: list[dict[str, Any]] | None = None, thinking: str = "") -> dict[str, Any]:
         if not chat:
-            return {**head(), "response": text, "done": False}
+            return {**head(), "response": text, **({"thinking": thinking} if thinking else {}), "done": False}
         message: dict[str, Any] = {"role": "assistant", "content": text}
+        if thinking:
+            message["thinking"] = thinking
         if calls:
             message["tool_calls"] = calls
         return {**head(), "message": message, "done": False}
 
-    def final_obj(done: Finished, text: str = "", calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-        obj = {**text_obj(text, calls), **final_fields(done)}
+    def final_obj(done: Finished, text: str = "", calls: list[dict[str, Any]] | None = None,
+                  thinking: str = "") -> dict[str, Any]:
+        obj = {**text_obj(text, calls, thinking), **final_fields(done)}
         if not chat:
             obj["context"] = gen.prompt_ids[0] + done.output_ids
         return obj
@@ -108,6 +121,8 @@ async def respond(req: _Generates, gen: Generation, chat: bool) -> Any:
         async for event in gen.events():
             if isinstance(event, TextDelta) and event.text:
                 yield text_obj(event.text)
+            elif isinstance(event, ReasoningDelta):
+                yield text_obj("", thinking=event.text)
             elif isinstance(event, ToolCallDelta):
                 yield text_obj("", [call.ollama() for call in event.calls])
             elif isinstance(event, Finished):
@@ -116,14 +131,17 @@ async def respond(req: _Generates, gen: Generation, chat: bool) -> Any:
     if req.stream:
         return ndjson(lines())
     texts: list[str] = []
+    thoughts: list[str] = []
     calls: list[dict[str, Any]] = []
     async for event in gen.events():
         if isinstance(event, TextDelta):
             texts.append(event.text)
+        elif isinstance(event, ReasoningDelta):
+            thoughts.append(event.text)
         elif isinstance(event, ToolCallDelta):
             calls += [call.ollama() for call in event.calls]
         elif isinstance(event, Finished):
-            return final_obj(event, "".join(texts), calls or None)
+            return final_obj(event, "".join(texts), calls or None, "".join(thoughts))
     raise APIError(503, "the generation ended without a result")
 
 
@@ -173,9 +191,11 @@ async def api_generate() -> Any:
     else:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user",
                                                                                     "content": req.prompt}]
-        prompt = Prompt(messages=messages, template=overrides.template, prefix_ids=context)
+        prompt = Prompt(messages=messages, template=overrides.template, prefix_ids=context,
+                        template_kwargs=thinking_kwargs(req.think))
     params, limits = sampling(req.options, overrides)
-    gen = await Generation.start(GenerationSpec(req.model, [prompt], params, limits, req.keep_alive_seconds))
+    gen = await Generation.start(GenerationSpec(req.model, [prompt], params, limits, req.keep_alive_seconds,
+                                                think=None if req.raw else req.think))
     return await respond(req, gen, chat=False)
 
 
@@ -189,8 +209,9 @@ async def api_chat() -> Any:
     if not req.messages:
         return await load_or_unload(req, chat=True)
     messages = overrides.messages([m.for_template() for m in req.messages])
-    prompt = Prompt(messages=messages, tools=req.tools or None, template=overrides.template)
+    prompt = Prompt(messages=messages, tools=req.tools or None, template=overrides.template,
+                    template_kwargs=thinking_kwargs(req.think))
     params, limits = sampling(req.options, overrides)
     spec = GenerationSpec(req.model, [prompt], params, limits, req.keep_alive_seconds,
-                          tool_names(req.tools) if req.tools else None)
+                          tool_names(req.tools) if req.tools else None, think=req.think)
     return await respond(req, await Generation.start(spec), chat=True)

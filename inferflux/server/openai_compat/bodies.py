@@ -142,6 +142,18 @@ class ChatCompletionRequest(_Sampling):
     tool_choice: str | dict[str, Any] | None = None
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
+    # Reasoning switches (server/reasoning.py): OpenAI's effort ("none" turns thinking off), and LM Studio's /
+    # OpenRouter's `reasoning` ("off" | "on" | a level, or {"effort": ..., "enabled": ...}).
+    reasoning_effort: str | None = None
+    reasoning: str | bool | dict[str, Any] | None = None
+
+    @property
+    def think(self) -> str | bool | None:
+        """The thinking switch: `reasoning`, else `reasoning_effort`; None leaves the template's default."""
+        value = self.reasoning
+        if isinstance(value, dict):
+            value = False if value.get("enabled") is False else value.get("effort", value.get("enabled"))
+        return self.reasoning_effort if value is None else value
 
     @property
     def parses_tools(self) -> bool:
@@ -157,10 +169,11 @@ class ChatCompletionRequest(_Sampling):
         return (self.top_logprobs or 0) if self.logprobs else None
 
     def spec(self) -> GenerationSpec:
+        from inferflux.server.reasoning import thinking_kwargs
         from inferflux.server.tool_calls import tool_names
 
         prompt = Prompt(messages=[m.for_template() for m in self.messages], tools=self.tools,
-                        template_kwargs=dict(self.chat_template_kwargs or {}),
+                        template_kwargs=thinking_kwargs(self.think, self.chat_template_kwargs),
                         add_generation_prompt=self.add_generation_prompt)
         return self._spec([prompt], self.requested_max_tokens,
                           tool_names(self.tools) if self.parses_tools else None)

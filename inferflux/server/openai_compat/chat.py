@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from inferflux.server.errors import APIError
-from inferflux.server.generation import Finished, Generation, TextDelta, ToolCallDelta
+from inferflux.server.generation import Finished, Generation, ReasoningDelta, TextDelta, ToolCallDelta
 from inferflux.server.openai_compat.bodies import ChatCompletionRequest
 from inferflux.server.openai_compat.encode import chat_logprobs, sse_response, usage
 
@@ -43,6 +43,9 @@ async def chat_chunks(req: ChatCompletionRequest, gen: Generation, with_usage: b
         if isinstance(event, TextDelta):
             yield chunk([{"index": event.choice, "delta": {"content": event.text},
                           "logprobs": chat_logprobs(handle, event.logprobs), "finish_reason": None}])
+        elif isinstance(event, ReasoningDelta):  # both names: llama.cpp/DeepSeek read one, vLLM/OpenRouter the other
+            yield chunk([{"index": event.choice, "delta": {"reasoning_content": event.text, "reasoning": event.text},
+                          "logprobs": None, "finish_reason": None}])
         elif isinstance(event, ToolCallDelta):
             yield chunk([{"index": event.choice, "logprobs": None, "finish_reason": None, "delta": {
                 "tool_calls": [call.openai(event.first + j) for j, call in enumerate(event.calls)]}}])
@@ -58,13 +61,14 @@ async def chat_chunks(req: ChatCompletionRequest, gen: Generation, with_usage: b
 async def fold_chat(req: ChatCompletionRequest, gen: Generation) -> dict[str, Any]:
     """The non-streamed response: the same chunks, folded per choice."""
     n = gen.num_choices
-    texts, finish = [""] * n, ["stop"] * n
+    texts, thoughts, finish = [""] * n, [""] * n, ["stop"] * n
     logprobs: list[list[dict[str, Any]]] = [[] for _ in range(n)]
     calls: list[list[dict[str, Any]]] = [[] for _ in range(n)]
     async for obj in chat_chunks(req, gen, True):
         for choice in obj["choices"]:
             i, delta = choice["index"], choice["delta"]
             texts[i] += delta.get("content", "")
+            thoughts[i] += delta.get("reasoning_content", "")
             calls[i] += [{k: v for k, v in c.items() if k != "index"} for c in delta.get("tool_calls", [])]
             if choice["finish_reason"]:
                 finish[i] = choice["finish_reason"]
@@ -73,14 +77,17 @@ async def fold_chat(req: ChatCompletionRequest, gen: Generation) -> dict[str, An
         last = obj
     return {
         "id": last["id"], "object": "chat.completion", "created": last["created"], "model": gen.model_name,
-        "choices": [{"index": i, "message": _message(texts[i], calls[i]),
+        "choices": [{"index": i, "message": _message(texts[i], calls[i], thoughts[i]),
                      "logprobs": {"content": logprobs[i]} if req.logprobs else None, "finish_reason": finish[i]}
                     for i in range(n)],
         "usage": last["usage"],
     }
 
 
-def _message(text: str, calls: list[dict[str, Any]]) -> dict[str, Any]:
-    if not calls:
-        return {"role": "assistant", "content": text}
-    return {"role": "assistant", "content": text or None, "tool_calls": calls}
+def _message(text: str, calls: list[dict[str, Any]], reasoning: str = "") -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": text or None if calls else text}
+    if reasoning:
+        message["reasoning_content"] = message["reasoning"] = reasoning
+    if calls:
+        message["tool_calls"] = calls
+    return message

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "__version__"]
+__all__ = ["LLM", "Constraint", "SamplingParams", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -21,4 +21,8 @@ def __getattr__(name: str) -> Any:
         from inferflux.engine.sampling_params import SamplingParams
 
         return SamplingParams
+    if name == "Constraint":
+        from inferflux.engine.grammar import Constraint
+
+        return Constraint
     raise AttributeError(f"module 'inferflux' has no attribute {name!r}")

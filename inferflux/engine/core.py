@@ -25,6 +25,7 @@ import numpy as np
 
 from inferflux.config import Config
 from inferflux.engine.detokenizer import StreamDetokenizer
+from inferflux.engine.grammar import GrammarCompiler, Matcher
 from inferflux.engine.kv_cache import KVCacheManager, PageAllocator
 from inferflux.engine.model_runner import Chunk, ModelRunner, PromptScores
 from inferflux.engine.request import POOLINGS, EngineStats, Request, StreamOutput
@@ -44,6 +45,7 @@ class _Live:
         self.first_token_time: list[float | None] = [None] * len(seqs)
         self.sent_prompt_logprobs = [False] * len(seqs)  # each sample's first output carries them
         self.hidden: list[np.ndarray] = []  # an embedding's final hidden states so far, chunk by chunk
+        self.matchers: list[Matcher | None] = [None] * len(seqs)  # structured output: each sample's grammar
 
 
 class EngineCore:
@@ -62,6 +64,7 @@ class EngineCore:
         self._by_seq: dict[int, _Live] = {}  # sequence id -> its request
         self._seeds = random.Random(runtime.seed)
         self._stats = EngineStats(kv_pages_total=self.allocator.num_usable)
+        self.grammars = GrammarCompiler(self.tokenizer, model.config.vocab_size)
         if runtime.warmup:
             self.runner.warmup()
 
@@ -79,6 +82,8 @@ class EngineCore:
             request.params.validate(self.model.config.vocab_size, runtime.max_logprobs, runtime.max_logit_bias)
             if request.params.n > runtime.max_num_seqs:  # its samples could never all run, and n is a client's int
                 raise SamplingParamsError(f"n must be at most {runtime.max_num_seqs} (runtime.max_num_seqs)")
+            if request.params.constraint is not None:  # compiled (and cached) here: a bad one is a GrammarError
+                self.grammars.compile(request.params.constraint)
         else:
             raise SamplingParamsError(f"request kind must be 'generate' or 'embed', got {request.kind!r}")
         if not request.prompt_ids:
@@ -113,6 +118,9 @@ class EngineCore:
         detoks = [StreamDetokenizer(self.tokenizer, prompt, params.stop, params.skip_special_tokens)
                   for _ in seqs]
         live = self._live[request.request_id] = _Live(request, seqs, detoks)
+        if params.constraint is not None and not embed:
+            stops = eos | frozenset(params.stop_token_ids or ())
+            live.matchers = [self.grammars.matcher(params.constraint, stops) for _ in seqs]
         for seq in seqs:
             self._by_seq[seq.seq_id] = live
             self.scheduler.add(seq)
@@ -155,13 +163,19 @@ class EngineCore:
             hidden = self.runner.hidden_states([Chunk(c.tokens, c.seq.num_computed, c.seq.pages) for c in embedding])
         now = time.monotonic()
         outputs = []
+        constrained: list[tuple[Sequence, StreamOutput, Matcher]] = []
         for scheduled, result, score in zip(generating, results, scores):
             seq = scheduled.seq
             if score is not None:
                 _collect_prompt_logprobs(seq, score)
             self._computed(scheduled)
             if result is not None:
+                live = self._by_seq[seq.seq_id]
+                matcher = live.matchers[seq.index]
                 outputs.append(self._accept(seq, result, now))
+                if matcher is not None and not seq.finished:
+                    constrained.append((seq, outputs[-1], matcher))
+        self._advance_grammars(constrained)
         for scheduled, rows in zip(embedding, hidden):
             live = self._by_seq[scheduled.seq.seq_id]
             if scheduled.seq.num_computed == 0:  # first chunk, or recomputing after a preemption
@@ -176,6 +190,19 @@ class EngineCore:
         self._stats.total_step_seconds += elapsed
         return outputs
 
+    def _advance_grammars(self, constrained: list[tuple[Sequence, StreamOutput, Matcher]]) -> None:
+        """Advance each constrained sample on its new token, refill the next step's masks in one batched call,
+        and end (`stop`) the samples whose grammar is complete: no token but a stop token could follow."""
+        for seq, _, matcher in constrained:
+            matcher.accept(seq.output_ids[-1])
+        self.grammars.fill_masks([m for _, _, m in constrained if not m.failed])
+        for seq, out, matcher in constrained:
+            if matcher.done:
+                live = self._by_seq[seq.seq_id]
+                seq.finish_reason = out.finish_reason = "stop"
+                out.new_text += live.detoks[seq.index].finish()
+                self._finish(seq)
+
     def _computed(self, scheduled: ScheduledChunk) -> None:
         """The chunk's K/V is in the cache now: count it and offer its full pages to the prefix cache."""
         seq = scheduled.seq
@@ -185,9 +212,10 @@ class EngineCore:
 
     def _chunk(self, scheduled: ScheduledChunk) -> Chunk:
         seq = scheduled.seq
+        matcher = self._by_seq[seq.seq_id].matchers[seq.index] if scheduled.samples else None
         return Chunk(tokens=scheduled.tokens, start_pos=seq.num_computed, pages=seq.pages, history=seq.all_ids,
                      num_prompt=len(seq.prompt_ids), sampling=seq.row_params() if scheduled.samples else None,
-                     score=seq.wants_prompt_logprobs)
+                     score=seq.wants_prompt_logprobs, allowed=None if matcher is None else matcher.mask)
 
     def _accept(self, seq: Sequence, result, now: float) -> StreamOutput:
         """A sampled token arrived: extend the sample, detokenize, decide whether it stops."""

@@ -60,6 +60,7 @@ class Chunk:
     num_prompt: int = 0  # how many of `history` are prompt tokens
     sampling: RowParams | None = None  # None: run the tokens, sample nothing (mid-prompt chunk)
     score: bool = False  # also return the logprob of the prompt token after each token (prompt_logprobs)
+    allowed: np.ndarray | None = None  # the row's grammar mask, packed i32 [ceil(V/32)] (engine/grammar.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -339,10 +340,17 @@ class ModelRunner:
             is_output[i, chunk.num_prompt:len(hist)] = True
             offset += n
         rows = [chunk.sampling for chunk in chunks] + [None] * (num_seqs - len(chunks))
+        # Grammar masks are a fixed-shape input of every program (all ones for free and padding rows), so a
+        # constrained request joins any batch without a recompile.
+        allowed = np.full((num_seqs, -(-self.config.vocab_size // 32)), -1, np.int32)
+        for i, chunk in enumerate(chunks):
+            if chunk.allowed is not None:
+                allowed[i] = chunk.allowed
         inputs = StepInputs(tokens=tokens, positions=positions, token_seq=token_seq, slot_mapping=slots,
                             block_tables=tables, logits_index=logits_index)
         # Parameters were validated at admission (SamplingParams.validate); skip re-checking per step.
-        sampling = SamplingTensors.from_params(rows, num_seqs, num_bias_slots=self.num_bias_slots, validate=False)
+        sampling = SamplingTensors.from_params(rows, num_seqs, num_bias_slots=self.num_bias_slots, validate=False,
+                                               allowed=allowed)
         return inputs, sampling, history, is_output
 
 

@@ -16,6 +16,9 @@ Device side, inside the step function::
 
 Processing order (per row; every stage is a no-op at its default):
 
+0. **grammar mask** -- tokens whose bit is clear in ``allowed`` (packed int32
+   ``[B, ceil(V/32)]``, engine/grammar.py) become -inf; skipped when every
+   bit is set (no constrained row in the step).
 1. **logit bias** -- ``logit[id] += bias`` (sparse, ``bias_ids`` / ``bias_values``).
 2. **repetition penalty** (HF / vLLM) -- for each token in the prompt *or* the
    generated output: ``logit / p`` if ``logit > 0`` else ``logit * p``.
@@ -159,8 +162,19 @@ def process_logits(
     return _process(_sanitize(logits.astype(jnp.float32)), st, history, history_is_output)
 
 
+def _apply_mask(x: jax.Array, allowed: jax.Array) -> jax.Array:
+    """-inf where the row's grammar forbids the token (bit ``t % 32`` of word ``t // 32`` clear)."""
+    v = x.shape[-1]
+    ids = jnp.arange(v, dtype=jnp.int32)
+    words = jnp.take(allowed.astype(jnp.int32), ids // 32, axis=1)
+    bit = lax.shift_right_logical(words, (ids % 32)[None, :]) & 1
+    return jnp.where(bit == 1, x, -jnp.inf)
+
+
 def _process(x, st: SamplingTensors, history, history_is_output):
     """:func:`process_logits` on already sanitised logits."""
+    if st.allowed is not None:
+        x = lax.cond(jnp.any(st.allowed != -1), _apply_mask, lambda x, _: x, x, st.allowed)
     x = lax.cond(jnp.any(st.bias_ids >= 0), _apply_bias, lambda x, _: x, x, st)
     return lax.cond(
         jnp.any(_has_penalty(st)),

@@ -17,8 +17,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from inferflux.errors import InferFluxError
+
+if TYPE_CHECKING:
+    from inferflux.engine.grammar import Constraint
 
 # While min_tokens is unmet, stop ids are banned through logit-bias slots reserved for them.
 MAX_STOP_TOKEN_IDS = 32
@@ -102,6 +106,9 @@ class SamplingParams(SamplingKnobs):
     prompt_logprobs: int | None = None
     n: int = 1
     skip_special_tokens: bool = True
+    # Structured output: the text must match this (engine/grammar.py `Constraint`: JSON schema, regex, choice,
+    # GBNF grammar or a tool call); compiled and checked by the engine at submission.
+    constraint: Constraint | None = None
 
     def validate(self, vocab_size: int | None = None, max_logprobs: int = 20,
                  max_logit_bias: int | None = None) -> SamplingParams:

@@ -103,6 +103,9 @@ class SamplingTensors:
     seed: HostOrDevice  # u32 [B]
     step: HostOrDevice  # i32 [B]
     top_logprobs: HostOrDevice  # i32 [B]; 0 -> the row needs no top-N logprobs
+    # Grammar masks (engine/grammar.py): packed bits i32 [B, ceil(V/32)], bit t % 32 of word t // 32 set when
+    # token t is allowed; all ones for free rows. None (tests, callers without constraints): no mask stage.
+    allowed: HostOrDevice | None = None
 
     @classmethod
     def from_params(
@@ -113,6 +116,7 @@ class SamplingTensors:
         vocab_size: int | None = None,
         num_bias_slots: int | None = None,
         validate: bool = True,
+        allowed: np.ndarray | None = None,
     ) -> SamplingTensors:
         """Pack ``rows`` (``None`` = padding) into numpy arrays of ``batch_size`` rows.
 
@@ -161,6 +165,7 @@ class SamplingTensors:
             seed=np.array([_fold_seed(r.seed) for r in rows], np.uint32),
             step=col("step", np.int32),
             top_logprobs=col("top_logprobs", np.int32),
+            allowed=allowed,
         )
 
 

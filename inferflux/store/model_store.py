@@ -86,7 +86,7 @@ class ModelStore:
         ref = parse_name(name) if name is not None else None
         with self._lock(exclusive=False):
             self._remove_stale_temps()
-            src = open_source(str(source), progress)
+            src = open_source(str(source), progress, self.home)
             ref = ref or parse_name(src.default_name)
             if src.path.is_file():
                 manifest = self._pull_gguf(src, quant, progress, on_layer)

@@ -34,12 +34,15 @@ class Source:
     expected_digest: str | None = None  # hex, when the source already names its content (Ollama)
 
 
-def open_source(source: str, progress: Progress | None) -> Source:
-    """Resolve a `pull` source to local bytes (downloading where it names a remote model)."""
+def open_source(source: str, progress: Progress | None, home: Path | None = None) -> Source:
+    """Resolve a `pull` source to local bytes (downloading where it names a remote model).
+
+    `home` is the store's $INFERFLUX_HOME, whose encrypted `hf_token` secret (if stored) authenticates hub pulls.
+    """
     if source.startswith("ollama://"):
         return _ollama_source(source[len("ollama://"):])
     if source.startswith("hf://"):
-        return _hf_source(source[len("hf://"):], progress)
+        return _hf_source(source[len("hf://"):], progress, home)
     if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", source):
         raise StoreError(f"{source}: unsupported source; use a local path, ollama://NAME:TAG or hf://ORG/REPO")
     path = Path(source).expanduser()
@@ -117,7 +120,7 @@ def _ollama_source(ref_text: str) -> Source:
     return Source(blob, str(ref) if ref.tag != DEFAULT_TAG else ref.name, label, expected_digest=digest_hex)
 
 
-def _hf_source(spec: str, progress: Progress | None) -> Source:
+def _hf_source(spec: str, progress: Progress | None, home: Path | None = None) -> Source:
     """`ORG/REPO[/FILE]` fetched through huggingface_hub (its cache, resume and auth); any failure is one line."""
     parts = [p for p in spec.strip("/").split("/") if p]
     label = f"hf://{spec}"
@@ -133,14 +136,18 @@ def _hf_source(spec: str, progress: Progress | None) -> Source:
         )
     except ImportError:
         raise StoreError(f"{label}: needs the huggingface_hub package (pip install huggingface_hub)") from None
+    from inferflux.server.access.secrets_store import hub_token
+
+    token = hub_token(home)  # None: huggingface_hub's own auth (HF_TOKEN, `hf auth login`)
     quiet = progress is None and not are_progress_bars_disabled()
     if quiet:
         disable_progress_bars()
     try:
         if filename:
-            path = Path(huggingface_hub.hf_hub_download(repo_id, filename))
+            path = Path(huggingface_hub.hf_hub_download(repo_id, filename, token=token))
         else:
-            path = Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=HF_ALLOW_PATTERNS))
+            path = Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=HF_ALLOW_PATTERNS,
+                                                                token=token))
     except Exception as exc:  # noqa: BLE001 - the hub raises many types (HTTP, offline, auth, not found)
         raise StoreError(f"{label}: download failed: {first_line(exc)}{_offline_hint()}") from None
     finally:

@@ -82,6 +82,18 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+def check_tenant(name: str) -> None:
+    """The tenant-name rule every backend (SQLite, Redis) applies."""
+    if not _TENANT.fullmatch(name):
+        raise KeyStoreError(f"tenant {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a "
+                            "letter or digit")
+
+
+def new_key() -> tuple[str, str]:
+    """(a new key, shown once; its key id, unrelated to it): the same in every backend."""
+    return KEY_PREFIX + secrets.token_urlsafe(32), "key_" + secrets.token_hex(6)
+
+
 def parse_duration(text: str) -> float:
     """`30d`, `12h`, `90m`, `45s`, `2w` or `1d12h` as seconds (what `--expires` takes)."""
     parts = _DURATION.findall(text.strip())
@@ -116,9 +128,7 @@ class KeyStore:
     # --- tenants ---
 
     def create_tenant(self, name: str) -> dict[str, Any]:
-        if not _TENANT.fullmatch(name):
-            raise KeyStoreError(f"tenant {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a "
-                                "letter or digit")
+        check_tenant(name)
         with self._lock:
             try:
                 self._db.execute("INSERT INTO tenants (name, created) VALUES (?, ?)", (name, time.time()))
@@ -155,8 +165,7 @@ class KeyStore:
         self.tenant(tenant)
         now = time.time()
         expires = expires_at if expires_at is not None else (now + expires_in if expires_in else None)
-        secret = KEY_PREFIX + secrets.token_urlsafe(32)
-        key_id = "key_" + secrets.token_hex(6)
+        secret, key_id = new_key()
         with self._lock:
             self._db.execute("INSERT INTO api_keys (id, tenant, name, sha256, scopes, created, expires) "
                              "VALUES (?, ?, ?, ?, ?, ?, ?)",

@@ -277,9 +277,9 @@ def test_pallas_decode_lowers_to_triton(seqs, heads, kv_heads, head_dim, page_si
     assert f"grid_x = {seqs} : i32, grid_y = {kv_heads} : i32" in text
 
 
-def test_dispatch_chooses_pallas_only_for_gpu_decode():
+def test_dispatch_chooses_pallas_on_gpu():
     assert _select_impl(decode_only=True, head_dim=128, page_size=16, backend="gpu") == "pallas_decode"
-    assert _select_impl(decode_only=False, head_dim=128, page_size=16, backend="gpu") == "reference"
+    assert _select_impl(decode_only=False, head_dim=128, page_size=16, backend="gpu") == "pallas_ragged"
     on_cpu = "cpu" if cpu_kernels.available() else "reference"  # the C++ FFI handler where it is built
     assert _select_impl(decode_only=True, head_dim=128, page_size=16, backend="cpu") == on_cpu
     assert _select_impl(decode_only=True, head_dim=80, page_size=16, backend="gpu") == "reference"  # not a power of 2

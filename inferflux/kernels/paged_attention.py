@@ -22,6 +22,8 @@ The pieces:
   T x context.
 - `paged_attention_decode_pallas`: a Pallas (Triton) GPU kernel for
   decode-only steps (one query token per slot).
+- `ragged_attention.paged_attention_ragged_pallas`: a Pallas (Triton) GPU
+  kernel for every other step (prefill chunks and decode tokens together).
 - `kernels/cpu/attention.paged_attention_cpu`: a C++ XLA FFI handler for any
   ragged step on CPU (float32), reading the pages in place.
 - `paged_attention` picks between them (`_select_impl`).
@@ -30,6 +32,7 @@ The pieces:
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import jax
@@ -48,6 +51,9 @@ __all__ = [
 ]
 
 NULL_PAGE = 0
+# INFERFLUX_ATTENTION=pallas-interpret: on a host without a GPU, run the GPU kernels through Pallas'
+# interpreter (slow; for tests: the model's fidelity tests with the kernels in the step).
+ATTENTION_ENV = "INFERFLUX_ATTENTION"
 
 # The reference processes query-token x key-position pairs in blocks of at
 # most this many (times heads x head_dim). A 512-token prefill chunk with
@@ -364,14 +370,25 @@ def paged_attention_decode_pallas(
 
 def _select_impl(*, decode_only: bool, head_dim: int, page_size: int, backend: str | None = None,
                  dtype: jnp.dtype | None = None) -> str:
-    """The one place that chooses the attention implementation: "pallas_decode", "cpu" or "reference".
+    """The one place that chooses the attention implementation: "pallas_decode", "pallas_ragged", "cpu" or
+    "reference".
+
+    On GPU, decode-only steps take the decode kernel and every other step the ragged kernel
+    (kernels/ragged_attention.py), so prefill never goes through the reference there.
 
     "cpu" is the C++ FFI handler (kernels/cpu/attention.py), for every float32 step on the CPU backend when
     the kernel library is loaded (not switched off with INFERFLUX_CPU_KERNELS=off).
     """
     backend = backend or jax.default_backend()
+    if os.environ.get(ATTENTION_ENV) == "pallas-interpret":
+        backend = "gpu"  # the GPU kernels' choice, run by Pallas' interpreter (`paged_attention` passes interpret)
     if decode_only and backend == "gpu" and pallas_decode_supported(head_dim, page_size):
         return "pallas_decode"
+    if backend == "gpu" and not decode_only:
+        from inferflux.kernels.ragged_attention import ragged_supported
+
+        if ragged_supported(head_dim, page_size):
+            return "pallas_ragged"
     if backend == "cpu":
         from inferflux.kernels.cpu import attention as cpu_attention
 
@@ -396,15 +413,17 @@ def paged_attention(
 
     `decode_only` is a static promise from the caller that every token is a
     single decode token and token t belongs to slot t (T == S, `token_seq`
-    is ignored); on GPU such steps run the Pallas decode kernel. On CPU every
-    float32 step runs the C++ FFI handler when the kernel library is loaded.
-    Everything else runs the reference.
+    is ignored); on GPU such steps run the Pallas decode kernel and every
+    other step the Pallas ragged kernel (power-of-two head_dim >= 16 and
+    page size). On CPU every float32 step runs the C++ FFI handler when the
+    kernel library is loaded. Everything else runs the reference.
     """
     # The CPU kernel takes float32 only: a step whose query or cache is anything else keeps the reference
     # (converting a bfloat16 cache to float32 every layer would copy it).
     kinds = [jnp.dtype(a.dtype) for a in (q, k_pages, v_pages)]
     impl = _select_impl(decode_only=decode_only, head_dim=q.shape[-1], page_size=k_pages.shape[2],
                         dtype=next((d for d in kinds if d != jnp.float32), kinds[0]))
+    interpret = jax.default_backend() != "gpu"  # only INFERFLUX_ATTENTION=pallas-interpret gets here off a GPU
     if impl == "cpu":
         from inferflux.kernels.cpu.attention import paged_attention_cpu
 
@@ -415,8 +434,14 @@ def paged_attention(
             raise ValueError(f"decode_only needs T == S, got T={q.shape[0]}, S={block_tables.shape[0]}")
         context_lens = jnp.maximum(token_pos.astype(jnp.int32) + 1, 0)
         return paged_attention_decode_pallas(
-            q, k_pages, v_pages, block_tables, context_lens, scale=scale, sliding_window=sliding_window
+            q, k_pages, v_pages, block_tables, context_lens, scale=scale, sliding_window=sliding_window,
+            interpret=interpret,
         )
+    if impl == "pallas_ragged":
+        from inferflux.kernels.ragged_attention import paged_attention_ragged_pallas
+
+        return paged_attention_ragged_pallas(q, k_pages, v_pages, block_tables, token_seq, token_pos, scale=scale,
+                                             sliding_window=sliding_window, interpret=interpret)
     return paged_attention_reference(
         q, k_pages, v_pages, block_tables, token_seq, token_pos, scale=scale, sliding_window=sliding_window
     )

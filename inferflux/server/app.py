@@ -66,6 +66,10 @@ def create_app(state: ServerState) -> Quart:
 
     if auth_required:  # after the checks above: a preflight is answered without a key
         auth.install(app, state.config.security.public_metrics)
+    # Tenant limits: reconcile each admitted request when it ends; x-ratelimit-* on limited answers.
+    from inferflux.server.access import limits_http
+
+    limits_http.install(app)
 
     @app.after_request
     async def cors_and_count(response: Response) -> Response:
@@ -118,6 +122,7 @@ def create_app(state: ServerState) -> Quart:
             failed.error = error.code or error.type
         shape = ERROR_SHAPES.get(request.blueprint or _blueprint_of_path(app, exc) or "", APIError.body)
         headers = {"WWW-Authenticate": 'Bearer realm="inferflux"'} if error.status == 401 else {}
+        headers.update(getattr(exc, "rate_headers", {}))  # a 429's Retry-After and x-ratelimit-*
         return shape(error), error.status, headers
 
     return app

@@ -16,6 +16,7 @@ import numpy as np
 
 from inferflux.engine.embedder import truncate_dimensions
 from inferflux.server import record
+from inferflux.server.access import limits_http
 from inferflux.server.errors import bad_request
 from inferflux.server.handle import ModelHandle
 from inferflux.server.http import server_state
@@ -51,6 +52,7 @@ async def embed(spec: EmbeddingSpec) -> Embeddings:
         entry.model = handle.name
     try:
         lists = input_ids(spec, handle)
+        limits_http.admit_tokens(sum(len(ids) for ids in lists))  # the tenant's tokens per minute, or 429
         vectors = await compute(handle, lists)
     finally:
         handle.release()

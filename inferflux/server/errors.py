@@ -71,7 +71,13 @@ def to_api_error(exc: BaseException) -> APIError | None:
     from inferflux.engine.engine import EngineDeadError
     from inferflux.engine.sampling_params import SamplingParamsError
     from inferflux.formats.chat_template import ChatTemplateError
-    from inferflux.server.access.errors import AuthenticationError, KeyStoreError, NotFoundError, PermissionDenied
+    from inferflux.server.access.errors import (
+        AuthenticationError,
+        KeyStoreError,
+        NotFoundError,
+        PermissionDenied,
+        RateLimited,
+    )
     from inferflux.store import ModelNotFoundError, StoreError
 
     if isinstance(exc, APIError):
@@ -80,6 +86,8 @@ def to_api_error(exc: BaseException) -> APIError | None:
         return APIError(401, str(exc), type="authentication_error", code="invalid_api_key")
     if isinstance(exc, PermissionDenied):
         return APIError(403, str(exc), type="permission_error", code="insufficient_scope")
+    if isinstance(exc, RateLimited):
+        return APIError(429, str(exc), type="rate_limit_exceeded", code="rate_limit_exceeded")
     if isinstance(exc, NotFoundError):
         return not_found(str(exc))
     if isinstance(exc, KeyStoreError):

@@ -84,3 +84,6 @@ async def revoke_key(key_id: str) -> Any:
     record = key_store().revoke(key_id)
     log.info("key %s revoked", key_id)
     return record.public()
+
+
+from inferflux.server.access import limits_http  # noqa: E402,F401  (its /admin/limits routes on `bp`)

@@ -31,3 +31,14 @@ class KeyStoreError(AccessError):
 
 class NotFoundError(KeyStoreError):
     """The tenant or key an admin request names does not exist (404)."""
+
+class RateLimited(AccessError):
+    """A tenant over its requests or tokens per minute, or its concurrent requests: 429 `rate_limit_exceeded`.
+
+    `rate_headers` are OpenAI's `x-ratelimit-*` and `Retry-After`, which the app's error handler sends with the
+    429, so a client (the `openai` client's retry) knows when to come back.
+    """
+
+    def __init__(self, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.rate_headers = dict(headers or {})

@@ -17,7 +17,9 @@ import errno
 import logging
 import signal
 import socket
+import ssl
 import time
+from pathlib import Path
 
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config as HypercornConfig
@@ -25,6 +27,7 @@ from hypercorn.config import Config as HypercornConfig
 from inferflux.config import Config
 from inferflux.errors import InferFluxError
 from inferflux.server.access import check_exposure
+from inferflux.server.access.secrets_store import check_secrets
 from inferflux.server.app import create_app
 from inferflux.server.state import ServerState, load_handle
 
@@ -34,6 +37,8 @@ log = logging.getLogger(__name__)
 def serve(model: str, config: Config, config_path: str | None = None) -> int:
     """Serve `model` until SIGTERM/SIGINT; returns the process exit status."""
     check_exposure(config)  # no unauthenticated server on a reachable address (docs/security.md)
+    check_tls(config)
+    check_secrets(config)  # stored secrets open with the configured master key, or one line now
     addresses = [(config.server.host, config.server.port)]
     if config.server.ollama_port:
         addresses.append((config.server.host, config.server.ollama_port))
@@ -46,21 +51,42 @@ def serve(model: str, config: Config, config_path: str | None = None) -> int:
             sock.close()
         raise
     # The ports actually bound: `--port 0` asks the system for a free one.
-    urls = [url_of(host, sock.getsockname()[1]) for (host, _), sock in zip(addresses, sockets)]
+    scheme = "https" if config.server.tls_certfile else "http"
+    urls = [url_of(host, sock.getsockname()[1], scheme) for (host, _), sock in zip(addresses, sockets)]
     app = create_app(state)
     hconfig = HypercornConfig()
     # Hypercorn owns the sockets from here (it wraps each descriptor in its own socket object).
     hconfig.bind = [f"fd://{sock.detach()}" for sock in sockets]
     hconfig.graceful_timeout = 5.0
     hconfig.accesslog = None
+    if config.server.tls_certfile:
+        hconfig.certfile, hconfig.keyfile = config.server.tls_certfile, config.server.tls_keyfile
     asyncio.run(_run(app, hconfig, state, urls))
     return 0
 
 
-def url_of(host: str, port: int) -> str:
+def url_of(host: str, port: int, scheme: str = "http") -> str:
     """`http://host:port` as a client would type it (IPv6 literals in brackets; no host = every address)."""
     host = host or "0.0.0.0"
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+
+def check_tls(config: Config) -> None:
+    """server.tls_certfile/keyfile must be readable PEM files that belong together: one line now, not a
+    traceback from Hypercorn's first handshake (the both-or-neither rule is a config cross rule)."""
+    cert, key = config.server.tls_certfile, config.server.tls_keyfile
+    if not cert:
+        return
+    for name, value in (("server.tls_certfile", cert), ("server.tls_keyfile", key)):
+        try:
+            Path(value).expanduser().read_bytes()
+        except OSError as exc:
+            raise InferFluxError(f"{name} {value}: cannot read it: {_reason(exc)}") from None
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(Path(cert).expanduser(), Path(key).expanduser())
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise InferFluxError(f"server.tls_certfile {cert} / server.tls_keyfile {key}: not a PEM certificate and "
+                             f"its private key: {_reason(exc)}") from None
 
 
 def bind_sockets(addresses: list[tuple[str, int]]) -> list[socket.socket]:

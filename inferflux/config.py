@@ -319,6 +319,10 @@ CROSS_RULES: list[tuple[tuple[str, ...], Callable[[Config], bool], str]] = [
 def validate_config(config: Config, sources: Mapping[str, str] | None = None) -> Config:
     """Check every field of every section against its declared `Check`, then `CROSS_RULES`.
 
+    (("security.oidc.issuer", "security.oidc.jwks_url"),
+     lambda c: all(secure_url(u) for u in (c.security.oidc.issuer, c.security.oidc.jwks_url) if u),
+     "security.oidc.issuer and security.oidc.jwks_url must be https:// (http:// only on a loopback host): "
+     "keys fetched in clear text could be swapped by anyone on the path"),
     Raises one `ConfigError` whose single line names each bad key, its value, where the value came from
     (`sources`: dotted key -> YAML path, environment variable or "override") and what is allowed.
     Returns `config` so callers can chain it.
@@ -331,6 +335,21 @@ def validate_config(config: Config, sources: Mapping[str, str] | None = None) ->
             problems.append(f"{where}{dotted} must be {kind.__name__}, got {value!r}")
         elif not check.allows(value):
             problems.append(f"{where}{dotted}={value!r} is out of range: allowed {check.describe()}")
+def secure_url(url: str) -> bool:
+    """True for an https URL, or an http one on a loopback host (a test provider); no DNS lookup."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.scheme != "http" or not host:
+        return parts.scheme == "https" and bool(host)
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
     for keys, holds, rule in CROSS_RULES if not problems else ():
         if not holds(config):
             values = ", ".join(f"{k}={_get(config, k)!r}" for k in keys)

@@ -1,0 +1,412 @@
+"""OIDC bearer tokens (security.oidc.*): real key pairs, a real identity provider on loopback, a real server.
+
+The provider is a small `http.server` in a thread serving a discovery document and a JWKS that a test
+can rotate or break, counting every fetch. Keys are made with `cryptography`, tokens signed with
+joserfc (authlib's JOSE library); the attacks (`alg: none`, HS256 keyed with the public key) are
+built by hand, as an attacker would. The verifier's edge cases run without a server (with a clock the
+test moves); one module-scoped `inferctl serve` checks the wiring with the real `openai` and `ollama`
+clients.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import ollama
+import openai
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from joserfc import jwt
+from joserfc.jwk import ECKey, RSAKey
+
+from inferflux.config import ConfigError, OidcConfig, load_config
+from inferflux.server.access.auth import authorize
+from inferflux.server.access.errors import AuthenticationError, PermissionDenied
+from inferflux.server.access.keys import KeyStore
+from inferflux.server.access.oidc import OidcUnavailable, OidcVerifier
+
+AUDIENCE = "inferflux-test"
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+# --- a key pair and an identity provider ---
+
+
+class Signer:
+    """A private key made with `cryptography`, its public JWK, and tokens it signs."""
+
+    def __init__(self, kid: str, kind: str = "RSA") -> None:
+        if kind == "RSA":
+            private: Any = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            self.alg, importer = "RS256", RSAKey
+        else:
+            private, self.alg, importer = ec.generate_private_key(ec.SECP256R1()), "ES256", ECKey
+        pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+        self.public_pem = private.public_key().public_bytes(serialization.Encoding.PEM,
+                                                            serialization.PublicFormat.SubjectPublicKeyInfo)
+        self.kid = kid
+        self.key = importer.import_key(pem, {"kid": kid, "use": "sig"})
+        self.jwk = self.key.as_dict(private=False)
+
+    def token(self, issuer: str, kid: str | None = "same", **claims: Any) -> str:
+        now = int(time.time())
+        body = {"iss": issuer, "aud": AUDIENCE, "sub": "alice@example.com", "iat": now, "exp": now + 300,
+                "tenant": "acme", "scope": "openid inference models:read", **claims}
+        body = {k: v for k, v in body.items() if v is not None}
+        header = {"alg": self.alg, "typ": "JWT"} | ({"kid": self.kid if kid == "same" else kid} if kid else {})
+        return jwt.encode(header, body, self.key, algorithms=[self.alg])
+
+
+class Provider:
+    """An OpenID provider on 127.0.0.1: discovery + JWKS, rotatable, breakable, counting fetches."""
+
+    def __init__(self, *signers: Signer) -> None:
+        self.keys: list[dict[str, Any]] = [s.jwk for s in signers]
+        self.fetches = {"discovery": 0, "jwks": 0}
+        self.broken = False
+        self.issuer_in_discovery: str | None = None
+        provider = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                if provider.broken:
+                    return self._send(500, {"error": "down"})
+                if self.path == "/.well-known/openid-configuration":
+                    provider.fetches["discovery"] += 1
+                    return self._send(200, {"issuer": provider.issuer_in_discovery or provider.issuer,
+                                            "jwks_uri": provider.issuer + "/jwks"})
+                if self.path == "/jwks":
+                    provider.fetches["jwks"] += 1
+                    return self._send(200, {"keys": provider.keys})
+                return self._send(404, {})
+
+            def _send(self, status: int, body: dict[str, Any]) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.issuer = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _handmade(header: dict[str, Any], claims: dict[str, Any], secret: bytes | None) -> str:
+    """A token built by hand: `alg: none` (no signature) or HS256 keyed with `secret`."""
+    signing = _b64(json.dumps(header).encode()) + "." + _b64(json.dumps(claims).encode())
+    signature = _b64(hmac.new(secret, signing.encode(), hashlib.sha256).digest()) if secret else ""
+    return signing + "." + signature
+
+
+@pytest.fixture(scope="module")
+def rsa_signer() -> Signer:
+    return Signer("rsa-1")
+
+
+@pytest.fixture(scope="module")
+def ec_signer() -> Signer:
+    return Signer("ec-1", "EC")
+
+
+@pytest.fixture
+def provider(rsa_signer: Signer, ec_signer: Signer) -> Iterator[Provider]:
+    idp = Provider(rsa_signer, ec_signer)
+    yield idp
+    idp.close()
+
+
+def _verifier(provider: Provider, clock: Clock | None = None, **settings: Any) -> OidcVerifier:
+    return OidcVerifier(OidcConfig(issuer=provider.issuer, audience=AUDIENCE, **settings),
+                        clock=clock or Clock(), timeout=2.0)
+
+
+# --- configuration: a nested section ---
+
+
+def test_oidc_is_a_nested_config_section(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("security:\n  auth: required\n  oidc:\n    issuer: https://idp.example.com\n"
+                    "    audience: api\n    leeway_seconds: 5\n")
+    oidc = load_config(path, environ={}).security.oidc
+    assert (oidc.issuer, oidc.audience, oidc.leeway_seconds, oidc.tenant_claim) == \
+        ("https://idp.example.com", "api", 5, "tenant")
+    env = {"INFERFLUX_SECURITY__AUTH": "required", "INFERFLUX_SECURITY__OIDC__ISSUER": "https://a.example",
+           "INFERFLUX_SECURITY__OIDC__AUDIENCE": "x", "INFERFLUX_SECURITY__OIDC__TENANT_CLAIM": "org"}
+    config = load_config(overrides=["security.oidc.scopes_claim=scp"], environ=env)
+    assert (config.security.oidc.issuer, config.security.oidc.tenant_claim, config.security.oidc.scopes_claim) \
+        == ("https://a.example", "org", "scp")
+    base = ["security.auth=required", "security.oidc.audience=x"]
+    for bad, message in (("security.oidc.bogus=1", "unknown config key 'security.oidc.bogus'"),
+                         ("security.oidc=1", "is a section, not a key"),
+                         ("security.oidc.leeway_seconds=9999", "security.oidc.leeway_seconds=9999 is out of range"),
+                         ("security.oidc.issuer=idp.example.com", "empty or an http"),
+                         ("security.oidc.issuer=http://idp.example.com", "must be https://"),
+                         ("security.oidc.issuer=http://127.evil.example", "must be https://")):
+        with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+            load_config(overrides=[*base, bad], environ={})
+    assert load_config(overrides=[*base, "security.oidc.issuer=http://127.0.0.1:9"], environ={})
+    with pytest.raises(ConfigError, match="needs security.oidc.audience"):
+        load_config(overrides=["security.auth=required", "security.oidc.issuer=https://a.example"], environ={})
+    with pytest.raises(ConfigError, match="needs security.auth=required"):
+        load_config(overrides=["security.oidc.issuer=https://a.example", "security.oidc.audience=x"], environ={})
+
+
+# --- the verifier, without a server ---
+
+
+def test_valid_tokens_map_to_a_principal(provider: Provider, rsa_signer: Signer, ec_signer: Signer) -> None:
+    verifier = _verifier(provider)
+    principal = verifier.verify(rsa_signer.token(provider.issuer))
+    assert (principal.tenant, principal.key_id, principal.scopes) == \
+        ("acme", "oidc:alice@example.com", frozenset({"inference", "models:read"}))  # "openid" dropped
+    listed = verifier.verify(ec_signer.token(provider.issuer, scope=["embeddings", "root", 7], sub="x" * 200))
+    assert listed.scopes == frozenset({"embeddings"}) and listed.key_id == "oidc:" + "x" * 48
+    assert verifier.verify(rsa_signer.token(provider.issuer, sub="a\nb c")).key_id == "oidc:a_b_c"  # log-safe
+    assert provider.fetches == {"discovery": 1, "jwks": 1}  # fetched once, then cached
+    # A custom scopes claim, and a custom tenant claim.
+    custom = _verifier(provider, tenant_claim="org", scopes_claim="scp")
+    assert custom.verify(rsa_signer.token(provider.issuer, org="beta", scp="admin")).scopes == {"admin"}
+
+
+def test_time_claims_and_leeway(provider: Provider, rsa_signer: Signer) -> None:
+    verifier = _verifier(provider, leeway_seconds=30)
+    now = int(time.time())
+    assert verifier.verify(rsa_signer.token(provider.issuer, exp=now - 10)).tenant == "acme"  # within leeway
+    assert verifier.verify(rsa_signer.token(provider.issuer, nbf=now + 10)).tenant == "acme"
+    for claims, message in (({"exp": now - 60}, "has expired"), ({"nbf": now + 60}, "not valid yet"),
+                            ({"iat": now + 600}, "issued in the future"), ({"exp": None}, "lacks the exp claim")):
+        with pytest.raises(AuthenticationError, match=message):
+            verifier.verify(rsa_signer.token(provider.issuer, **claims))
+
+
+@pytest.mark.parametrize(("claims", "message"), [
+    ({"aud": "someone-else"}, "is not for audience"),
+    ({"aud": ["a", "b"]}, "is not for audience"),
+    ({"iss": "https://evil.example"}, "was not issued by"),
+    ({"tenant": None}, "no `tenant` claim"),
+    ({"tenant": "../etc"}, "is not a tenant name"),
+    ({"tenant": 42}, "is not a tenant name"),
+    ({"sub": None}, "no sub claim"),
+])
+def test_bad_claims_are_refused(provider: Provider, rsa_signer: Signer, claims: dict[str, Any],
+                                message: str) -> None:
+    with pytest.raises(AuthenticationError, match=message):
+        _verifier(provider).verify(rsa_signer.token(provider.issuer, **claims))
+
+
+def test_audience_in_a_list_is_accepted(provider: Provider, rsa_signer: Signer) -> None:
+    assert _verifier(provider).verify(rsa_signer.token(provider.issuer, aud=["other", AUDIENCE])).tenant == "acme"
+
+
+def test_forged_and_garbage_tokens(provider: Provider, rsa_signer: Signer) -> None:
+    verifier = _verifier(provider)
+    good = rsa_signer.token(provider.issuer)
+    impostor = Signer(rsa_signer.kid)  # another key claiming the same kid
+    with pytest.raises(AuthenticationError, match="signature does not verify"):
+        verifier.verify(impostor.token(provider.issuer))
+    head, body, _ = good.split(".")
+    tampered = json.loads(base64.urlsafe_b64decode(body + "=="))
+    tampered["tenant"] = "other"
+    with pytest.raises(AuthenticationError, match="signature does not verify"):
+        verifier.verify(f"{head}.{_b64(json.dumps(tampered).encode())}.{good.split('.')[2]}")
+    claims = json.loads(base64.urlsafe_b64decode(body + "=="))
+    for token in (_handmade({"alg": "none", "kid": rsa_signer.kid}, claims, None),
+                  _handmade({"alg": "HS256", "kid": rsa_signer.kid}, claims, rsa_signer.public_pem)):
+        with pytest.raises(AuthenticationError, match="only asymmetric signatures"):
+            verifier.verify(token)
+    for garbage in ("not-a-token", "a.b.c", "....", "eyJhbGciOiJSUzI1NiJ9.%%%.x"):
+        with pytest.raises(AuthenticationError):
+            verifier.verify(garbage)
+    with pytest.raises(AuthenticationError, match="signature does not verify"):
+        verifier.verify(Signer("x").token(provider.issuer, kid=None))  # no kid: the one RS256 key is tried
+    assert verifier.verify(rsa_signer.token(provider.issuer, kid=None)).tenant == "acme"
+
+
+def test_unknown_kid_refreshes_at_most_once_per_interval(provider: Provider, rsa_signer: Signer) -> None:
+    clock = Clock()
+    verifier = _verifier(provider, clock, jwks_min_refresh_seconds=10)
+    verifier.verify(rsa_signer.token(provider.issuer))
+    assert provider.fetches["jwks"] == 1
+    clock.now += 10
+    for i in range(50):  # garbage naming unknown key ids: one refresh, not fifty
+        with pytest.raises(AuthenticationError, match="unknown kid"):
+            verifier.verify(rsa_signer.token(provider.issuer, kid=f"nope-{i}"))
+    assert provider.fetches["jwks"] == 2
+    rotated = Signer("rsa-2")
+    provider.keys = [rotated.jwk]  # the provider rotates: the old key is gone
+    with pytest.raises(AuthenticationError, match="unknown kid"):  # still inside the interval
+        verifier.verify(rotated.token(provider.issuer))
+    clock.now += 10
+    assert verifier.verify(rotated.token(provider.issuer)).tenant == "acme"
+    assert provider.fetches["jwks"] == 3
+    clock.now += 10
+    with pytest.raises(AuthenticationError, match="unknown kid"):
+        verifier.verify(rsa_signer.token(provider.issuer))  # the dropped key no longer verifies
+    # Past jwks_cache_seconds the keys are fetched again even for a known kid.
+    clock.now += 3600
+    verifier.verify(rotated.token(provider.issuer))
+    assert provider.fetches["jwks"] == 5 and verifier.fetches == 5
+
+
+def test_provider_down(provider: Provider, rsa_signer: Signer) -> None:
+    clock = Clock()
+    provider.broken = True
+    verifier = _verifier(provider, clock)
+    with pytest.raises(OidcUnavailable, match="could not be fetched.*HTTP 500") as caught:
+        verifier.verify(rsa_signer.token(provider.issuer))
+    assert caught.value.status == 503
+    with pytest.raises(OidcUnavailable):  # inside the interval: no new attempt
+        verifier.verify(rsa_signer.token(provider.issuer))
+    assert provider.fetches["discovery"] == 0
+    provider.broken = False
+    clock.now += 10
+    assert verifier.verify(rsa_signer.token(provider.issuer)).tenant == "acme"
+    provider.broken = True  # down again once keys are cached: the cached keys keep working
+    clock.now += 7200
+    assert verifier.verify(rsa_signer.token(provider.issuer)).tenant == "acme"
+    # Nothing listening at all.
+    gone = OidcVerifier(OidcConfig(issuer="http://127.0.0.1:9", audience=AUDIENCE), timeout=1.0)
+    with pytest.raises(OidcUnavailable, match="ConnectError"):
+        gone.verify(rsa_signer.token("http://127.0.0.1:9"))
+
+
+def test_discovery_must_name_the_issuer_and_jwks_url_skips_it(provider: Provider, rsa_signer: Signer) -> None:
+    provider.issuer_in_discovery = "https://evil.example"
+    with pytest.raises(OidcUnavailable, match="names issuer 'https://evil.example'"):
+        _verifier(provider).verify(rsa_signer.token(provider.issuer))
+    direct = _verifier(provider, jwks_url=provider.issuer + "/jwks")
+    assert direct.verify(rsa_signer.token(provider.issuer)).tenant == "acme"
+    assert provider.fetches == {"discovery": 1, "jwks": 1}
+
+
+def test_symmetric_and_encryption_keys_in_the_jwks_are_ignored(provider: Provider, rsa_signer: Signer) -> None:
+    secret = b"shared-secret-shared-secret-32by"
+    provider.keys = [{"kty": "oct", "kid": "hs", "k": _b64(secret)}, {**rsa_signer.jwk, "use": "enc"}]
+    with pytest.raises(OidcUnavailable, match="no usable signing key"):
+        _verifier(provider).verify(rsa_signer.token(provider.issuer))
+    provider.keys.append(Signer("ok").jwk)
+    claims = {"iss": provider.issuer, "aud": AUDIENCE, "sub": "s", "tenant": "acme", "exp": time.time() + 60}
+    with pytest.raises(AuthenticationError, match="only asymmetric"):
+        _verifier(provider).verify(_handmade({"alg": "HS256", "kid": "hs"}, claims, secret))
+
+
+def test_authorize_routes_keys_and_tokens(tmp_path: Path, provider: Provider, rsa_signer: Signer) -> None:
+    store = KeyStore.at_home(tmp_path)
+    store.create_tenant("acme")
+    secret, _ = store.create_key("acme", "embeddings")
+    verifier = _verifier(provider)
+    bearer = {"Authorization": f"Bearer {rsa_signer.token(provider.issuer)}"}
+    assert authorize(store, "openai.chat_completions", bearer, False, verifier).key_id.startswith("oidc:")
+    assert authorize(store, "openai.embeddings", {"x-api-key": secret}, False, verifier).key_id.startswith("key_")
+    with pytest.raises(PermissionDenied, match="bearer token oidc:alice@example.com lacks the `admin` scope"):
+        authorize(store, "access.list_keys", bearer, False, verifier)
+    with pytest.raises(AuthenticationError, match="invalid API key"):
+        authorize(store, "openai.embeddings", {"x-api-key": "ifx-" + "A" * 43}, False, verifier)
+    store.close()
+
+
+# --- against a server ---
+
+
+@pytest.fixture(scope="module")
+def secured(tiny_model, rsa_signer: Signer, ec_signer: Signer):
+    from tests.fixtures.server import Server
+
+    idp = Provider(rsa_signer, ec_signer)
+    server = Server(tiny_model("llama"), "tiny", extra=[
+        "security.auth=required", f"security.oidc.issuer={idp.issuer}", f"security.oidc.audience={AUDIENCE}",
+        "security.oidc.jwks_min_refresh_seconds=1"])
+    yield server, idp
+    status = server.stop()
+    idp.close()
+    assert status == 0, server.output()
+
+
+def _openai(server, token: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=token, max_retries=0)
+
+
+def test_server_accepts_tokens_with_both_clients(secured, rsa_signer: Signer, ec_signer: Signer) -> None:
+    server, idp = secured
+    for signer in (rsa_signer, ec_signer):
+        token = signer.token(idp.issuer)
+        reply = _openai(server, token).chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=3)
+        assert reply.choices[0].message.role == "assistant"
+        client = ollama.Client(host=server.url, headers={"Authorization": f"Bearer {token}"})
+        chat = client.chat(model="tiny", messages=MESSAGES, options={"num_predict": 3})
+        assert chat.message.role == "assistant" and chat.done
+        assert token not in server.output()  # tokens are credentials: never logged
+
+
+@pytest.mark.parametrize(("claims", "message"), [
+    ({"exp": int(time.time()) - 3600}, "expired"),
+    ({"nbf": int(time.time()) + 3600}, "not valid yet"),
+    ({"aud": "another-api"}, "audience"),
+    ({"iss": "https://evil.example"}, "not issued by"),
+    ({"tenant": None}, "no `tenant` claim"),
+])
+def test_server_refuses_bad_tokens_with_401(secured, rsa_signer: Signer, claims: dict[str, Any],
+                                            message: str) -> None:
+    server, idp = secured
+    with pytest.raises(openai.AuthenticationError, match=message) as caught:
+        _openai(server, rsa_signer.token(idp.issuer, **claims)).models.list()
+    assert caught.value.status_code == 401 and caught.value.response.headers["www-authenticate"].startswith("Bearer")
+
+
+def test_server_refuses_a_forged_signature_and_a_missing_scope(secured, rsa_signer: Signer) -> None:
+    server, idp = secured
+    with pytest.raises(openai.AuthenticationError, match="signature does not verify"):
+        _openai(server, Signer(rsa_signer.kid).token(idp.issuer)).models.list()
+    with pytest.raises(openai.PermissionDeniedError, match="lacks the `inference` scope") as caught:
+        _openai(server, rsa_signer.token(idp.issuer, scope="openid models:read")).chat.completions.create(
+            model="tiny", messages=MESSAGES, max_tokens=3)
+    assert caught.value.status_code == 403
+    with pytest.raises(ollama.ResponseError) as denied:
+        ollama.Client(host=server.url, headers={"Authorization": "Bearer a.b.c"}).list()
+    assert denied.value.status_code == 401
+
+
+def test_server_follows_a_key_rotation(secured, rsa_signer: Signer) -> None:
+    server, idp = secured
+    _openai(server, rsa_signer.token(idp.issuer)).models.list()  # keys cached
+    before = idp.fetches["jwks"]
+    rotated = Signer("rsa-rotated")
+    idp.keys = [rotated.jwk]
+    time.sleep(1.1)  # security.oidc.jwks_min_refresh_seconds=1 since the server's last fetch
+    assert [m.id for m in _openai(server, rotated.token(idp.issuer)).models.list()] == ["tiny"]
+    assert idp.fetches["jwks"] == before + 1
+    time.sleep(1.1)
+    with pytest.raises(openai.AuthenticationError, match="unknown kid"):
+        _openai(server, rsa_signer.token(idp.issuer)).models.list()  # the retired key is gone

@@ -232,23 +232,11 @@ class StateConfig:
 
 
 @dataclasses.dataclass
-class AuditConfig:
-    """The hash-chained audit log in $INFERFLUX_HOME/audit/ (docs/security.md): a line per request and admin action."""
-
-    enabled: bool = key(True)
-    # Start the next file (audit-000002.jsonl, ...) when a line would make the current one larger than this.
-    max_file_bytes: int = key(64 * 1024 * 1024, lo=256, hi=1 << 40)
-    # fsync the log at most this often (records are written at once, made durable in batches); 0 = every batch.
-    fsync_interval_ms: int = key(1000, lo=0, hi=60_000)
-
-
-@dataclasses.dataclass
 class Config:
     runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
     server: ServerConfig = dataclasses.field(default_factory=ServerConfig)
     security: SecurityConfig = dataclasses.field(default_factory=SecurityConfig)
     state: StateConfig = dataclasses.field(default_factory=StateConfig)
-    audit: AuditConfig = dataclasses.field(default_factory=AuditConfig)
     # Where models, the XLA compilation cache and state live. Default: $INFERFLUX_HOME or ~/.inferflux.
     home: str = key("")
 
@@ -316,6 +304,10 @@ CROSS_RULES: list[tuple[tuple[str, ...], Callable[[Config], bool], str]] = [
     (("security.oidc.issuer", "security.oidc.audience"),
      lambda c: not c.security.oidc.issuer or bool(c.security.oidc.audience),
      "security.oidc.issuer needs security.oidc.audience (the aud tokens must name)"),
+    (("security.oidc.issuer", "security.oidc.jwks_url"),
+     lambda c: all(secure_url(u) for u in (c.security.oidc.issuer, c.security.oidc.jwks_url) if u),
+     "security.oidc.issuer and security.oidc.jwks_url must be https:// (http:// only on a loopback host): "
+     "keys fetched in clear text could be swapped by anyone on the path"),
     (("security.oidc.issuer", "security.auth"),
      lambda c: not c.security.oidc.issuer or c.security.auth == "required",
      "security.oidc.issuer needs security.auth=required (with auth off no credential is checked)"),
@@ -328,25 +320,6 @@ CROSS_RULES: list[tuple[tuple[str, ...], Callable[[Config], bool], str]] = [
 ]
 
 
-def validate_config(config: Config, sources: Mapping[str, str] | None = None) -> Config:
-    """Check every field of every section against its declared `Check`, then `CROSS_RULES`.
-
-    (("security.oidc.issuer", "security.oidc.jwks_url"),
-     lambda c: all(secure_url(u) for u in (c.security.oidc.issuer, c.security.oidc.jwks_url) if u),
-     "security.oidc.issuer and security.oidc.jwks_url must be https:// (http:// only on a loopback host): "
-     "keys fetched in clear text could be swapped by anyone on the path"),
-    Raises one `ConfigError` whose single line names each bad key, its value, where the value came from
-    (`sources`: dotted key -> YAML path, environment variable or "override") and what is allowed.
-    Returns `config` so callers can chain it.
-    """
-    sources = sources or {}
-    problems: list[str] = []
-    for dotted, value, kind, check in iter_fields(config):
-        where = f"{sources[dotted]}: " if dotted in sources else ""
-        if not _is_type(value, kind):
-            problems.append(f"{where}{dotted} must be {kind.__name__}, got {value!r}")
-        elif not check.allows(value):
-            problems.append(f"{where}{dotted}={value!r} is out of range: allowed {check.describe()}")
 def secure_url(url: str) -> bool:
     """True for an https URL, or an http one on a loopback host (a test provider); no DNS lookup."""
     import ipaddress
@@ -362,6 +335,21 @@ def secure_url(url: str) -> bool:
         return host == "localhost"
 
 
+def validate_config(config: Config, sources: Mapping[str, str] | None = None) -> Config:
+    """Check every field of every section against its declared `Check`, then `CROSS_RULES`.
+
+    Raises one `ConfigError` whose single line names each bad key, its value, where the value came from
+    (`sources`: dotted key -> YAML path, environment variable or "override") and what is allowed.
+    Returns `config` so callers can chain it.
+    """
+    sources = sources or {}
+    problems: list[str] = []
+    for dotted, value, kind, check in iter_fields(config):
+        where = f"{sources[dotted]}: " if dotted in sources else ""
+        if not _is_type(value, kind):
+            problems.append(f"{where}{dotted} must be {kind.__name__}, got {value!r}")
+        elif not check.allows(value):
+            problems.append(f"{where}{dotted}={value!r} is out of range: allowed {check.describe()}")
     for keys, holds, rule in CROSS_RULES if not problems else ():
         if not holds(config):
             values = ", ".join(f"{k}={_get(config, k)!r}" for k in keys)

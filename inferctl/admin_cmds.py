@@ -187,17 +187,63 @@ class Admin:
         _backend(url, api_key).call("keys.revoke", key_id=key_id)
         print(f"revoked {key_id}")
 
+    def audit_verify(self, dir: str | None = None) -> None:  # noqa: A002
+        """Check the audit log's hash chain; exits 1 naming the first bad file:line and why.
+
+        Args:
+            dir DIR: the audit directory (default $INFERFLUX_HOME/audit), e.g. a copy shipped off the machine
+        """
+        from inferflux.server.access.audit_chain import verify
+
+        verdict = verify(_audit_dir(dir))
+        if not verdict.ok:
+            raise InferFluxError(verdict.summary())
+        print(verdict.summary())
+
+    def audit_tail(self, n: int = 20, tenant: str | None = None, dir: str | None = None,  # noqa: A002
+                   json: bool = False) -> None:  # noqa: A002
+        """Print the last audit records, oldest first.
+
+        Args:
+            n N: how many records (also -n N; default 20)
+            tenant TENANT: only this tenant's records
+            dir DIR: the audit directory (default $INFERFLUX_HOME/audit)
+            json: print each record as its JSON line
+        """
+        from inferflux.server.access.audit_chain import tail
+
+        records = tail(_audit_dir(dir), max(0, n), tenant)
+        if json:
+            for record in records:
+                print(jsonlib.dumps(record, sort_keys=True))
+            return
+        rows = [[str(r.get("time", "")), str(r.get("tenant") or "-"), str(r.get("key_id") or "-"),
+                 str(r.get("method", "")), str(r.get("route", "")), str(r.get("model") or "-"),
+                 str(r.get("status", "")), f"{r.get('prompt_tokens', 0)}+{r.get('completion_tokens', 0)}",
+                 str(r.get("request_id") or "-")] for r in records]
+        _table(rows, ["TIME", "TENANT", "KEY ID", "METHOD", "ROUTE", "MODEL", "STATUS", "TOKENS", "REQUEST"])
+
+
+def _audit_dir(directory: str | None) -> str:
+    if directory:
+        return directory
+    from inferflux.config import load_config
+    from inferflux.server.access.audit_log import audit_directory
+
+    return str(audit_directory(load_config()))
+
 
 COMMANDS = [Command.of(f"admin {group} {verb}", getattr(Admin, f"{group}_{verb}"))
             for group, verbs in (("tenants", ("create", "list", "delete")), ("keys", ("create", "list", "revoke")))
             for verb in verbs]
+COMMANDS += [Command.of(f"admin audit {verb}", getattr(Admin, f"audit_{verb}")) for verb in ("verify", "tail")]
 _BY_NAME = {c.name: c for c in COMMANDS}
 
 
 def usage() -> str:
     width = max(len(c.name) for c in COMMANDS)
     lines = [f"  inferctl {c.name:<{width}}  {c.summary}" for c in COMMANDS]
-    return "\n".join(["usage: inferctl admin tenants|keys VERB [ARGUMENTS] [FLAGS]", "", Admin.__doc__ or "", "",
+    return "\n".join(["usage: inferctl admin tenants|keys|audit VERB [ARGUMENTS] [FLAGS]", "", Admin.__doc__ or "", "",
                       *lines, "", "`inferctl admin keys create --help` shows a command's flags."])
 
 
@@ -219,6 +265,15 @@ def dispatch(argv: list[str]) -> int:
     if "-h" in rest or "--help" in rest:
         print(command_help(command))
         return 0
+    if name == "admin audit tail":
+        rest = ["--n" if arg == "-n" else arg for arg in rest]  # `tail -n 5`, as tail(1) takes it
     values, _ = parse(command, rest)
-    getattr(Admin(), command.method.__name__)(**values)
+    run = getattr(Admin(), command.method.__name__)
+    if words[0] == "audit" or values.get("url") or os.environ.get("INFERFLUX_URL"):
+        run(**values)  # reading the log is not recorded in it; a server records what --url asks of it
+        return 0
+    from inferflux.server.access.audit_log import audited_cli
+
+    with audited_cli(name, values):  # a local admin action: one line in the audit log
+        run(**values)
     return 0

@@ -232,11 +232,23 @@ class StateConfig:
 
 
 @dataclasses.dataclass
+class AuditConfig:
+    """The hash-chained audit log in $INFERFLUX_HOME/audit/ (docs/security.md): a line per request and admin action."""
+
+    enabled: bool = key(True)
+    # Start the next file (audit-000002.jsonl, ...) when a line would make the current one larger than this.
+    max_file_bytes: int = key(64 * 1024 * 1024, lo=256, hi=1 << 40)
+    # fsync the log at most this often (records are written at once, made durable in batches); 0 = every batch.
+    fsync_interval_ms: int = key(1000, lo=0, hi=60_000)
+
+
+@dataclasses.dataclass
 class Config:
     runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
     server: ServerConfig = dataclasses.field(default_factory=ServerConfig)
     security: SecurityConfig = dataclasses.field(default_factory=SecurityConfig)
     state: StateConfig = dataclasses.field(default_factory=StateConfig)
+    audit: AuditConfig = dataclasses.field(default_factory=AuditConfig)
     # Where models, the XLA compilation cache and state live. Default: $INFERFLUX_HOME or ~/.inferflux.
     home: str = key("")
 

@@ -21,6 +21,7 @@ from werkzeug.exceptions import HTTPException
 
 from inferflux.server import lmstudio, ollama, openai, ops, record
 from inferflux.server.access import admin as access_admin
+from inferflux.server.access import audit_log
 from inferflux.server.access import auth
 from inferflux.server.errors import APIError, ErrorShape, to_api_error
 from inferflux.server.state import ServerState
@@ -66,6 +67,8 @@ def create_app(state: ServerState) -> Quart:
 
     if auth_required:  # after the checks above: a preflight is answered without a key
         auth.install(app, state.config.security.public_metrics)
+    # One hash-chained line per finished request (audit.enabled), written off the event loop.
+    audit_log.install(app, state.config)
     # Tenant limits: reconcile each admitted request when it ends; x-ratelimit-* on limited answers.
     from inferflux.server.access import limits_http
 

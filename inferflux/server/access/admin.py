@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 from quart import Blueprint, request
 
+from inferflux.server.access.audit_api import list_audit
 from inferflux.server.access.auth import key_store
 from inferflux.server.access.keys import parse_duration
 from inferflux.server.errors import APIError
@@ -19,6 +20,7 @@ from inferflux.server.http import json_body, validate
 from inferflux.server.openapi import documented
 
 bp = Blueprint("access", __name__)
+bp.add_url_rule("/admin/audit", view_func=list_audit, methods=["GET"])  # access.list_audit
 ERROR_SHAPE = APIError.body
 log = logging.getLogger(__name__)
 

@@ -4,8 +4,10 @@ Every projection in every model calls `linear`, so the weight representation
 is decided here and nowhere else (engine/device.py picks it per backend):
 
 * a dense array (float32 where quantized files were dequantized at load);
-* a packed `QTensor` (GPU: quantized weights stay packed on device and are
-  dequantized inside the step);
+* a packed `QTensor` (GPU: quantized weights stay packed on device; Q8_0, Q4_0,
+  Q4_K and Q6_K are multiplied by the fused Pallas kernel
+  `kernels/quant_matmul_pallas.py`, which reads them as stored; other types
+  are dequantized inside the step);
 * `GGUFBlocks` (CPU): the file's raw GGUF blocks, multiplied by the C++ FFI
   kernel `kernels/cpu/qmatmul.py` (activations quantized to int8 per block,
   integer dots), or in "exact" mode dequantized to float32 inside the step.
@@ -18,6 +20,7 @@ import jax.numpy as jnp
 
 from inferflux.formats.quants import QTensor, dequantize
 from inferflux.kernels.cpu.qmatmul import GGUFBlocks, dequantize_blocks, qmatmul
+from inferflux.kernels.quant_matmul_pallas import fused_supported, qmatmul_pallas
 
 Weight = jax.Array | QTensor | GGUFBlocks
 
@@ -31,6 +34,8 @@ def linear(
     """
     if isinstance(weight, GGUFBlocks) and weight.mode != "exact":
         y = qmatmul(x, weight)
+    elif isinstance(weight, QTensor) and jax.default_backend() == "gpu" and fused_supported(weight):
+        y = qmatmul_pallas(x, weight)
     else:
         if isinstance(weight, QTensor):
             # Dequantize inside the compiled step: weights stay packed in device memory.

@@ -195,7 +195,10 @@ class Admin:
         """
         from inferflux.server.access.audit_chain import verify
 
-        verdict = verify(_audit_dir(dir))
+        directory = _audit_dir(dir)
+        if not os.path.isdir(directory):
+            raise InferFluxError(f"no audit log at {directory} (audit.enabled writes it there)")
+        verdict = verify(directory)
         if not verdict.ok:
             raise InferFluxError(verdict.summary())
         print(verdict.summary())

@@ -97,6 +97,8 @@ def test_verify_names_the_first_bad_line(tmp_path: Path) -> None:
     bad = _cli(tmp_path, "audit", "verify", "--dir", str(tmp_path / "edited"))
     assert bad.returncode == 1 and "audit-000001.jsonl:5: hash mismatch" in bad.stderr, bad
     assert len(bad.stderr.strip().splitlines()) == 1
+    missing = _cli(tmp_path, "audit", "verify", "--dir", str(tmp_path / "none"))
+    assert missing.returncode == 1 and "no audit log" in missing.stderr, missing
 
 
 def test_rotation_carries_the_chain(tmp_path: Path) -> None:

@@ -2,7 +2,8 @@
 
 Precedence, lowest to highest: the dataclass defaults (which equal
 `configs/default.yaml`), a YAML file, `INFERFLUX_<SECTION>__<KEY>` environment
-variables (e.g. `INFERFLUX_RUNTIME__PAGE_SIZE=32`), then `key=value`
+variables (e.g. `INFERFLUX_RUNTIME__PAGE_SIZE=32`; nested sections add a level, as in
+`INFERFLUX_SECURITY__OIDC__ISSUER`), then `key=value`
 overrides from the command line (`--set runtime.page_size=32`). Unknown keys
 are errors, so a typo never silently does nothing.
 

@@ -280,6 +280,23 @@ def test_unknown_kid_refreshes_at_most_once_per_interval(provider: Provider, rsa
     assert provider.fetches["jwks"] == 5 and verifier.fetches == 5
 
 
+def test_warm_fetches_once_and_a_stale_refresh_never_queues(provider: Provider, rsa_signer: Signer) -> None:
+    clock = Clock()
+    verifier = _verifier(provider, clock)
+    verifier.warm()  # what the server does at start-up
+    assert provider.fetches == {"discovery": 1, "jwks": 1}
+    verifier.verify(rsa_signer.token(provider.issuer))
+    assert provider.fetches["jwks"] == 1
+    clock.now += 7200  # stale: the next request would refresh, but another thread is fetching
+    with verifier._lock:
+        assert verifier.verify(rsa_signer.token(provider.issuer)).tenant == "acme"  # the cached keys, no wait
+    assert provider.fetches["jwks"] == 1
+    verifier.verify(rsa_signer.token(provider.issuer))
+    assert provider.fetches["jwks"] == 2
+    provider.broken = True
+    _verifier(provider).warm()  # a provider that is down at start-up is logged, not raised
+
+
 def test_provider_down(provider: Provider, rsa_signer: Signer) -> None:
     clock = Clock()
     provider.broken = True

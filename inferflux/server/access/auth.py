@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 from collections.abc import Mapping
 
 from quart import Quart, Response, current_app, g, request, websocket
@@ -50,6 +51,8 @@ def install(app: Quart, public_metrics: bool) -> None:
     settings = app.extensions["inferflux"].config.security.oidc
     oidc = OidcVerifier(settings) if settings.issuer else None
     app.extensions["inferflux.oidc"] = oidc
+    if oidc is not None:  # the provider's keys, fetched while the model loads; failures are logged
+        threading.Thread(target=oidc.warm, name="oidc-jwks", daemon=True).start()
     if oidc is None and not store.keys():
         log.warning("security.auth is required and %s holds no API keys: every request will get 401 "
                     "(create one with `inferctl admin keys create --tenant T --scopes inference`)", store.path)

@@ -177,25 +177,42 @@ class OidcVerifier:
                                       f"(allowed: {', '.join(found.algorithms)})")
         return found
 
+    def warm(self) -> None:
+        """Fetch the keys now (at start-up, in a thread), so a misconfigured provider shows in the log at once."""
+        try:
+            self._keys_for(None)
+        except OidcUnavailable:
+            pass  # logged by _keys_for; requests answer 503 until a fetch succeeds
+
     def _keys_for(self, kid: str | None) -> _KeySet:
         """The cached keys, fetched first when missing, stale, or lacking `kid` (rate-limited)."""
         keys = self._keys
         if self._wants_fetch(keys, kid):
-            with self._lock:
-                keys = self._keys  # another thread may have fetched while this one waited
-                now = self._clock()
-                if self._wants_fetch(keys, kid) and now - self._last_attempt >= self.settings.jwks_min_refresh_seconds:
-                    self._last_attempt = now
-                    try:
-                        keys = self._keys = self._fetch(now)
-                    except FetchError as exc:
-                        self._last_error = str(exc)
-                        log.warning("OIDC: could not fetch the identity provider's keys: %s%s", exc,
-                                    " (keeping the cached ones)" if keys else "")
+            # Only stale (the token's key is cached): don't queue behind another thread's fetch, use the old keys.
+            must_wait = keys is None or (kid is not None and kid not in keys.by_kid)
+            if self._lock.acquire(blocking=must_wait):
+                try:
+                    keys = self._refresh(kid)
+                finally:
+                    self._lock.release()
         if keys is None:
             raise OidcUnavailable("cannot verify bearer tokens now: the identity provider's keys could not be "
                                   f"fetched ({self._last_error}); retried at most every "
                                   f"{self.settings.jwks_min_refresh_seconds} s")
+        return keys
+
+    def _refresh(self, kid: str | None) -> _KeySet | None:
+        """Fetch unless another thread just did or the last attempt is too recent; the caller holds the lock."""
+        keys = self._keys  # another thread may have fetched while this one waited
+        now = self._clock()
+        if self._wants_fetch(keys, kid) and now - self._last_attempt >= self.settings.jwks_min_refresh_seconds:
+            self._last_attempt = now
+            try:
+                keys = self._keys = self._fetch(now)
+            except FetchError as exc:
+                self._last_error = str(exc)
+                log.warning("OIDC: could not fetch the identity provider's keys: %s%s", exc,
+                            " (keeping the cached ones)" if keys else "")
         return keys
 
     def _wants_fetch(self, keys: _KeySet | None, kid: str | None) -> bool:

@@ -137,6 +137,10 @@ class RuntimeConfig:
     # kept packed, dequantized to float32 inside the step: f32 products, slow, a check) or "off" (dequantize
     # to float32 at load). The INFERFLUX_CPU_KERNELS=off environment variable forces "off".
     cpu_kernels: str = key("auto", choices=("auto", "exact", "off"))
+    # Split each model over this many devices of the host (Megatron layout: heads and MLP columns, KV cache
+    # by KV head; engine/tensor_parallel.py). It must divide the attention and KV head counts. With N > 1
+    # weights are dense and attention is the jax.numpy reference (the kernels are not partitioned yet).
+    tensor_parallel: int = key(1, lo=1, hi=256)
     # How LLM embeddings pool the final hidden states: "mean" or "last" (token).
     embedding_pooling: str = key("mean", choices=("mean", "last"))
     # Default seed for requests that give none (each request still gets its own stream).

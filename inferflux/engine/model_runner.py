@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from inferflux.config import RuntimeConfig
-from inferflux.engine import device
+from inferflux.engine import device, tensor_parallel
 from inferflux.engine.program_cache import FreshJit, ProgramCache
 from inferflux.engine.sampler import sample, token_logprobs
 from inferflux.engine.sampling_params import RESERVED_BIAS_SLOTS
@@ -119,11 +119,15 @@ class ModelRunner:
         self.max_model_len = min(runtime.max_model_len or model.config.max_position, model.config.max_position)
         self.page_size = runtime.page_size
         self.pages_per_seq = -(-self.max_model_len // self.page_size)
-        self.weight_layout = device.weight_layout(runtime.cpu_kernels)
+        # Tensor parallel (engine/tensor_parallel.py): dense weights and reference attention, split by head.
+        mesh = tensor_parallel.mesh_for(model.config, runtime.tensor_parallel)
+        self.weight_layout = device.DENSE if mesh is not None else device.weight_layout(runtime.cpu_kernels)
         weights = prepare_weights(model.weights, self.dtype, self.weight_layout, exact=runtime.cpu_kernels == "exact")
-        graphdef, self.state = nnx.split(LlamaModel(model.config, weights, self.dtype))
+        weights = tensor_parallel.shard_weights(weights, mesh)
+        graphdef, self.state = nnx.split(LlamaModel(model.config, weights, self.dtype, kernels=mesh is None))
         self.num_pages = self._num_pages()
-        self.kv_cache: KVCache = init_kv_cache(model.config, self.num_pages, self.page_size, self.dtype)
+        self.kv_cache: KVCache = tensor_parallel.shard_kv_cache(
+            init_kv_cache(model.config, self.num_pages, self.page_size, self.dtype), mesh)
         self.token_buckets = power_of_two_buckets(self._min_token_bucket(), runtime.max_num_batched_tokens)
         # Mixed steps use min(token bucket, max_num_seqs) sequence rows (`seqs_for`), not a bucket dimension of
         # their own; decode-only programs (GPU) use these.

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from inferflux.formats.model_config import ModelConfig
-from inferflux.kernels.paged_attention import paged_attention, write_kv
+from inferflux.kernels.paged_attention import paged_attention, paged_attention_reference, write_kv
 from inferflux.kernels.quant_matmul import Weight, embed, linear
 
 # Per layer: (K pages, V pages), each [num_kv_heads, num_pages, page_size, head_dim].
@@ -67,7 +67,9 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
 
 
 class Attention(nnx.Module):
-    def __init__(self, config: ModelConfig, w: Mapping[str, Weight]) -> None:
+    def __init__(self, config: ModelConfig, w: Mapping[str, Weight], kernels: bool = True) -> None:
+        # False: always the jax.numpy reference (tensor parallel: custom-call kernels can't be partitioned).
+        self.kernels = kernels
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
@@ -92,7 +94,8 @@ class Attention(nnx.Module):
         q = apply_rope(q, inputs.positions, inv_freq)
         k = apply_rope(k, inputs.positions, inv_freq)
         k_pages, v_pages = write_kv(kv[0], kv[1], k, v, inputs.slot_mapping)
-        out = paged_attention(
+        attend = paged_attention if self.kernels else _reference_attention
+        out = attend(
             q, k_pages, v_pages, inputs.block_tables, inputs.token_seq, inputs.positions,
             scale=1.0 / math.sqrt(self.head_dim), sliding_window=self.sliding_window, decode_only=decode_only,
         )
@@ -113,11 +116,11 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, config: ModelConfig, w: Mapping[str, Weight]) -> None:
+    def __init__(self, config: ModelConfig, w: Mapping[str, Weight], kernels: bool = True) -> None:
         self.eps = config.rms_norm_eps
         self.attn_norm = nnx.Param(w["attn_norm"])
         self.mlp_norm = nnx.Param(w["mlp_norm"])
-        self.attn = Attention(config, w)
+        self.attn = Attention(config, w, kernels)
         self.mlp = MLP(w)
 
     def __call__(
@@ -134,7 +137,9 @@ class DecoderLayer(nnx.Module):
 class LlamaModel(nnx.Module):
     """A Llama-family decoder built from already-loaded weights (no random init)."""
 
-    def __init__(self, config: ModelConfig, weights: Mapping[str, Weight], dtype: jnp.dtype) -> None:
+    def __init__(self, config: ModelConfig, weights: Mapping[str, Weight], dtype: jnp.dtype,
+                 kernels: bool = True) -> None:
+        """`kernels=False` keeps attention on the jax.numpy reference (engine/tensor_parallel.py says why)."""
         self.config = config
         self.dtype = jnp.dtype(dtype)
         self.embed = nnx.Param(weights["embed"])
@@ -142,7 +147,7 @@ class LlamaModel(nnx.Module):
         self.lm_head = None if config.tie_word_embeddings else nnx.Param(weights["lm_head"])
         self.inv_freq = nnx.Variable(jnp.asarray(config.rope_inv_freq(), jnp.float32))
         self.layers = nnx.List([
-            DecoderLayer(config, _layer_weights(weights, i)) for i in range(config.num_layers)
+            DecoderLayer(config, _layer_weights(weights, i), kernels) for i in range(config.num_layers)
         ])
 
     def __call__(self, inputs: StepInputs, kv_cache: KVCache, decode_only: bool = False) -> tuple[jax.Array, KVCache]:
@@ -199,3 +204,8 @@ def _value(param: nnx.Variable | None) -> Any:
     """A parameter's array (or packed weight), None for an absent optional one; Any because nnx.Param is untyped."""
     return None if param is None else param.get_value()
 
+
+def _reference_attention(*args: Any, decode_only: bool = False, **kwargs: Any) -> jax.Array:
+    """`paged_attention_reference` with `paged_attention`'s signature (decode_only changes nothing there)."""
+    del decode_only
+    return paged_attention_reference(*args, **kwargs)

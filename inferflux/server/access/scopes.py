@@ -50,6 +50,8 @@ ROUTE_SCOPES: Final[dict[str, str]] = {
     "ollama.api_show": MODELS_READ,
     "ollama.api_pull": MODELS_WRITE, "ollama.api_copy": MODELS_WRITE, "ollama.api_delete": MODELS_WRITE,
     "ollama.api_create": MODELS_WRITE,
+    # Anthropic Messages
+    "anthropic.create_message": INFERENCE, "anthropic.count_tokens": INFERENCE,
     # LM Studio
     "lmstudio.chat_completions": INFERENCE, "lmstudio.completions": INFERENCE,
     "lmstudio.embeddings": EMBEDDINGS,

@@ -215,9 +215,8 @@ def test_server_refuses_to_start_with_the_wrong_master_key(tmp_path: Path, tiny_
     key = generate_master_key()
     SecretStore(tmp_path / "state.db", parse_master_key(key, "t")).set("hf_token", PLAIN)
     model = str(tiny_model("llama"))
-    for given, expected in ((generate_master_key(), "was encrypted with master key"),
-                            (None, "no master key is configured")):
-        done = _cli(tmp_path, "serve", model, "--port", str(free_port()), key=given)
-        assert done.returncode == 1, done.stderr
-        assert expected in done.stderr and done.stderr.strip().count("\n") == 0, done.stderr
-        assert PLAIN not in done.stderr
+    # (No key at all is the same check: test_hub_token_and_start_up_check; each serve start costs its imports.)
+    done = _cli(tmp_path, "serve", model, "--port", str(free_port()), key=generate_master_key())
+    assert done.returncode == 1, done.stderr
+    assert "was encrypted with master key" in done.stderr and done.stderr.strip().count("\n") == 0, done.stderr
+    assert PLAIN not in done.stderr

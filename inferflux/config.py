@@ -7,8 +7,9 @@ variables (e.g. `INFERFLUX_RUNTIME__PAGE_SIZE=32`; nested sections add a level, 
 overrides from the command line (`--set runtime.page_size=32`). Unknown keys
 are errors, so a typo never silently does nothing.
 
-Every key declares its allowed values once, next to its field (`key(default,
-lo=..., hi=..., choices=...)`, kept in the field's metadata), and `load_config`
+Every key declares its allowed values once, next to its field in
+`config_schema.py` (`key(default, lo=..., hi=..., choices=...)`, kept in the
+field's metadata; the sections are re-exported here), and `load_config`
 checks every field of every section, plus the rules between keys
 (`CROSS_RULES`), before anything heavy starts: a bad value is a one-line
 `ConfigError` naming the key, where it came from and the allowed range, not a

@@ -164,6 +164,9 @@ class ServerConfig:
     # Most models loaded at once, each with its own engine and KV cache; 0 = no limit. A request for
     # another model first unloads the least recently used idle one.
     max_loaded_models: int = key(1, lo=0, hi=1024)
+    # How long a stored Responses API response (`store: true`, in state.db) is kept: a duration (30d, 12h,
+    # 90m, 2w, 1d12h), or "0" for until deleted. Expired ones are unreadable at once and pruned on a write.
+    responses_retention: str = key("30d", pattern=r"0|(\d+[smhdw])+", what="a duration like 30d, 12h, 90m, or 0")
     # TLS without a proxy in front: a PEM certificate (chain) and its private key; both or neither.
     tls_certfile: str = key("")
     tls_keyfile: str = key("")

@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from inferctl.cli_args import Command, UsageError, closest, command_help, parse
+from inferctl.secrets_cmds import SECRET_VERBS, SecretsAdmin
 from inferflux.errors import InferFluxError
 
 
@@ -23,9 +24,9 @@ class _Local:
 
     def __init__(self) -> None:
         from inferflux.config import load_config
-        from inferflux.server.access.keys import KeyStore
+        from inferflux.server.access.keys_redis import open_key_store
 
-        self.store = KeyStore.at_home(load_config().home_path)
+        self.store = open_key_store(load_config())  # state.db, or Redis with state.backend: redis
 
     def call(self, action: str, **args: Any) -> Any:
         from inferflux.server.access.keys import parse_duration
@@ -93,7 +94,7 @@ def _table(rows: list[list[str]], header: list[str]) -> None:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
 
 
-class Admin:
+class Admin(SecretsAdmin):
     """Tenants and API keys: `inferctl admin tenants create|list|delete`, `inferctl admin keys create|list|revoke`."""
 
     def tenants_create(self, name: str, url: str | None = None, api_key: str | None = None) -> None:
@@ -240,6 +241,8 @@ COMMANDS = [Command.of(f"admin {group} {verb}", getattr(Admin, f"{group}_{verb}"
             for group, verbs in (("tenants", ("create", "list", "delete")), ("keys", ("create", "list", "revoke")))
             for verb in verbs]
 COMMANDS += [Command.of(f"admin audit {verb}", getattr(Admin, f"audit_{verb}")) for verb in ("verify", "tail")]
+COMMANDS += [Command.of(f"admin secrets {verb}", getattr(Admin, f"secrets_{verb}")) for verb in SECRET_VERBS]
+COMMANDS.append(Command.of("admin rotate-master-key", Admin.rotate_master_key))
 _BY_NAME = {c.name: c for c in COMMANDS}
 
 
@@ -252,19 +255,20 @@ def usage() -> str:
 
 def dispatch(argv: list[str]) -> int:
     """`inferctl admin GROUP VERB ...`."""
-    words = [a for a in argv[:2] if not a.startswith("-")]
-    if len(words) < 2:
+    single = bool(argv) and f"admin {argv[0]}" in _BY_NAME  # a one-word command: rotate-master-key
+    words = argv[:1] if single else [a for a in argv[:2] if not a.startswith("-")]
+    if len(words) < 2 and not single:
         if not argv or argv[0] in ("-h", "--help"):
             print(usage())
             return 0
         raise UsageError(f"admin: expected `tenants|keys VERB`, e.g. `inferctl admin keys list`\n{usage()}")
-    name = f"admin {words[0]} {words[1]}"
+    name = "admin " + " ".join(words)
     command = _BY_NAME.get(name)
     if command is None:
         guess = closest(name, _BY_NAME)
         raise UsageError(f"unknown command {name!r}" + (f"; did you mean {guess}?" if guess else "")
                          + " (`inferctl admin --help` lists them)")
-    rest = argv[2:]
+    rest = argv[len(words):]
     if "-h" in rest or "--help" in rest:
         print(command_help(command))
         return 0

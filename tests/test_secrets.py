@@ -173,6 +173,23 @@ def test_hub_token_and_start_up_check(tmp_path: Path, monkeypatch: pytest.Monkey
         check_secrets(config)
 
 
+def test_hub_pulls_read_the_stored_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`hf://` pulls open the stored hf_token before any download: a wrong key stops the pull with its one line."""
+    from inferflux.store import StoreError
+    from inferflux.store.model_store import ModelStore
+
+    key = generate_master_key()
+    SecretStore(tmp_path / "state.db", parse_master_key(key, "t")).set("hf_token", PLAIN)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("INFERFLUX_MASTER_KEY", generate_master_key())
+    with pytest.raises(SecretError, match="'hf_token' was encrypted with master key"):
+        ModelStore(tmp_path).pull("hf://org/repo/model.gguf")
+    monkeypatch.setenv("INFERFLUX_MASTER_KEY", key)
+    with pytest.raises(StoreError, match="download failed") as err:  # offline here: the token opened, then no hub
+        ModelStore(tmp_path).pull("hf://org/repo/model.gguf")
+    assert PLAIN not in str(err.value)
+
+
 def _cli(home: Path, *args: str, key: str | None, stdin: str | None = None, **env: str):
     environ = {k: v for k, v in os.environ.items() if k not in ("INFERFLUX_MASTER_KEY", "INFERFLUX_NEW_MASTER_KEY")}
     environ |= {"INFERFLUX_HOME": str(home), **env} | ({"INFERFLUX_MASTER_KEY": key} if key else {})

@@ -25,6 +25,7 @@ from inferflux.server.access.auth import authorize
 from inferflux.server.access.errors import AuthenticationError, KeyStoreError, NotFoundError, PermissionDenied
 from inferflux.server.access.keys import KeyStore, hash_key
 from inferflux.server.access.keys_redis import RedisKeyStore, StateUnavailable, open_key_store, redact
+from inferflux.server.errors import to_api_error
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -144,7 +145,7 @@ def test_factory_and_unreachable_redis(tmp_path: Path, redis_url: str) -> None:
     assert redact("redis://:hunter2@db.internal:6379/0") == "redis://:***@db.internal:6379/0"
     with pytest.raises(StateUnavailable, match=r"redis://:\*\*\*@127.0.0.1:1/0 is unreachable") as err:
         RedisKeyStore("redis://:hunter2@127.0.0.1:1/0")
-    assert "hunter2" not in str(err.value) and err.value.status == 503
+    assert "hunter2" not in str(err.value) and to_api_error(err.value).status == 503  # a client gets a 503
     with pytest.raises(Exception, match="state.backend=redis needs state.redis_url"):
         load_config(overrides={"state.backend": "redis"}, environ=env)
 

@@ -50,6 +50,10 @@ ROUTE_SCOPES: Final[dict[str, str]] = {
     "ollama.api_show": MODELS_READ,
     "ollama.api_pull": MODELS_WRITE, "ollama.api_copy": MODELS_WRITE, "ollama.api_delete": MODELS_WRITE,
     "ollama.api_create": MODELS_WRITE,
+    # OpenAI Responses (stored responses are the tenant's own conversations: the same scope as making them)
+    "responses.create_response": INFERENCE, "responses.get_response": INFERENCE,
+    "responses.delete_response": INFERENCE, "responses.list_input_items": INFERENCE,
+    "responses.count_input_tokens": INFERENCE,
     # Anthropic Messages
     "anthropic.create_message": INFERENCE, "anthropic.count_tokens": INFERENCE,
     # LM Studio

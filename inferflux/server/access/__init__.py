@@ -1,6 +1,8 @@
 """Who may call the server, and what they may do: API keys, tenants and RBAC scopes (docs/security.md).
 
 - `keys.py`: tenants and keys in `$INFERFLUX_HOME/state.db` (SHA-256 of each key, never the key).
+- `keys_redis.py`: the same in Redis (`state.backend: redis`), shared by replicas; `open_key_store` picks.
+- `crypto.py`, `secrets_store.py`: secrets encrypted at rest under the master key (AES-256-GCM, `secrets` table).
 - `scopes.py`: the one route -> scope table.
 - `auth.py`: the check every request passes when `security.auth` is `required`.
 - `admin.py`: `/admin/tenants`, `/admin/keys`.

@@ -26,7 +26,7 @@ import openai
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from joserfc import jwt
+from joserfc import jws, jwt
 from joserfc.jwk import ECKey, RSAKey
 
 from inferflux.config import ConfigError, OidcConfig, load_config
@@ -123,7 +123,7 @@ def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-def _handmade(header: dict[str, Any], claims: dict[str, Any], secret: bytes | None) -> str:
+def _handmade(header: Any, claims: dict[str, Any], secret: bytes | None) -> str:
     """A token built by hand: `alg: none` (no signature) or HS256 keyed with `secret`."""
     signing = _b64(json.dumps(header).encode()) + "." + _b64(json.dumps(claims).encode())
     signature = _b64(hmac.new(secret, signing.encode(), hashlib.sha256).digest()) if secret else ""
@@ -206,7 +206,8 @@ def test_time_claims_and_leeway(provider: Provider, rsa_signer: Signer) -> None:
     assert verifier.verify(rsa_signer.token(provider.issuer, exp=now - 10)).tenant == "acme"  # within leeway
     assert verifier.verify(rsa_signer.token(provider.issuer, nbf=now + 10)).tenant == "acme"
     for claims, message in (({"exp": now - 60}, "has expired"), ({"nbf": now + 60}, "not valid yet"),
-                            ({"iat": now + 600}, "issued in the future"), ({"exp": None}, "lacks the exp claim")):
+                            ({"iat": now + 600}, "issued in the future"),
+                            ({"exp": None}, r"lacks a required claim \(exp\)")):
         with pytest.raises(AuthenticationError, match=message):
             verifier.verify(rsa_signer.token(provider.issuer, **claims))
 
@@ -246,7 +247,10 @@ def test_forged_and_garbage_tokens(provider: Provider, rsa_signer: Signer) -> No
                   _handmade({"alg": "HS256", "kid": rsa_signer.kid}, claims, rsa_signer.public_pem)):
         with pytest.raises(AuthenticationError, match="only asymmetric signatures"):
             verifier.verify(token)
-    for garbage in ("not-a-token", "a.b.c", "....", "eyJhbGciOiJSUzI1NiJ9.%%%.x"):
+    odd_headers = [{"alg": ["RS256"]}, {"alg": {"a": 1}}, {"alg": "RS256", "kid": ["x"]}, [1], "RS256"]
+    for garbage in ("not-a-token", "a.b.c", "....", "eyJhbGciOiJSUzI1NiJ9.%%%.x",
+                    *(_handmade(h, claims, None) for h in odd_headers),
+                    jws.serialize_compact({"alg": "RS256", "kid": rsa_signer.kid}, "[1]", rsa_signer.key)):
         with pytest.raises(AuthenticationError):
             verifier.verify(garbage)
     with pytest.raises(AuthenticationError, match="signature does not verify"):

@@ -142,7 +142,7 @@ class OidcVerifier:
         """The principal of a valid token; AuthenticationError (401) or OidcUnavailable (503)."""
         header = _header(token)
         alg, kid = header.get("alg"), header.get("kid")
-        if alg not in _ASYMMETRIC:
+        if not isinstance(alg, str) or alg not in _ASYMMETRIC:
             raise AuthenticationError(f"bearer token signed with {alg!r}: only asymmetric signatures "
                                       "(RS*, PS*, ES*, EdDSA) from the identity provider's keys are accepted")
         if kid is not None and not isinstance(kid, str):
@@ -154,6 +154,8 @@ class OidcVerifier:
             raise AuthenticationError("bearer token signature does not verify") from None
         except (JoseError, ValueError, TypeError) as exc:
             raise AuthenticationError(f"bearer token is malformed ({type(exc).__name__})") from None
+        if not isinstance(claims, dict):
+            raise AuthenticationError("bearer token's claims are not a JSON object")
         self._check_claims(claims)
         return self._principal(claims)
 
@@ -248,7 +250,7 @@ class OidcVerifier:
         except ExpiredTokenError:
             raise AuthenticationError("bearer token has expired") from None
         except MissingClaimError as exc:
-            raise AuthenticationError(f"bearer token lacks the {exc.claim} claim") from None
+            raise AuthenticationError(f"bearer token lacks a required claim ({exc.claim})") from None
         except ClaimError as exc:
             reasons = {"iss": f"was not issued by {self.settings.issuer}",
                        "aud": f"is not for audience {self.settings.audience!r}",

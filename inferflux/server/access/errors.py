@@ -32,6 +32,7 @@ class KeyStoreError(AccessError):
 class NotFoundError(KeyStoreError):
     """The tenant or key an admin request names does not exist (404)."""
 
+
 class RateLimited(AccessError):
     """A tenant over its requests or tokens per minute, or its concurrent requests: 429 `rate_limit_exceeded`.
 

@@ -170,6 +170,15 @@ class Limiter(Protocol):
     def reconcile(self, reservation: Reservation, used_tokens: int) -> None: ...
 
 
+def open_limiter(backend: str, redis_url: str, home: str | Path) -> Limiter:
+    """The limiter `state.backend` names: `state.db` under `home`, or the Redis at `redis_url`."""
+    if backend == "redis":
+        from inferflux.server.access.limits_redis import RedisLimiter
+
+        return RedisLimiter(redis_url)
+    return SqliteLimiter.at_home(home)
+
+
 def new_slot() -> str:
     return "slot_" + secrets.token_hex(8)
 

@@ -25,22 +25,13 @@ from quart import Quart, Response, current_app
 from inferflux.server import record
 from inferflux.server.access.admin import bp
 from inferflux.server.access.errors import NotFoundError
-from inferflux.server.access.limits import MAX_VALUE, Limiter, Reservation, SqliteLimiter, check_tenant
+from inferflux.server.access.limits import MAX_VALUE, Limiter, Reservation, check_tenant, open_limiter
 from inferflux.server.http import json_body, validate
 from inferflux.server.openapi import documented
 
 log = logging.getLogger(__name__)
 _EXTENSION = "inferflux.limits"
 _EXTRA = "limits"
-
-
-def open_limiter(backend: str, redis_url: str, home: Any) -> Limiter:
-    """The limiter `state.backend` names: `state.db` under `home`, or the Redis at `redis_url`."""
-    if backend == "redis":
-        from inferflux.server.access.limits_redis import RedisLimiter
-
-        return RedisLimiter(redis_url)
-    return SqliteLimiter.at_home(home)
 
 
 def limiter(app: Quart | None = None) -> Limiter:
@@ -58,7 +49,8 @@ def install(app: Quart) -> None:
     """Reconcile every admitted request when it ends, and send `x-ratelimit-*` on limited answers."""
 
     def reconcile(entry: record.RequestRecord) -> None:
-        reservation: Reservation | None = entry.extras.pop(_EXTRA, None)
+        # Left on the record (not popped): the header hook may run after the record has finished.
+        reservation: Reservation | None = entry.extras.get(_EXTRA)
         if reservation is not None:
             limiter(app).reconcile(reservation, entry.prompt_tokens + entry.completion_tokens)
 

@@ -142,6 +142,19 @@ class GrammarCompiler:
         self._batch: Any = None
         self._cache: OrderedDict[Constraint, Any] = OrderedDict()
         self._lock = threading.Lock()
+        self._no_control: dict[bool, np.ndarray] = {}
+
+    def _json_mask(self, newline: bool) -> np.ndarray:
+        """Tokens holding a control byte (< 0x20; but a newline when `newline`, which the tool-call wrapper
+        writes) cleared: compact JSON never contains one, but xgrammar 0.2.9's length-bounded string rule
+        (`maxLength`) lets them into strings."""
+        if newline not in self._no_control:
+            bits = np.zeros(self.words * 32, bool)
+            pieces = token_bytes(self._tokenizer)
+            bits[:len(pieces)] = [not any(c < 0x20 and not (newline and c == 0x0A) for c in p) for p in pieces]
+            packed = np.packbits(bits.reshape(-1, 32)[:, ::-1]).view(">u4").astype(np.uint32)
+            self._no_control[newline] = packed.view(np.int32)
+        return self._no_control[newline]
 
     def _ensure(self) -> Any:
         if self._compiler is None:
@@ -198,6 +211,12 @@ class GrammarCompiler:
         """A fresh matcher at the grammar's start, its first mask filled."""
         m = Matcher(_xgr().GrammarMatcher(self.compile(constraint), override_stop_tokens=sorted(stop_ids) or None),
                     self.words, frozenset(stop_ids))
+        if constraint.kind in ("json", "tool_call"):
+            keep = self._json_mask(newline=constraint.kind == "tool_call").copy()
+            for t in stop_ids:  # stop tokens are special (empty) pieces, never text: keep them allowed
+                if t < self.vocab_size:
+                    keep.view(np.uint32)[t // 32] |= np.uint32(1 << (t % 32))
+            m.keep = keep
         self.fill_masks([m])
         return m
 
@@ -209,7 +228,7 @@ class GrammarCompiler:
         out = np.empty((len(matchers), self.words), np.int32)
         self._batch.batch_fill_next_token_bitmask([m.raw for m in matchers], out)
         for m, row in zip(matchers, out):
-            m.mask = row
+            m.mask = row if m.keep is None else row & m.keep
 
 
 _WHAT = {"json": "JSON schema", "regex": "regex", "choice": "choice", "grammar": "grammar",
@@ -224,6 +243,7 @@ class Matcher:
         self.mask = np.full(words, -1, np.int32)
         self.stop_ids = stop_ids
         self.failed = False
+        self.keep: np.ndarray | None = None  # ANDed into every mask (JSON: no control-byte tokens)
 
     def accept(self, token_id: int) -> bool:
         """Advance on a sampled token; False (and `failed`) if the grammar does not allow it."""

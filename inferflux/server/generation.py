@@ -37,6 +37,7 @@ from inferflux.server.handle import ModelHandle
 from inferflux.server.http import server_state
 from inferflux.server.output_split import splitters
 from inferflux.server.reasoning import template_reasons
+from inferflux.server.structured import tool_constraint
 from inferflux.server.tool_calls import ToolCall
 
 
@@ -78,6 +79,7 @@ class GenerationSpec:
     keep_alive: float | None = None  # seconds the model stays loaded once idle (None: its default)
     tool_names: set[str] | None = None  # parse tool calls out of the text (the request gave these tools)
     think: bool | str | None = None  # Ollama's `think`: truthy on a model that does not reason is a 400
+    forced_tools: list[dict[str, Any]] | None = None  # tool_choice required/named: the output is a call to one
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,6 +193,9 @@ class Generation:
                                   param="model")
             if spec.think and spec.think not in ("none", "off") and not template_reasons(_source(spec, handle)):
                 raise bad_request(f'"{handle.name}" does not support thinking', param="think")
+            if spec.forced_tools:  # constrained to a call in the template's tool format (server/structured.py)
+                spec.params = dataclasses.replace(spec.params, constraint=tool_constraint(
+                    spec.forced_tools, _source(spec, handle)))
             rendered: list[str | None] = []
             prompt_ids = [encode(prompt, handle, rendered) for prompt in spec.prompts]
             requests = [Request(ids, dataclasses.replace(spec.params, max_tokens=max_tokens_for(

@@ -28,6 +28,7 @@ from inferflux.server.ollama.bodies import ChatRequest, GenerateRequest, Options
 from inferflux.server.ollama.overrides import IGNORED_OPTIONS, KNOWN_OPTIONS, Overrides, overrides_for
 from inferflux.server.openapi import documented
 from inferflux.server.reasoning import thinking_kwargs
+from inferflux.server.structured import ollama_constraint
 from inferflux.server.tool_calls import tool_names
 
 log = logging.getLogger(__name__)
@@ -194,6 +195,7 @@ async def api_generate() -> Any:
         prompt = Prompt(messages=messages, template=overrides.template, prefix_ids=context,
                         template_kwargs=thinking_kwargs(req.think))
     params, limits = sampling(req.options, overrides)
+    params.constraint = ollama_constraint(req.format)  # structured output: "json" or a JSON Schema
     gen = await Generation.start(GenerationSpec(req.model, [prompt], params, limits, req.keep_alive_seconds,
                                                 think=None if req.raw else req.think))
     return await respond(req, gen, chat=False)
@@ -212,6 +214,7 @@ async def api_chat() -> Any:
     prompt = Prompt(messages=messages, tools=req.tools or None, template=overrides.template,
                     template_kwargs=thinking_kwargs(req.think))
     params, limits = sampling(req.options, overrides)
+    params.constraint = ollama_constraint(req.format)  # structured output: "json" or a JSON Schema
     spec = GenerationSpec(req.model, [prompt], params, limits, req.keep_alive_seconds,
                           tool_names(req.tools) if req.tools else None, think=req.think)
     return await respond(req, await Generation.start(spec), chat=True)

@@ -86,6 +86,15 @@ class _Sampling(_Request):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
+    # Structured output (server/structured.py): OpenAI / LM Studio, vLLM, llama.cpp; at most one per request.
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    grammar: str | None = None
+    json_schema: dict[str, Any] | None = None
 
     @property
     def num_prompt_logprobs(self) -> int | None:
@@ -125,11 +134,18 @@ class _Sampling(_Request):
         if requested is not None and requested < 1 and requested != -1 and not (requested == 0 and self.scores_prompt):
             raise bad_request("max_tokens must be at least 1 (or -1 for no limit; 0 only with echo)",
                               param="max_tokens")
+        from inferflux.server.structured import openai_constraint
+
+        params = self.sampling_params(self.num_logprobs, self.num_prompt_logprobs)
+        params.constraint = openai_constraint(self.model_dump(include=_CONSTRAINT_FIELDS))
         return GenerationSpec(
-            model=self.model, prompts=prompts,
-            params=self.sampling_params(self.num_logprobs, self.num_prompt_logprobs),
+            model=self.model, prompts=prompts, params=params,
             limits=Limits(max_tokens=None if requested == -1 else requested),  # -1: LM Studio's "no limit"
             keep_alive=parse_keep_alive(self.ttl), tool_names=tool_names)
+
+
+_CONSTRAINT_FIELDS = {"response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
+                      "guided_grammar", "grammar", "json_schema"}
 
 
 class ChatCompletionRequest(_Sampling):
@@ -140,6 +156,7 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None  # a forced call (tool_choice required / named) is always exactly one
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
     # Reasoning switches (server/reasoning.py): OpenAI's effort ("none" turns thinking off), and LM Studio's /
@@ -175,8 +192,15 @@ class ChatCompletionRequest(_Sampling):
         prompt = Prompt(messages=[m.for_template() for m in self.messages], tools=self.tools,
                         template_kwargs=thinking_kwargs(self.think, self.chat_template_kwargs),
                         add_generation_prompt=self.add_generation_prompt)
-        return self._spec([prompt], self.requested_max_tokens,
+        from inferflux.server.structured import forced_tools
+
+        spec = self._spec([prompt], self.requested_max_tokens,
                           tool_names(self.tools) if self.parses_tools else None)
+        spec.forced_tools = forced_tools(self.tools, self.tool_choice)
+        if spec.forced_tools and spec.params.constraint is not None:
+            raise bad_request("`tool_choice` forcing a call cannot be combined with a structured-output format",
+                              param="tool_choice")
+        return spec
 
 
 class CompletionRequest(_Sampling):

@@ -186,6 +186,16 @@ def test_errors_in_anthropics_shape(server) -> None:
     assert httpx.get(server.url + "/healthz", timeout=30).status_code == 200
 
 
+def test_openapi_documents_the_routes(server) -> None:
+    """What the schemathesis fuzz (tests/test_openapi_fuzz.py) reads: both routes, their bodies, the scope."""
+    doc = httpx.get(server.url + "/openapi.json", timeout=60).json()
+    for path, model in (("/v1/messages", "MessagesRequest"), ("/v1/messages/count_tokens", "CountTokensRequest")):
+        post = doc["paths"][path]["post"]
+        assert post["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/" + model)
+        assert "`inference` scope" in post["description"]
+    assert "max_tokens" in doc["components"]["schemas"]["MessagesRequest"]["required"]
+
+
 # --- access (the server runs with security.auth=required) ---
 
 
@@ -240,23 +250,33 @@ class _ReplayEngine:
 
 
 CALL = ["Checking. <tool", '_call>{"name": "get_weather", ', '"arguments": {"city": "Paris"}}</tool_call>']
+# a template that reasons (it mentions <think>), so the generation layer splits the thinking out
+THINKING_TEMPLATE = CHATML_TEMPLATE + "{% if enable_thinking is false %}<think></think>{% endif %}"
 
 
-def test_tool_call_output_becomes_tool_use_blocks(tmp_path) -> None:
+def _replay_app(tmp_path, pieces: list[str], template: str = CHATML_TEMPLATE):
+    """The real app and generation layer over an engine that writes `pieces`; prompts count 9 tokens."""
     from inferflux.config import Config
     from inferflux.server.app import create_app
     from inferflux.server.state import ModelHandle, ServerState
 
-    template = ChatTemplate(CHATML_TEMPLATE)
-    model = SimpleNamespace(chat_template=template, format="gguf", config=SimpleNamespace(vocab_size=100),
-                            tokenizer=SimpleNamespace(encode=lambda text, add_special_tokens=True: [1] * 9),
-                            metadata={})
-    handle = ModelHandle(name="fake", aliases=(), path=tmp_path, model=model, engine=_ReplayEngine(CALL))
-    app = create_app(ServerState(Config(home=str(tmp_path)), handle))
+    tokenizer = SimpleNamespace(encode=lambda text, add_special_tokens=True: [1] * 9)
+    model = SimpleNamespace(chat_template=ChatTemplate(template), format="gguf", tokenizer=tokenizer,
+                            config=SimpleNamespace(vocab_size=100), metadata={})
+    handle = ModelHandle(name="fake", aliases=(), path=tmp_path, model=model, engine=_ReplayEngine(pieces))
+    return create_app(ServerState(Config(home=str(tmp_path)), handle))
+
+
+def _async_client(app) -> anthropic.AsyncAnthropic:
+    http = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://app")  # the client's httpx
+    return anthropic.AsyncAnthropic(base_url="http://app", api_key="unused", http_client=http, max_retries=0)
+
+
+def test_tool_call_output_becomes_tool_use_blocks(tmp_path) -> None:
+    app = _replay_app(tmp_path, CALL)
 
     async def main():
-        http = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://app")  # the client's
-        client = anthropic.AsyncAnthropic(base_url="http://app", api_key="unused", http_client=http, max_retries=0)
+        client = _async_client(app)
         ask = {"model": "fake", "max_tokens": 50, "messages": [{"role": "user", "content": "Weather in Paris?"}],
                "tools": TOOLS}
         whole = await client.messages.create(**ask)
@@ -270,7 +290,7 @@ def test_tool_call_output_becomes_tool_use_blocks(tmp_path) -> None:
                 {"role": "user", "content": [{"type": "tool_result", "tool_use_id": whole.content[1].id,
                                               "content": "18C"}]}]
         again = await client.messages.create(**{**ask, "messages": turn})
-        await http.aclose()
+        await client.close()
         return whole, kinds, final, plain, again
 
     whole, kinds, final, plain, again = asyncio.run(main())
@@ -285,3 +305,33 @@ def test_tool_call_output_becomes_tool_use_blocks(tmp_path) -> None:
     assert final.stop_reason == "tool_use"
     assert plain.stop_reason == "end_turn" and plain.content[0].text == "".join(CALL)
     assert again.stop_reason == "tool_use" and again.usage.input_tokens == 9
+
+
+def test_thinking_becomes_thinking_blocks(tmp_path) -> None:
+    app = _replay_app(tmp_path, ["<think>Let me", " think.</think>", "Hello."], THINKING_TEMPLATE)
+
+    async def main():
+        client = _async_client(app)
+        ask = {"model": "fake", "max_tokens": 50, "messages": [{"role": "user", "content": "Hi"}],
+               "thinking": {"type": "enabled", "budget_tokens": 1024}}
+        whole = await client.messages.create(**ask)
+        async with client.messages.stream(**ask) as stream:
+            deltas = [event.delta.type async for event in stream if event.type == "content_block_delta"]
+            final = await stream.get_final_message()
+        await client.close()
+        return whole, deltas, final
+
+    whole, deltas, final = asyncio.run(main())
+    assert [b.type for b in whole.content] == ["thinking", "text"]
+    assert whole.content[0].thinking == "Let me think." and whole.content[1].text == "Hello."
+    assert deltas[0] == "thinking_delta" and deltas[-1] == "text_delta"
+    assert [b.model_dump() for b in final.content] == [b.model_dump() for b in whole.content]
+
+
+def test_thinking_on_a_model_that_does_not_reason_is_a_400(server) -> None:
+    with pytest.raises(anthropic.BadRequestError, match="does not support thinking"):
+        _client(server).messages.create(model="tiny", messages=USER, max_tokens=4,
+                                        thinking={"type": "enabled", "budget_tokens": 1024})
+    # adaptive lets the model decide: it answers
+    reply = _client(server).messages.create(model="tiny", messages=USER, max_tokens=2, thinking={"type": "adaptive"})
+    assert reply.usage.output_tokens == 2

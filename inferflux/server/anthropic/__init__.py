@@ -13,16 +13,17 @@ Differences from Anthropic's API, by design or not yet done:
   whatever the model), and a capped answer ends with `stop_reason: max_tokens`.
 - `tool_choice` `any` / `tool` cannot force a call yet (no constrained decoding): they are accepted and
   act as `auto`; `none` keeps the tools in the prompt but never parses calls out of the text.
-- `thinking` sets the chat template's `enable_thinking` (off for `disabled` or no `thinking`, as
-  Anthropic thinks only when asked; on otherwise); `budget_tokens` is validated but not enforced. Thinking text the
-  generation layer splits out (`ReasoningDelta`) becomes `thinking` blocks with an empty `signature`;
-  thinking blocks sent back in a conversation are dropped from the prompt, as Anthropic does for
-  earlier turns.
+- `thinking` is the reasoning switch of server/reasoning.py (the template's `enable_thinking`): `disabled`
+  off, `enabled` / `adaptive` on (at `output_config.effort` when given), absent the template's default,
+  as the OpenAI endpoint renders it. `enabled` on a model that does not reason is a 400; `budget_tokens`
+  is validated but not enforced. Reasoning the generation layer splits out (`ReasoningDelta`) becomes
+  `thinking` blocks with an empty `signature`; thinking blocks sent back are dropped from the prompt,
+  as Anthropic does for earlier turns.
 - An assistant message last in `messages` is not continued as a prefill: the answer starts a new turn.
 - `usage.input_tokens` counts the prompt tokens not served from the prefix cache; those are
   `cache_read_input_tokens` (so the two add up to `count_tokens`' answer).
 - `temperature`, `top_p`, `top_k` are honoured (current clients send them with `extra_body`).
-- `output_config` (effort, JSON output format), `metadata`, `service_tier`, `cache_control` and other
+- `output_config.format` (JSON output) is not applied yet; `metadata`, `service_tier`, `cache_control` and other
   fields Anthropic knows are accepted and ignored.
 
 Errors are Anthropic's `{"type": "error", "error": {"type", "message"}}`, their type chosen by status.

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from inferflux.engine.sampling_params import SamplingParams
 from inferflux.server.errors import bad_request
 from inferflux.server.generation import GenerationSpec, Limits, Prompt
+from inferflux.server.reasoning import thinking_kwargs
 
 
 class _Body(BaseModel):
@@ -89,6 +90,10 @@ class Metadata(_Body):
     user_id: str | None = None
 
 
+class OutputConfig(_Body):
+    effort: Literal["low", "medium", "high", "xhigh", "max"] | None = None
+
+
 class CountTokensRequest(_Body):
     """What a prompt is made of: `POST /v1/messages/count_tokens` takes just this."""
 
@@ -98,10 +103,19 @@ class CountTokensRequest(_Body):
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
     thinking: Thinking | None = None
+    output_config: OutputConfig | None = None
 
     @property
-    def thinks(self) -> bool:
-        return self.thinking is not None and self.thinking.type != "disabled"
+    def think(self) -> bool | str | None:
+        """The reasoning switch (server/reasoning.py): None leaves the template's default, as without `thinking`
+        (so a conversation renders as the OpenAI endpoint renders it); `disabled` is off; otherwise on, at
+        `output_config.effort` when given (Anthropic's two levels above `high` are `high`)."""
+        if self.thinking is None:
+            return None
+        if self.thinking.type == "disabled":
+            return False
+        effort = self.output_config.effort if self.output_config is not None else None
+        return {"xhigh": "high", "max": "high"}.get(effort or "", effort) or True
 
     def prompt(self) -> Prompt:
         """The conversation as chat-template messages, with the tools and the thinking switch."""
@@ -112,7 +126,7 @@ class CountTokensRequest(_Body):
         tools = [{"type": "function", "function": {"name": t.name, "description": t.description or "",
                                                    "parameters": t.input_schema}} for t in self.tools or []]
         return Prompt(messages=template_messages(self.system, self.messages), tools=tools or None,
-                      template_kwargs={"enable_thinking": self.thinks})
+                      template_kwargs=thinking_kwargs(self.think))
 
 
 class MessagesRequest(CountTokensRequest):
@@ -140,8 +154,13 @@ class MessagesRequest(CountTokensRequest):
         params = SamplingParams(max_tokens=None, temperature=1.0 if self.temperature is None else self.temperature,
                                 top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0,
                                 stop=list(self.stop_sequences or []) or None)
+        # `enabled` asks for thinking: on a model whose template does not reason that is a 400 (as Anthropic
+        # refuses it for models without extended thinking); `adaptive` lets the model decide, so it never fails.
+        # budget_tokens is not enforced: the generation layer has no reasoning budget to give it to.
+        think = self.think if thinking is not None and thinking.type == "enabled" else None
         return GenerationSpec(model=self.model, prompts=[self.prompt()], params=params,
-                              limits=Limits(max_tokens=self.max_tokens, overflow="cap"), tool_names=self.tool_names)
+                              limits=Limits(max_tokens=self.max_tokens, overflow="cap"), tool_names=self.tool_names,
+                              think=think)
 
 
 def _text(blocks: str | list[TextBlock] | list[Any] | None, where: str) -> str:

@@ -355,6 +355,8 @@ def test_authorize_routes_keys_and_tokens(tmp_path: Path, provider: Provider, rs
         authorize(store, "access.list_keys", bearer, False, verifier)
     with pytest.raises(AuthenticationError, match="invalid API key"):
         authorize(store, "openai.embeddings", {"x-api-key": "ifx-" + "A" * 43}, False, verifier)
+    with pytest.raises(AuthenticationError, match="an API key or an OIDC bearer token is required"):
+        authorize(store, "openai.embeddings", {}, False, verifier)
     store.close()
 
 

@@ -106,7 +106,8 @@ def authorize(store: AnyKeyStore, endpoint: str, headers: Headers | Mapping[str,
         return None
     secret = presented_key(headers)
     if secret is None:
-        raise AuthenticationError("an API key is required: send `Authorization: Bearer <key>` or `x-api-key: <key>`")
+        what = "an API key or an OIDC bearer token" if oidc is not None else "an API key"
+        raise AuthenticationError(f"{what} is required: send `Authorization: Bearer <key>` or `x-api-key: <key>`")
     if oidc is not None and not secret.startswith(KEY_PREFIX):
         principal = oidc.verify(secret)
     else:

@@ -65,6 +65,17 @@ def test_split_whole_and_in_random_pieces(output: str, inside: bool, expected: t
             "<thin" in output or "later is text" in output
 
 
+def test_a_constrained_output_is_the_answer_even_after_an_opened_think() -> None:
+    """With a grammar (response_format, a forced call) the first token is the answer's, not a thought's."""
+    from inferflux.server.output_split import splitters
+
+    prompt = ChatTemplate(TEMPLATE).render(MESSAGES)
+    assert prompt.endswith("<think>\n")
+    free, constrained = (splitters(TEMPLATE, [prompt], 1, None, None, constrained=c)[0] for c in (False, True))
+    assert free.feed('{"a": 1}', True) == ('{"a": 1}', "", [])
+    assert constrained.feed('{"a": 1}', True) == ("", '{"a": 1}', [])
+
+
 def test_thinking_switches() -> None:
     assert thinking_kwargs(False) == {"enable_thinking": False}
     assert thinking_kwargs("none") == {"enable_thinking": False}

@@ -220,7 +220,8 @@ class Generation:
     async def events(self) -> AsyncIterator[Event]:
         """Every choice's events as they come; the handle is released when this ends, however it ends."""
         parsers = splitters(_source(self.spec, self.handle), self.rendered, self.n, self.spec.tool_names,
-                            self.spec.prompts[0].tools if self.spec.prompts else None)
+                            self.spec.prompts[0].tools if self.spec.prompts else None,
+                            constrained=self.spec.params.constraint is not None)
         calls = [0] * self.num_choices
         outputs: dict[int, list[int]] = {}  # each choice's token ids so far (Ollama's `context` returns them)
         started: set[int] = set()

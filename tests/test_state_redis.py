@@ -216,3 +216,16 @@ def test_replicas_share_keys_and_revocations(replicas) -> None:
     # The raw keys never reached Redis.
     dump = _everything_in(url)
     assert key.encode() not in dump and admin.encode() not in dump
+
+
+def test_serve_with_unreachable_redis_is_one_line(tiny_model, tmp_path: Path) -> None:
+    from tests.fixtures.server import free_port
+
+    done = subprocess.run([sys.executable, "-m", "inferctl.cli", "serve", str(tiny_model("llama")), "--port",
+                           str(free_port()), "--set", "security.auth=required", "--set", "state.backend=redis",
+                           "--set", "state.redis_url=redis://:hunter2@127.0.0.1:1/0"],
+                          capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "INFERFLUX_HOME": str(tmp_path)})
+    assert done.returncode == 1, done.stderr
+    assert "state backend redis://:***@127.0.0.1:1/0 is unreachable" in done.stderr, done.stderr
+    assert done.stderr.strip().count("\n") == 0 and "hunter2" not in done.stderr

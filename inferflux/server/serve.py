@@ -27,6 +27,7 @@ from hypercorn.config import Config as HypercornConfig
 from inferflux.config import Config
 from inferflux.errors import InferFluxError
 from inferflux.server.access import check_exposure
+from inferflux.server.access.keys_redis import check_state
 from inferflux.server.access.secrets_store import check_secrets
 from inferflux.server.app import create_app
 from inferflux.server.state import ServerState, load_handle
@@ -39,6 +40,7 @@ def serve(model: str, config: Config, config_path: str | None = None) -> int:
     check_exposure(config)  # no unauthenticated server on a reachable address (docs/security.md)
     check_tls(config)
     check_secrets(config)  # stored secrets open with the configured master key, or one line now
+    check_state(config)  # a Redis state backend answers
     addresses = [(config.server.host, config.server.port)]
     if config.server.ollama_port:
         addresses.append((config.server.host, config.server.ollama_port))

@@ -211,6 +211,12 @@ class RedisKeyStore:
 AnyKeyStore = KeyStore | RedisKeyStore
 
 
+def check_state(config: Config) -> None:
+    """At start, before the model loads: a Redis state backend must answer (one line naming it, else)."""
+    if config.state.backend == "redis":
+        RedisKeyStore(config.state.redis_url).close()
+
+
 def open_key_store(config: Config) -> AnyKeyStore:
     """The key store `state.backend` names: `$INFERFLUX_HOME/state.db`, or the Redis at `state.redis_url`."""
     if config.state.backend == "redis":

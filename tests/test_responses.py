@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import jsonschema
 import openai
 import pytest
 
@@ -141,6 +142,22 @@ def test_function_call_output_renders_as_a_tool_message(served) -> None:
     assert [item.type for item in listed.data] == ["message", "function_call", "function_call_output"]
 
 
+def test_text_format_json_schema_is_enforced(served) -> None:
+    client = _client(served)
+    schema = {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]},
+                                               "level": {"type": "integer", "minimum": -5, "maximum": 5}},
+              "required": ["color", "level"], "additionalProperties": False}
+    response = client.responses.create(model="tiny", input="JSON please", max_output_tokens=60, temperature=0.0,
+                                       text={"format": {"type": "json_schema", "name": "pick", "schema": schema,
+                                                        "strict": True}})
+    assert response.status == "completed", response.output_text
+    jsonschema.validate(json.loads(response.output_text), schema)
+    assert response.text.format.type == "json_schema" and response.text.format.name == "pick"
+    with pytest.raises(openai.BadRequestError):  # a schema that does not compile
+        client.responses.create(model="tiny", input="x", max_output_tokens=4, text={"format": {
+            "type": "json_schema", "name": "bad", "schema": {"type": "objectx"}}})
+
+
 def test_retrieve_delete_input_items_store_false(served) -> None:
     client = _client(served)
     response = client.responses.create(model="tiny", input="Keep me", max_output_tokens=3, **GREEDY)
@@ -183,8 +200,8 @@ def test_bad_requests_are_400_in_openai_shape(served) -> None:
     headers = {"Authorization": f"Bearer {keys['acme']}"}
     bad = [({"model": "tiny", "input": [{"type": "input_image", "image_url": "x"}]}, "input"),
            ({"model": "tiny", "input": "x", "tools": [{"type": "web_search"}]}, "tools"),
-           ({"model": "tiny", "input": "x", "text": {"format": {"type": "json_schema", "name": "a", "schema": {}}}},
-            "text.format"),
+           ({"model": "tiny", "input": "x", "text": {"format": {"type": "json_schema", "schema": {}}}},
+            "text.format.name"),
            ({"model": "tiny", "input": "x", "max_output_tokens": 0}, "max_output_tokens"),
            ({"model": "tiny", "input": []}, "input"), ({"model": "tiny", "input": ""}, "input")]
     for body, param in bad:
@@ -214,6 +231,16 @@ def test_items_to_messages_joins_calls_into_one_assistant_turn() -> None:
     assert [c["id"] for c in messages[2]["tool_calls"]] == ["a", "b"]
     assert messages[4] == {"role": "tool", "content": "2", "tool_call_id": "b"}
     assert items_to_messages([{"type": "function_call", "call_id": "c", "name": "f"}])[0]["content"] == ""
+    # text.format -> the engine's grammar constraint on the request's sampling parameters.
+    from inferflux.engine.grammar import Constraint
+
+    def constraint(fmt: dict[str, Any]) -> Any:
+        return ResponsesRequest(model="m", input="x", text={"format": fmt}).spec([]).params.constraint
+
+    assert constraint({"type": "text"}) is None
+    assert constraint({"type": "json_object"}) == Constraint.json_schema(None)
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    assert constraint({"type": "json_schema", "name": "a", "schema": schema}) == Constraint.json_schema(schema)
 
 
 def test_tool_call_events_reach_the_clients_accumulator() -> None:

@@ -6,8 +6,8 @@ generation's events into the typed event stream and the response object; `store.
 `previous_response_id` chain); `routes.py` wires them. Errors are OpenAI's error object.
 
 Differences from OpenAI: no built-in tools (web search, files, computer use), no images or files
-in input, no `background` mode, no `conversation` objects; `text.format` json_schema is refused
-(400) until the server has structured output; `tool_choice` "required" or a named function is
+in input, no `background` mode, no `conversation` objects; `text.format` json_object / json_schema
+is enforced by the engine's grammar (`engine/grammar.py`); `tool_choice` "required" or a named function is
 accepted but not enforced (calls are parsed from what the model writes); `reasoning.effort` is
 passed to the chat template as `reasoning_effort`; `output_tokens_details.reasoning_tokens` is 0.
 """

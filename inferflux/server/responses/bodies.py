@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from inferflux.engine.grammar import Constraint
 from inferflux.engine.sampling_params import SamplingParams
 from inferflux.server.errors import bad_request
 from inferflux.server.generation import GenerationSpec, Limits, Prompt
@@ -187,7 +188,6 @@ class ResponsesRequest(_Input):
     def spec(self, prior: list[dict[str, Any]]) -> GenerationSpec:
         from inferflux.server.tool_calls import tool_names
 
-        self.check_format()
         if self.max_output_tokens is not None and self.max_output_tokens < 1:
             raise bad_request("max_output_tokens must be at least 1", param="max_output_tokens")
         if self.metadata is not None and len(self.metadata) > 16:
@@ -195,18 +195,22 @@ class ResponsesRequest(_Input):
         prompt = Prompt(messages=self.messages(prior), tools=self.template_tools(),
                         template_kwargs=self.template_kwargs())
         params = SamplingParams(max_tokens=None, temperature=1.0 if self.temperature is None else self.temperature,
-                                top_p=1.0 if self.top_p is None else self.top_p, seed=self.seed, n=1)
+                                top_p=1.0 if self.top_p is None else self.top_p, seed=self.seed, n=1,
+                                constraint=self.constraint())
         return GenerationSpec(model=self.model, prompts=[prompt], params=params,
                               limits=Limits(max_tokens=self.max_output_tokens),
                               tool_names=tool_names(self.template_tools()) if self.parses_tools else None)
 
-    def check_format(self) -> None:
-        """`text.format`: text, or json_object (asked of the model in words; not yet enforced by a grammar);
-        json_schema needs the structured-output support, so it is refused clearly rather than ignored."""
+    def constraint(self) -> Constraint | None:
+        """`text.format` as the engine's grammar constraint: json_object is any JSON object, json_schema its
+        `schema` (a name without one: any object, as OpenAI reads it). A schema that does not compile is a
+        400 at submission (`GrammarError`)."""
         fmt = self.text.format if self.text else None
-        if fmt is not None and fmt.type == "json_schema":
-            raise bad_request("text.format json_schema is not supported yet by this server (structured output "
-                              "is not available); use `text` or `json_object`", param="text.format")
+        if fmt is None or fmt.type == "text":
+            return None
+        if fmt.type == "json_schema" and not fmt.name:
+            raise bad_request("text.format json_schema needs a `name`", param="text.format.name")
+        return Constraint.json_schema(fmt.schema_ if fmt.type == "json_schema" else None)
 
 
 class InputTokensRequest(_Input):

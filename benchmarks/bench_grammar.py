@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench_grammar                       # every engine, every vocab, batch 1 and 32
     python -m benchmarks.bench_grammar --engines llguidance --vocabs synthetic-128k --batch 1,32
+    python -m benchmarks.bench_grammar --decode --batch 1,16      # engine decode tokens/s, free vs schema
 
 Why: structured output computes one vocabulary bitmask per constrained row per step on the engine thread;
 that time adds to every decode step, so the engine was chosen by it (docs/engine.md, benchmarks/RESULTS.md).
@@ -218,13 +219,40 @@ def run(engine: str, vocab: list[bytes], eos: int, batches: Sequence[int]) -> di
     return result
 
 
+def decode(batch: int, max_tokens: int) -> None:
+    """Decode tokens/s of the tiny test model (LLM API, whole engine loop) with and without a JSON schema."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from inferflux import LLM, Constraint, SamplingParams
+    from tests.fixtures import tokenizers as fx
+    from tests.fixtures.models import make_tiny_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = make_tiny_model("llama", Path(tmp) / "m", fx.make_llama3_bpe_tokenizer(Path(tmp) / "tok"))
+        llm = LLM(model, page_size=16, max_num_seqs=batch, max_num_batched_tokens=max(64, batch),
+                  max_model_len=512, num_pages=400)
+        for name, constraint in (("free", None), ("schema", Constraint.json_schema(SCHEMA))) * 3:
+            params = SamplingParams(n=batch, seed=1, max_tokens=max_tokens, ignore_eos=constraint is None,
+                                    constraint=constraint)
+            t0 = time.perf_counter()
+            out = llm.generate("JSON:", params)[0]
+            elapsed = time.perf_counter() - t0
+            tokens = sum(len(c.token_ids) for c in out.outputs)
+            print(json.dumps({"decode": name, "batch": batch, "tokens": tokens,
+                              "tokens_per_s": round(tokens / elapsed, 1)}), flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--engines", default=",".join(ENGINES))
     ap.add_argument("--vocabs", default="fixture-llama3-bpe,fixture-spm,synthetic-32k,synthetic-128k")
     ap.add_argument("--batch", default="1,32")
+    ap.add_argument("--decode", action="store_true", help="decode tokens/s of the tiny model, free vs schema")
     args = ap.parse_args(argv)
     batches = [int(b) for b in args.batch.split(",")]
+    if args.decode:
+        for b in batches:
+            decode(b, 64)
+        return
     wanted = args.vocabs.split(",")
     vocabs: dict[str, tuple[list[bytes], int]] = {}
     if any(v.startswith("fixture") for v in wanted):

@@ -180,6 +180,32 @@ class InferCtl:
 
         store_cmds.rm(open_store(), name)
 
+    def sign(self, path: str, key: str, signature: str | None = None) -> None:
+        """Sign a model (file, folder or stored name) in the OpenSSF model-signing format.
+
+        The signature is what `model_signing sign key` writes, so either tool verifies the other's.
+
+        Args:
+            path PATH: a GGUF file, a model folder, or a stored model's name
+            key KEY.pem: the PEM private key (elliptic curve, e.g. `openssl ecparam -name prime256v1 -genkey`)
+            signature FILE: where to write it (default: FILE.sig beside a file, model.sig inside a folder)
+        """
+        from inferctl.sign_cmds import sign
+
+        sign(path, key, signature)
+
+    def verify(self, path: str, key: str, signature: str | None = None) -> None:
+        """Check a model's signature against a public key; exit 1 naming what does not match.
+
+        Args:
+            path PATH: a GGUF file, a model folder, or a stored model's name
+            key PUB.pem: the signer's PEM public key (several: comma-separated)
+            signature FILE: the signature (default: beside the model, or the one kept by `pull`)
+        """
+        from inferctl.sign_cmds import verify
+
+        verify(path, key, signature)
+
     def convert(self, src: str, dst: str, type: str = "F16", name: str | None = None) -> None:  # noqa: A002
         """Convert a Hugging Face safetensors folder to a GGUF file.
 
@@ -255,6 +281,8 @@ COMMANDS = [
     Command.of("list", InferCtl.list),
     Command.of("show", InferCtl.show),
     Command.of("rm", InferCtl.rm),
+    Command.of("sign", InferCtl.sign),
+    Command.of("verify", InferCtl.verify),
     Command.of("convert", InferCtl.convert),
     Command.of("replay", InferCtl.replay),
     Command.of("make-demo-model", InferCtl.make_demo_model),

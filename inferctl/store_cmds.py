@@ -20,9 +20,13 @@ from inferflux.store import ModelEntry, ModelStore, Progress, StoreError
 
 def pull(store: ModelStore, source: str, name: str | None = None, quantize: str | None = None) -> str:
     """Store SOURCE (GGUF file, safetensors folder, ollama://NAME:TAG, hf://ORG/REPO[/FILE]) and print its name."""
+    from inferflux.config import load_config
+    from inferflux.store.signing import verifier_from_config
+
+    verifier = verifier_from_config(load_config())  # security.require_signed_models
     with _ProgressBars.for_stderr() as progress:
         stored = store.pull(str(source), name=None if name is None else str(name), quantize=quantize,
-                            progress=progress)
+                            progress=progress, verifier=verifier)
     print(f"pulled {stored} ({_entry_summary(store, stored)})")
     return stored
 

@@ -210,6 +210,11 @@ class SecurityConfig:
     # A file holding the master key that encrypts stored secrets (32 bytes as base64 or hex, one line);
     # the INFERFLUX_MASTER_KEY environment variable, if set, wins. Empty: env only (docs/security.md).
     master_key_file: str = key("")
+    # Refuse to serve, pull or load a model that no key in security.trusted_keys signed (OpenSSF
+    # model-signing signatures, made with `inferctl sign` or the model_signing CLI; store/signing.py).
+    require_signed_models: bool = key(False)
+    # The public keys (PEM files, comma-separated) whose signatures security.require_signed_models accepts.
+    trusted_keys: str = key("")
 
 
 @dataclasses.dataclass

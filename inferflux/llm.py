@@ -30,6 +30,7 @@ from inferflux.engine.request import Pooling, Request, StreamOutput
 from inferflux.engine.sampling_params import SamplingParams, SamplingParamsError
 from inferflux.engine.sequence import TokenLogprobs
 from inferflux.formats.loader import LoadedModel, load_model
+from inferflux.store.signing import check_model
 
 
 @dataclasses.dataclass
@@ -59,6 +60,7 @@ class LLM:
     def __init__(self, model: str | Path, config: Config | None = None, **runtime: Any) -> None:
         self.config = config or load_config(overrides={f"runtime.{k}": v for k, v in runtime.items()})
         enable_persistent_cache(self.config.home_path / "xla-cache")
+        check_model(Path(model), self.config, self.config.home_path)  # security.require_signed_models
         self.model: LoadedModel = load_model(model)
         self.tokenizer = self.model.tokenizer
         self.engine = EngineCore(self.model, self.config)

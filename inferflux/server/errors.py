@@ -79,6 +79,7 @@ def to_api_error(exc: BaseException) -> APIError | None:
         RateLimited,
     )
     from inferflux.store import ModelNotFoundError, StoreError
+    from inferflux.store.signing import SignatureError
 
     if isinstance(exc, APIError):
         return exc
@@ -102,6 +103,8 @@ def to_api_error(exc: BaseException) -> APIError | None:
         return unavailable(str(exc))
     if isinstance(exc, ModelNotFoundError):
         return APIError(404, str(exc), param="model", code="model_not_found")
+    if isinstance(exc, SignatureError):  # security.require_signed_models refused the model
+        return APIError(403, str(exc), type="permission_error", param="model", code="model_not_signed")
     if isinstance(exc, StoreError | InferFluxError):
         return bad_request(str(exc))
     if isinstance(exc, HTTPException):

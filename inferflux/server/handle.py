@@ -27,6 +27,7 @@ from inferflux.formats.describe import ModelFacts, model_facts
 from inferflux.formats.encoder import load_encoder
 from inferflux.formats.loader import LoadedModel, load_model
 from inferflux.formats.tokenizer import Tokenizer
+from inferflux.store.signing import check_model
 
 log = logging.getLogger(__name__)
 
@@ -218,6 +219,7 @@ def load_handle(config: Config, path: str | Path, served_name: str | None = None
     Names default to the served model's (`server.served_model_name`, `server.model_aliases`).
     """
     enable_persistent_cache(config.home_path / "xla-cache")
+    check_model(Path(path), config, config.home_path)  # security.require_signed_models (store/signing.py)
     name = served_name or config.server.served_model_name or Path(path).name
     aliases = config_aliases(config) if aliases is None else aliases
     facts = model_facts(path)

@@ -37,6 +37,7 @@ from inferflux.store.manifests import (
     new_manifest,
 )
 from inferflux.store.names import ModelNotFoundError, ModelRef, StoreError, looks_like_path, parse_name
+from inferflux.store.signing import Verifier, keep_signature, verify_source
 from inferflux.store.sources import Source, check_gguf, folder_files, open_source
 
 if TYPE_CHECKING:
@@ -73,14 +74,17 @@ class ModelStore:
     # ------------------------------------------------------------------ pull
 
     def pull(self, source: str, name: str | None = None, quantize: str | None = None,
-             progress: Progress | None = None, on_layer: LayerHook | None = None) -> str:
+             progress: Progress | None = None, on_layer: LayerHook | None = None,
+             verifier: Verifier | None = None) -> str:
         """Store `source` under `name` (default: its stem or Ollama name); return the stored `name:tag`.
 
         Sources: a GGUF file; a safetensors folder (converted to GGUF when `quantize`
         is given, else stored file by file); `ollama://NAME[:TAG]` from the local
         Ollama store; `hf://ORG/REPO[/FILE]` through huggingface_hub. `on_layer(digest, size)`
         is called as soon as each file's digest is known, before it is verified or copied
-        (the HTTP pull reports progress per digest, as Ollama's does).
+        (the HTTP pull reports progress per digest, as Ollama's does). With a `verifier`
+        (`security.require_signed_models`), the source must carry a signature by a trusted key
+        (store/signing.py); it is kept beside the stored copy and checked again at every load.
         """
         quant = check_quantize(quantize)
         ref = parse_name(name) if name is not None else None
@@ -88,10 +92,13 @@ class ModelStore:
             self._remove_stale_temps()
             src = open_source(str(source), progress, self.home)
             ref = ref or parse_name(src.default_name)
+            signature = verify_source(src.path, verifier, quant)
             if src.path.is_file():
                 manifest = self._pull_gguf(src, quant, progress, on_layer)
             else:
                 manifest = self._pull_folder(src, quant, progress, on_layer)
+            if signature is not None:
+                keep_signature(self.home, self._stored_path(manifest), signature)
             replaced = self._manifests.write(ref, manifest)
         if replaced:
             self._try_collect_garbage()
@@ -122,6 +129,13 @@ class ModelStore:
         layers = [dict(self._blobs.store_file(path, rel, progress, on_layer=on_layer), role=rel)
                   for rel, path in folder_files(src.path)]
         return new_manifest("safetensors", layers, src.label, facts)
+
+    def _stored_path(self, manifest: dict[str, Any]) -> Path:
+        """The blob (GGUF) or folder a manifest's model is read from (`path` without materializing it)."""
+        if manifest["format"] == "gguf":
+            layer = next(layer for layer in manifest["layers"] if layer.get("role") == MODEL_ROLE)
+            return self._blobs.path(layer["digest"])
+        return self.folders / layers_digest(manifest["layers"])
 
     def _remove_stale_temps(self) -> None:
         """Delete temp files and folders left by pulls whose process is gone."""

@@ -19,6 +19,7 @@ from inferflux.server.ollama.bodies import CopyRequest, DeleteRequest, PullReque
 from inferflux.server.ollama.generate import ndjson
 from inferflux.server.openapi import documented
 from inferflux.store import ModelNotFoundError, StoreError, ollama_store_has, parse_name
+from inferflux.store.signing import verifier_from_config
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
@@ -140,7 +141,8 @@ async def api_pull() -> Any:
         yield {"status": "pulling manifest"}
         try:
             async for obj in _run_with_progress(
-                    lambda report: pool.store.pull(source, progress=report.progress, on_layer=report.layer)):
+                    lambda report: pool.store.pull(source, progress=report.progress, on_layer=report.layer,
+                                                   verifier=verifier_from_config(server_state().config))):
                 if "result" in obj:
                     name = obj["result"]
                 else:

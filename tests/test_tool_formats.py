@@ -56,6 +56,11 @@ CASES = [
      "", [ADD, WEATHER]),
     (MISTRAL, 'Let me see. [TOOL_CALLS]add[CALL_ID]a1b2c3d4e[ARGS]{"a": 1, "b": 2}', "Let me see. ", [ADD]),
     (MISTRAL, '[{"name": "add", "arguments": {"a": 1, "b": 2}}]', "", [ADD]),  # [TOOL_CALLS] stripped as special
+    # brackets and escaped quotes inside strings do not close a call
+    (LLAMA3, '<|python_tag|>{"name": "get_weather", "parameters": {"city": "P}a]r\\"is{", "days": 3}}', "",
+     [ToolCall("get_weather", {"city": 'P}a]r"is{', "days": 3})]),
+    (MISTRAL, '[TOOL_CALLS]get_weather[ARGS]{"city": "[x]}", "days": [1, {"d": 2}]}', "",
+     [ToolCall("get_weather", {"city": "[x]}", "days": [1, {"d": 2}]})]),
     # malformed or not calls: the text as it was, markers included
     (HERMES, "Use <tool_call>not json</tool_call> here", "Use <tool_call>not json</tool_call> here", []),
     (HERMES, '<tool_call>{"name": "add", "arguments": {"a": 1,', '<tool_call>{"name": "add", "arguments": {"a": 1,',

@@ -153,13 +153,13 @@ def tag_calls(body: str, types: ParamTypes | None = None) -> list[ToolCall] | No
 _MISTRAL_NAME = re.compile(r"\s*([A-Za-z0-9_.\-]+)(?:\[CALL_ID\][A-Za-z0-9]*)?\[ARGS\]")
 
 
-def mistral_named_call(text: str) -> tuple[ToolCall, int] | None | bool:
+def mistral_named_call(text: str, scan: JsonScan | None = None) -> tuple[ToolCall, int] | None | bool:
     """Mistral's `NAME[ARGS]{...}` at the start of `text`: (call, end), False if it is not one, None if incomplete."""
     found = _MISTRAL_NAME.match(text)
     if found is None:
         # still possibly "name[CALL_ID]id[ARGS]" being written: a name and bracketed markers so far
         return None if re.fullmatch(r"[\w.\-\[\]]*", text.lstrip()) else False
-    end = json_end(text, found.end())
+    end = (scan or JsonScan()).end(text, found.end())
     if end is None:
         return None
     if end < 0:
@@ -171,33 +171,56 @@ def mistral_named_call(text: str) -> tuple[ToolCall, int] | None | bool:
     return (ToolCall(found.group(1), args), end) if isinstance(args, dict) else False
 
 
-def json_end(text: str, start: int = 0) -> int | None:
-    """Where the JSON object or array at `start` (after spaces) ends: the index past it, None: not yet, -1: never."""
-    pos = start
-    while pos < len(text) and text[pos].isspace():
-        pos += 1
-    if pos == len(text):
-        return None
-    if text[pos] not in "{[":
-        return -1
-    stack: list[str] = []
-    in_string = escape = False
-    for i in range(pos, len(text)):
-        ch = text[i]
-        if in_string:
-            if escape:
-                escape = False
-            elif ch == "\\":
-                escape = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch in "{[":
-            stack.append("}" if ch == "{" else "]")
-        elif ch in "}]":
-            if not stack or stack.pop() != ch:
+class JsonScan:
+    """Where a JSON object or array ends, found incrementally: a streamed call is scanned once, not per piece.
+
+    `end(text, start)` is the index past the value that begins at `start` (after spaces), None while it is
+    still open, -1 if it never can be one (not `{`/`[`, or a mismatched bracket). Text only grows between
+    calls with the same `start`; any other start begins a new scan.
+    """
+
+    def __init__(self) -> None:
+        self._start = -1
+        self._pos = 0
+        self._stack: list[str] = []
+        self._in_string = self._escape = False
+
+    def end(self, text: str, start: int = 0) -> int | None:
+        if start != self._start:
+            self._start, self._stack, self._in_string, self._escape = start, [], False, False
+            self._pos = start
+            while self._pos < len(text) and text[self._pos].isspace():
+                self._pos += 1
+            if self._pos == len(text):
+                self._start = -1  # nothing but spaces yet: start again next time
+                return None
+            if text[self._pos] not in "{[":
                 return -1
-            if not stack:
-                return i + 1
-    return None
+        stack = self._stack
+        for i in range(self._pos, len(text)):
+            ch = text[i]
+            if self._in_string:
+                if self._escape:
+                    self._escape = False
+                elif ch == "\\":
+                    self._escape = True
+                elif ch == '"':
+                    self._in_string = False
+            elif ch == '"':
+                self._in_string = True
+            elif ch in "{[":
+                stack.append("}" if ch == "{" else "]")
+            elif ch in "}]":
+                if not stack or stack.pop() != ch:
+                    self._start = -1
+                    return -1
+                if not stack:
+                    self._start = -1
+                    return i + 1
+        self._pos = len(text)
+        return None
+
+
+def json_end(text: str, start: int = 0) -> int | None:
+    """`JsonScan().end(text, start)`, for a whole text."""
+    return JsonScan().end(text, start)

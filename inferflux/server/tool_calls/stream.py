@@ -19,10 +19,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from inferflux.server.tool_calls.calls import (
+    JsonScan,
     ParamTypes,
     ToolCall,
     json_calls,
-    json_end,
     mistral_named_call,
     tag_calls,
     xml_calls,
@@ -56,6 +56,7 @@ class ToolCallStream:
         self._prefix = ""  # the marker that opened `rest`, given back if no call follows it
         self._bare = False  # `rest` began at a bare JSON start: names must be the request's tools
         self._made = 0  # calls found in the current `rest` region
+        self._scan = JsonScan()  # the call at the front of `rest`, scanned as it grows
         self.calls: list[ToolCall] = []
 
     def feed(self, delta: str) -> tuple[str, list[ToolCall]]:
@@ -163,13 +164,13 @@ class ToolCallStream:
         found: list[ToolCall] | None = None
         end: int | None
         if head[0] in "{[":
-            end = json_end(pending, pos)
+            end = self._scan.end(pending, pos)
             if end is not None and end >= 0:
                 found = json_calls(pending[pos:end])
                 if found and self._bare and not all(c.name in self.names for c in found):
                     found = None
         elif self._kind == "mistral":
-            named = mistral_named_call(head)
+            named = mistral_named_call(head, self._scan)
             end = None if named is None else -1 if named is False else 0
             if isinstance(named, tuple):
                 found, end = [named[0]], pos + named[1]
@@ -179,12 +180,12 @@ class ToolCallStream:
             return False  # the call is still being written
         if not found:  # not a call: hand it out as the text it is, and look for markers in what follows
             out.append((self._prefix if not self._made else "") + pending[:pos])
-            self._pending, self._mode = pending[pos:], "text"
+            self._pending, self._mode, self._scan = pending[pos:], "text", JsonScan()
             return True
         assert end is not None
         calls += found
         self._made += len(found)
-        self._pending = pending[end:]
+        self._pending, self._scan = pending[end:], JsonScan()
         return True
 
 

@@ -142,8 +142,8 @@ def test_errors(server, client) -> None:
         client.chat(model="tiny", messages=[{"role": "user", "content": "hi", "images": ["aGVsbG8="]}])
     assert info.value.status_code == 400 and "images" in info.value.error
     with pytest.raises(ollama.ResponseError) as info:
-        client.generate(model="tiny", prompt="hi", format="json", stream=False)
-    assert info.value.status_code == 400 and "structured output is not supported yet" in info.value.error
+        client.generate(model="tiny", prompt="hi", format={"type": "objectx"}, stream=False)  # a bad schema
+    assert info.value.status_code == 400 and "invalid JSON schema" in info.value.error
     for body in ({"model": "tiny", "prompt": "a", "suffix": "b"}, {"model": "tiny", "prompt": "a", "template": "x"},
                  {"model": "tiny", "prompt": "a", "options": {"temperature": "hot"}}):
         r = httpx.post(server.url + "/api/generate", json=body, timeout=120)

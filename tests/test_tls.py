@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from inferflux.config import ConfigError, load_config
 from tests.fixtures.server import SERVE_SETTINGS, free_port, private_home
 
 
@@ -112,8 +113,10 @@ def test_bad_tls_settings_are_one_line(tiny_model, tmp_path: Path) -> None:
     cert, key = make_cert(tmp_path)
     _, other_key = make_cert(tmp_path, "other")
     model, home = tiny_model("llama"), tmp_path / "home"
-    cases = {
-        "must be given together": [f"server.tls_certfile={cert}"],
+    with pytest.raises(ConfigError, match="must be given together") as err:  # a config rule: no process needed
+        load_config(overrides=[f"server.tls_certfile={cert}"], environ={})
+    assert "\n" not in str(err.value)
+    cases = {  # checked by `inferctl serve` before the model loads
         "cannot read it": [f"server.tls_certfile={tmp_path / 'missing.pem'}", f"server.tls_keyfile={key}"],
         "not a PEM certificate and its private key": [f"server.tls_certfile={cert}",
                                                       f"server.tls_keyfile={other_key}"],

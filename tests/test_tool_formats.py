@@ -56,6 +56,9 @@ CASES = [
      "", [ADD, WEATHER]),
     (MISTRAL, 'Let me see. [TOOL_CALLS]add[CALL_ID]a1b2c3d4e[ARGS]{"a": 1, "b": 2}', "Let me see. ", [ADD]),
     (MISTRAL, '[{"name": "add", "arguments": {"a": 1, "b": 2}}]', "", [ADD]),  # [TOOL_CALLS] stripped as special
+    (MISTRAL, 'add{"a": 1, "b": 2}get_weather{"city": "Paris", "days": 3}', "", [ADD, WEATHER]),  # [ARGS] too
+    (MISTRAL, "added it up", "added it up", []),  # starts like a tool's name, is not a call
+    (MISTRAL, 'unknown{"a": 1}', 'unknown{"a": 1}', []),
     # brackets and escaped quotes inside strings do not close a call
     (LLAMA3, '<|python_tag|>{"name": "get_weather", "parameters": {"city": "P}a]r\\"is{", "days": 3}}', "",
      [ToolCall("get_weather", {"city": 'P}a]r"is{', "days": 3})]),

@@ -150,11 +150,12 @@ def tag_calls(body: str, types: ParamTypes | None = None) -> list[ToolCall] | No
     return json_calls(body)
 
 
-_MISTRAL_NAME = re.compile(r"\s*([A-Za-z0-9_.\-]+)(?:\[CALL_ID\][A-Za-z0-9]*)?\[ARGS\]")
+# `[ARGS]` (and `[CALL_ID]`) are special tokens: with skip_special_tokens they are gone, leaving `NAME{...}`
+_MISTRAL_NAME = re.compile(r"\s*([A-Za-z0-9_.\-]+)(?:(?:\[CALL_ID\][A-Za-z0-9]*)?\[ARGS\])?(?=\s*\{)")
 
 
 def mistral_named_call(text: str, scan: JsonScan | None = None) -> tuple[ToolCall, int] | None | bool:
-    """Mistral's `NAME[ARGS]{...}` at the start of `text`: (call, end), False if it is not one, None if incomplete."""
+    """Mistral's `NAME[ARGS]{...}` (or `NAME{...}`) at the start of `text`: (call, end), False: no, None: not yet."""
     found = _MISTRAL_NAME.match(text)
     if found is None:
         # still possibly "name[CALL_ID]id[ARGS]" being written: a name and bracketed markers so far

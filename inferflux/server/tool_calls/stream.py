@@ -16,6 +16,7 @@ never lost; parsing the whole output at once or in any split gives the same text
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 from inferflux.server.tool_calls.calls import (
@@ -40,6 +41,21 @@ def _bare_start(text: str) -> bool | None:
     if text[0] == "[":
         return _bare_start(rest) if rest[0] == "{" else False
     return rest[0] == '"'
+
+
+def _bare_named(text: str, names: set[str]) -> bool | None:
+    """Whether stripped text starts `NAME{` / `NAME[ARGS]{` for one of `names`; None: too short to say."""
+    found = re.match(r"[\w.\-]+", text)
+    if found is None:
+        return False
+    ident, rest = found.group(0), text[found.end():]
+    if not rest:
+        return None if any(name.startswith(ident) for name in names) else False
+    if ident not in names:
+        return False
+    if re.match(r"\s*(\[ARGS\]\s*)?\{", rest):
+        return True
+    return None if not rest.strip() or "[ARGS]".startswith(rest.lstrip()) else False
 
 
 class ToolCallStream:
@@ -97,6 +113,13 @@ class ToolCallStream:
                         break
                     if plausible:
                         self._enter_rest("json", "", bare=True)
+                        continue
+                elif any(kind == "mistral" for _, kind in self.format.rest):
+                    named = _bare_named(stripped, self.names)
+                    if named is None and not final:
+                        break
+                    if named:  # Mistral's `NAME[ARGS]{...}` whose markers were special tokens, skipped
+                        self._enter_rest("mistral", "", bare=True)
                         continue
                 self._mode = "text"
             if self._mode == "rest":
@@ -167,8 +190,6 @@ class ToolCallStream:
             end = self._scan.end(pending, pos)
             if end is not None and end >= 0:
                 found = json_calls(pending[pos:end])
-                if found and self._bare and not all(c.name in self.names for c in found):
-                    found = None
         elif self._kind == "mistral":
             named = mistral_named_call(head, self._scan)
             end = None if named is None else -1 if named is False else 0
@@ -176,6 +197,8 @@ class ToolCallStream:
                 found, end = [named[0]], pos + named[1]
         else:
             end = -1
+        if found and self._bare and not all(c.name in self.names for c in found):
+            found = None  # a bare start is a call only to one of the request's tools
         if end is None and not final:
             return False  # the call is still being written
         if not found:  # not a call: hand it out as the text it is, and look for markers in what follows

@@ -161,6 +161,38 @@ def test_tool_conversation_becomes_the_templates_messages(server) -> None:
     assert reply.stop_reason in ("max_tokens", "end_turn", "tool_use")
 
 
+CITY_TOOL = [{"name": "get_weather", "description": "The weather in a city",
+              "input_schema": {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}},
+                               "required": ["city"], "additionalProperties": False}}]
+
+
+def test_forced_tool_call_round_trip(server) -> None:
+    """tool_choice `tool` / `any` constrain the random model to a call: a real tool_use, answered and continued."""
+    client = _client(server)
+    ask = {"model": "tiny", "max_tokens": 100, "tools": CITY_TOOL, "extra_body": GREEDY,
+           "messages": [{"role": "user", "content": "Weather in Paris?"}]}
+    first = client.messages.create(**ask, tool_choice={"type": "tool", "name": "get_weather"})
+    assert first.stop_reason == "tool_use", first
+    (call,) = [b for b in first.content if b.type == "tool_use"]
+    assert call.name == "get_weather" and call.input["city"] in ("Paris", "Rome") and call.id.startswith("toolu_")
+    with client.messages.stream(**ask, tool_choice={"type": "any"}) as stream:
+        final = stream.get_final_message()
+    assert final.stop_reason == "tool_use" and [b.input for b in final.content if b.type == "tool_use"] == [call.input]
+    turn = [*ask["messages"], {"role": "assistant", "content": [b.model_dump() for b in first.content]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "18C"}]}]
+    second = client.messages.create(**{**ask, "messages": turn, "max_tokens": 4})
+    assert second.stop_reason in ("end_turn", "max_tokens", "tool_use") and second.usage.output_tokens >= 1
+    assert second.usage.input_tokens + second.usage.cache_read_input_tokens > first.usage.input_tokens
+
+
+def test_output_format_json_schema(server) -> None:
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    reply = _client(server).messages.create(model="tiny", max_tokens=40, messages=USER, extra_body=GREEDY,
+                                            output_config={"format": {"type": "json_schema", "schema": schema}})
+    assert isinstance(json.loads(reply.content[0].text)["ok"], bool)
+
+
 def test_errors_in_anthropics_shape(server) -> None:
     client = _client(server)
     with pytest.raises(anthropic.BadRequestError) as bad:

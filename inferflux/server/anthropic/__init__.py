@@ -11,8 +11,9 @@ Differences from Anthropic's API, by design or not yet done:
 - `image` and `document` blocks are refused with a 400 (no vision models are served).
 - `max_tokens` is capped to what fits the context window (Anthropic-style clients send one large value
   whatever the model), and a capped answer ends with `stop_reason: max_tokens`.
-- `tool_choice` `any` / `tool` cannot force a call yet (no constrained decoding): they are accepted and
-  act as `auto`; `none` keeps the tools in the prompt but never parses calls out of the text.
+- `tool_choice` `any` / `tool` force a call by constraining the output to one call in the template's tool
+  format (the engine's grammar, server/structured.py); `none` keeps the tools in the prompt but never
+  parses calls out of the text; `disable_parallel_tool_use` is accepted (a forced answer is one call).
 - `thinking` is the reasoning switch of server/reasoning.py (the template's `enable_thinking`): `disabled`
   off, `enabled` / `adaptive` on (at `output_config.effort` when given), absent the template's default,
   as the OpenAI endpoint renders it. `enabled` on a model that does not reason is a 400; `budget_tokens`
@@ -23,8 +24,8 @@ Differences from Anthropic's API, by design or not yet done:
 - `usage.input_tokens` counts the prompt tokens not served from the prefix cache; those are
   `cache_read_input_tokens` (so the two add up to `count_tokens`' answer).
 - `temperature`, `top_p`, `top_k` are honoured (current clients send them with `extra_body`).
-- `output_config.format` (JSON output) is not applied yet; `metadata`, `service_tier`, `cache_control` and other
-  fields Anthropic knows are accepted and ignored.
+- `output_config.format` (`json_schema`) constrains the output to JSON valid against the schema.
+- `metadata`, `service_tier`, `cache_control` and other fields Anthropic knows are accepted and ignored.
 
 Errors are Anthropic's `{"type": "error", "error": {"type", "message"}}`, their type chosen by status.
 """

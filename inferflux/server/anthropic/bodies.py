@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from inferflux.engine.grammar import Constraint
 from inferflux.engine.sampling_params import SamplingParams
 from inferflux.server.errors import bad_request
 from inferflux.server.generation import GenerationSpec, Limits, Prompt
@@ -90,8 +91,14 @@ class Metadata(_Body):
     user_id: str | None = None
 
 
+class OutputFormat(_Body):
+    type: Literal["json_schema"]
+    schema_: dict[str, Any] = Field(alias="schema")
+
+
 class OutputConfig(_Body):
     effort: Literal["low", "medium", "high", "xhigh", "max"] | None = None
+    format: OutputFormat | None = None
 
 
 class CountTokensRequest(_Body):
@@ -139,6 +146,22 @@ class MessagesRequest(CountTokensRequest):
     stream: bool = False
 
     @property
+    def forced_tools(self) -> list[dict[str, Any]] | None:
+        """`any`: the output is a call to one of the tools; `tool`: to the named one (a grammar constraint)."""
+        choice = self.tool_choice
+        if choice is None or choice.type not in ("any", "tool"):
+            return None
+        if not self.tools:
+            raise bad_request(f"tool_choice `{choice.type}` needs `tools`", param="tool_choice")
+        return [{"name": t.name, "parameters": t.input_schema} for t in self.tools
+                if choice.type == "any" or t.name == choice.name]
+
+    def constraint(self) -> Constraint | None:
+        """`output_config.format`: the output is JSON valid against the schema (the engine's grammar)."""
+        fmt = self.output_config.format if self.output_config is not None else None
+        return None if fmt is None else Constraint.json_schema(fmt.schema_)
+
+    @property
     def tool_names(self) -> set[str] | None:
         """Tool calls are parsed out of the text when tools were given and `tool_choice` is not `none`."""
         if not self.tools or (self.tool_choice is not None and self.tool_choice.type == "none"):
@@ -153,14 +176,18 @@ class MessagesRequest(CountTokensRequest):
         # Anthropic's defaults: temperature 1, no top-p / top-k cut.
         params = SamplingParams(max_tokens=None, temperature=1.0 if self.temperature is None else self.temperature,
                                 top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0,
-                                stop=list(self.stop_sequences or []) or None)
+                                stop=list(self.stop_sequences or []) or None, constraint=self.constraint())
+        forced = self.forced_tools
+        if forced and params.constraint is not None:
+            raise bad_request("a forced tool call (`tool_choice` any/tool) cannot be combined with "
+                              "`output_config.format`", param="tool_choice")
         # `enabled` asks for thinking: on a model whose template does not reason that is a 400 (as Anthropic
         # refuses it for models without extended thinking); `adaptive` lets the model decide, so it never fails.
         # budget_tokens is not enforced: the generation layer has no reasoning budget to give it to.
         think = self.think if thinking is not None and thinking.type == "enabled" else None
         return GenerationSpec(model=self.model, prompts=[self.prompt()], params=params,
                               limits=Limits(max_tokens=self.max_tokens, overflow="cap"), tool_names=self.tool_names,
-                              think=think)
+                              think=think, forced_tools=forced)
 
 
 def _text(blocks: str | list[TextBlock] | list[Any] | None, where: str) -> str:

@@ -74,6 +74,8 @@ CASES = [
     (LLAMA3, '{"name": "Paris", "population": 2100000}', '{"name": "Paris", "population": 2100000}', []),
     (MISTRAL, "[TOOL_CALLS]add[ARGS]{oops}", "[TOOL_CALLS]add[ARGS]{oops}", []),
     (MISTRAL, "[TOOL_CALLS] sorry, no", "[TOOL_CALLS] sorry, no", []),
+    (MISTRAL, "[TOOL_CALLS]  ", "[TOOL_CALLS]  ", []),
+    (LLAMA3, "ok <|python_tag|>", "ok <|python_tag|>", []),
     (MISTRAL, "[1, 2] is a list", "[1, 2] is a list", []),
     # a format's markers only: other families' markup is plain text to it
     (LLAMA3, "a <tool_call> b", "a <tool_call> b", []),

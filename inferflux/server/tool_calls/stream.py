@@ -90,7 +90,9 @@ class ToolCallStream:
                 self.calls += found
             else:
                 text += pending if self._tag.keep else self._tag.open + pending
-        elif not (self._mode == "rest" and self._made and not pending.strip()):
+        elif self._mode == "rest":  # only spaces are left here: after calls they go, after a bare marker they stay
+            text += "" if self._made else self._prefix + pending
+        else:
             text += pending
         self._mode = "text"
         return text, calls

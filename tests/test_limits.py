@@ -188,7 +188,11 @@ def limited(tiny_model):
     tenants = Tenants(KeyStore.at_home(home))
     limiter = SqliteLimiter.at_home(home)  # the same state.db as the server's, as `inferctl admin limits` uses it
     server = Server(tiny_model("llama"), "tiny", extra=["security.auth=required"], home=home)
-    prompt_tokens = chat(server, tenants.key("free"), 1).usage.prompt_tokens
+    try:
+        prompt_tokens = chat(server, tenants.key("free"), 1).usage.prompt_tokens
+    except openai.APIError:
+        server.stop()
+        raise AssertionError("the first request failed:\n" + server.output()) from None
     yield server, tenants, limiter, prompt_tokens
     status = server.stop()
     limiter.close()

@@ -176,3 +176,22 @@ TEMPLATES = {
 def test_format_detected_from_the_chat_template(name: str) -> None:
     assert detect_format(TEMPLATES[name]) is FORMATS[name]
     assert detect_format("<|python_tag|>") is LLAMA3 and detect_format(None) is GENERIC
+
+
+FRAGMENTS = ["<tool_call>", "</tool_call>", "<function=add>", "</function>", "<parameter=a>", "1", "</parameter>",
+             "[TOOL_CALLS]", "[ARGS]", "<|python_tag|>", '{"name": "add", "arguments": {"a": 1}}', '{"name": "add", ',
+             '"parameters": {"b": "}"}}', "add", "get_weather", "{", "}", "[", "]", '"', "\\", " ", "\n", ";", ",",
+             "hi", "<", "<tool", "[TOOL", "x{"]
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS.values()), ids=list(FORMATS))
+def test_random_mixtures_split_the_same_and_lose_no_text(fmt) -> None:
+    """Random mixes of markers, JSON pieces and text: any split parses as the whole; without calls the text is kept."""
+    rng = random.Random(fmt.name)
+    for _ in range(400):
+        output = "".join(rng.choice(FRAGMENTS) for _ in range(rng.randint(1, 10)))
+        whole = parse_tool_calls(output, NAMES, fmt, TYPES)
+        joined, found, _ = _streamed(fmt, output, [rng.randint(1, 6) for _ in range(len(output))])
+        assert (joined, found) == whole, output
+        if not whole[1]:
+            assert whole[0] == output

@@ -23,7 +23,8 @@ from inferflux.formats.chat_template import ChatTemplate
 from inferflux.server.reasoning import ReasoningStream, split_reasoning, thinking_kwargs
 
 TEMPLATE = (
-    "{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n{{ m.content }}<|eot_id|>"
+    "{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n"
+    "{% if m.reasoning_content %}<think>\n{{ m.reasoning_content }}\n</think>\n\n{% endif %}{{ m.content }}<|eot_id|>"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n"
     "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n"
@@ -121,8 +122,8 @@ def oai(think_server) -> openai.OpenAI:
     return openai.OpenAI(base_url=think_server.url + "/v1", api_key="unused", max_retries=0)
 
 
-def _prompt_tokens(model: Path, **kwargs) -> int:
-    text = ChatTemplate(TEMPLATE).render(MESSAGES, **kwargs)
+def _prompt_tokens(model: Path, messages=MESSAGES, **kwargs) -> int:
+    text = ChatTemplate(TEMPLATE).render(messages, **kwargs)
     return len(Tokenizer.from_file(str(model / "tokenizer.json")).encode(text, add_special_tokens=False).ids)
 
 
@@ -195,6 +196,23 @@ def test_switch_reaches_the_template(oai, think_server, think_model) -> None:
     thinks = client.generate(model=NAME, prompt=MESSAGES[0]["content"], think=True,
                              options={"num_predict": 1, "temperature": 0})
     assert thinks.prompt_eval_count == on
+
+
+def test_earlier_reasoning_reaches_the_template(oai, think_server, think_model) -> None:
+    """An assistant turn sent back with its reasoning (OpenAI `reasoning_content`/`reasoning`, Ollama `thinking`)."""
+    history = [MESSAGES[0], {"role": "assistant", "content": "Scattering.", "reasoning_content": "Light bends"},
+               {"role": "user", "content": "Why?"}]
+    expected = _prompt_tokens(think_model, history)
+    assert expected > _prompt_tokens(think_model, [{k: v for k, v in m.items() if k != "reasoning_content"}
+                                                   for m in history])
+    for key in ("reasoning_content", "reasoning"):
+        messages = [{(key if k == "reasoning_content" else k): v for k, v in m.items()} for m in history]
+        got = oai.chat.completions.create(model=NAME, messages=messages, max_tokens=1).usage.prompt_tokens
+        assert got == expected, key
+    ollama_history = [{("thinking" if k == "reasoning_content" else k): v for k, v in m.items()} for m in history]
+    reply = ollama.Client(host=think_server.url).chat(model=NAME, messages=ollama_history,
+                                                      options={"num_predict": 1})
+    assert reply.prompt_eval_count == expected
 
 
 def test_ollama_client_thinking(oai, think_server) -> None:

@@ -102,9 +102,12 @@ class ChatMessage(_Body):
     images: list[str] | None = None
     tool_calls: list[dict[str, Any]] | None = None
     tool_name: str | None = None
+    thinking: str | None = None  # an earlier answer's reasoning, sent back
 
     def for_template(self) -> dict[str, Any]:
         message: dict[str, Any] = {"role": self.role, "content": self.content or ""}
+        if self.thinking is not None:  # the name reasoning templates read (Qwen3, DeepSeek-R1)
+            message["reasoning_content"] = self.thinking
         if self.tool_calls:
             message["tool_calls"] = self.tool_calls
         if self.tool_name:

@@ -34,9 +34,14 @@ class ChatMessage(_Request):
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
+    reasoning_content: str | None = None  # an earlier answer's reasoning, sent back (vLLM: `reasoning`)
+    reasoning: str | None = None
 
     def for_template(self) -> dict[str, Any]:
-        """The message as chat templates expect it: `developer` is a system message, parts joined."""
+        """The message as chat templates expect it: `developer` is a system message, parts joined.
+
+        Earlier reasoning goes to the template as `reasoning_content`, the name Qwen3's and DeepSeek's read.
+        """
         message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role}
         if isinstance(self.content, list):
             message["content"] = "".join(part.text for part in self.content)
@@ -46,6 +51,9 @@ class ChatMessage(_Request):
             value = getattr(self, key)
             if value is not None:
                 message[key] = value
+        thought = self.reasoning_content if self.reasoning_content is not None else self.reasoning
+        if thought is not None:
+            message["reasoning_content"] = thought
         return message
 
 

@@ -37,7 +37,8 @@ def served(tiny_model):
         store.create_tenant(tenant)
         keys[tenant], _ = store.create_key(tenant, "inference")
     store.close()
-    server = Server(tiny_model("llama"), "tiny", extra=["security.auth=required"], home=home)
+    server = Server(tiny_model("llama"), "tiny", home=home,
+                    extra=["security.auth=required", "runtime.max_model_len=512"])  # room for tools printed as JSON
     yield server, keys
     assert server.stop() == 0, server.output()
 
@@ -140,6 +141,42 @@ def test_function_call_output_renders_as_a_tool_message(served) -> None:
     assert response.tools[0].name == "get_weather"
     listed = client.responses.input_items.list(response.id, order="asc")
     assert [item.type for item in listed.data] == ["message", "function_call", "function_call_output"]
+
+
+def test_forced_function_call_round_trip(served) -> None:
+    """tool_choice names the function: the grammar forces a call, which comes back as a `function_call` item;
+    its output, sent back with previous_response_id, is the tool message of the same turn chat renders."""
+    client = _client(served)
+    tools = [{"type": "function", "name": "get_weather",  # small: the llama template prints tools as JSON
+              "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 4}},
+                             "required": ["city"], "additionalProperties": False}}]
+    first = client.responses.create(model="tiny", input="Weather in Paris?", tools=tools, max_output_tokens=48,
+                                    tool_choice={"type": "function", "name": "get_weather"}, **GREEDY)
+    calls = [item for item in first.output if item.type == "function_call"]
+    assert len(calls) == 1 and calls[0].name == "get_weather" and calls[0].status == "completed", first.output
+    assert first.output[-1].type == "function_call"
+    args = json.loads(calls[0].arguments)
+    assert isinstance(args["city"], str) and calls[0].call_id.startswith("call_")
+    # Streamed, the same call arrives as function_call_arguments events.
+    events = list(client.responses.create(model="tiny", input="Weather in Paris?", tools=tools, stream=True,
+                                          max_output_tokens=48, tool_choice="required", **GREEDY))
+    done = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert len(done) == 1 and json.loads(done[0].arguments) == args
+    # (The forced call on this template runs on to max_output_tokens after the call: status "incomplete".)
+    assert events[-1].type in ("response.completed", "response.incomplete")
+    assert events[-1].response.output[-1].type == "function_call"
+    second = client.responses.create(model="tiny", previous_response_id=first.id, tools=tools, max_output_tokens=6,
+                                     **GREEDY, input=[{"type": "function_call_output", "call_id": calls[0].call_id,
+                                                       "output": "sunny"}])
+    text = [item for item in first.output if item.type == "message"]
+    chat = client.chat.completions.create(model="tiny", max_tokens=6, **GREEDY, tools=[
+        {"type": "function", "function": {k: v for k, v in tools[0].items() if k != "type"}}], messages=[
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": text[0].content[0].text if text else "", "tool_calls": [
+            {"id": calls[0].call_id, "type": "function",
+             "function": {"name": "get_weather", "arguments": calls[0].arguments}}]},
+        {"role": "tool", "tool_call_id": calls[0].call_id, "content": "sunny"}])
+    assert second.output_text == chat.choices[0].message.content
 
 
 def test_text_format_json_schema_is_enforced(served) -> None:

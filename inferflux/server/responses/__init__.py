@@ -7,9 +7,10 @@ generation's events into the typed event stream and the response object; `store.
 
 Differences from OpenAI: no built-in tools (web search, files, computer use), no images or files
 in input, no `background` mode, no `conversation` objects; `text.format` json_object / json_schema
-is enforced by the engine's grammar (`engine/grammar.py`); `tool_choice` "required" or a named function is
-accepted but not enforced (calls are parsed from what the model writes); `reasoning.effort` is
-passed to the chat template as `reasoning_effort`; `output_tokens_details.reasoning_tokens` is 0.
+and `tool_choice` "required" or a named function are enforced by the engine's grammar
+(`engine/grammar.py`, `server/structured.py`); `reasoning.effort` is the chat template's thinking
+switch (`enable_thinking`, `reasoning_effort`), ignored by templates without one;
+`output_tokens_details.reasoning_tokens` is 0.
 """
 
 from __future__ import annotations

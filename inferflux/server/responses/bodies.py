@@ -170,8 +170,11 @@ class _Input(_Body):
         return [tool.for_template() for tool in self.tools] if self.tools else None
 
     def template_kwargs(self) -> dict[str, Any]:
-        effort = self.reasoning.effort if self.reasoning else None
-        return {"reasoning_effort": effort} if effort else {}
+        """The thinking switch (`enable_thinking`, `reasoning_effort`) from `reasoning.effort`, as chat sets it;
+        a template without the switch ignores it."""
+        from inferflux.server.reasoning import thinking_kwargs
+
+        return thinking_kwargs(self.reasoning.effort if self.reasoning else None)
 
 
 class ResponsesRequest(_Input):
@@ -186,6 +189,7 @@ class ResponsesRequest(_Input):
     seed: int | None = None  # not in OpenAI's API; vLLM and llama.cpp accept it for reproducible samples
 
     def spec(self, prior: list[dict[str, Any]]) -> GenerationSpec:
+        from inferflux.server.structured import forced_tools
         from inferflux.server.tool_calls import tool_names
 
         if self.max_output_tokens is not None and self.max_output_tokens < 1:
@@ -197,9 +201,15 @@ class ResponsesRequest(_Input):
         params = SamplingParams(max_tokens=None, temperature=1.0 if self.temperature is None else self.temperature,
                                 top_p=1.0 if self.top_p is None else self.top_p, seed=self.seed, n=1,
                                 constraint=self.constraint())
+        choice = self.tool_choice.model_dump() if isinstance(self.tool_choice, ToolChoiceFunction) else self.tool_choice
+        forced = forced_tools(self.template_tools(), choice)  # required / a named function: a grammar-forced call
+        if forced and params.constraint is not None:
+            raise bad_request("`tool_choice` forcing a call cannot be combined with a `text.format` JSON format",
+                              param="tool_choice")
         return GenerationSpec(model=self.model, prompts=[prompt], params=params,
                               limits=Limits(max_tokens=self.max_output_tokens),
-                              tool_names=tool_names(self.template_tools()) if self.parses_tools else None)
+                              tool_names=tool_names(self.template_tools()) if self.parses_tools else None,
+                              forced_tools=forced)
 
     def constraint(self) -> Constraint | None:
         """`text.format` as the engine's grammar constraint: json_object is any JSON object, json_schema its

@@ -136,9 +136,8 @@ def test_model_with_gpu_kernels_interpreted_matches_transformers(tiny_model, mon
     chunked prefill goes through the ragged kernel, decode through the decode kernel; greedy tokens equal
     transformers', alone and beside other prompts (mixed steps)."""
     from inferflux import SamplingParams
-    from tests.test_runtime import PROMPT, effective_hf_model, hf_greedy, make_llm
-
     from inferflux.kernels import ragged_attention
+    from tests.test_runtime import PROMPT, effective_hf_model, hf_greedy, make_llm
 
     monkeypatch.setenv("INFERFLUX_ATTENTION", "pallas-interpret")
     traced = []  # the step really holds the kernel: count its traces (one per layer per compiled program)

@@ -137,6 +137,7 @@ class ModelRunner:
         growth = runtime.page_bucket_growth
         self.page_buckets = geometric_buckets(min(growth, self.pages_per_seq), self.pages_per_seq, growth)
         self.num_logprobs = runtime.max_logprobs
+        self._free_masks: dict[int, jax.Array] = {}  # rows -> all-ones grammar mask on the device (`_pack`)
         self.num_bias_slots = runtime.max_logit_bias + RESERVED_BIAS_SLOTS
         # Decode-only steps (one token per sequence) get their own programs on GPU, token t in slot t, running
         # the Pallas decode kernel. CPU needs none: with the FFI attention its mixed buckets start at one token
@@ -346,10 +347,16 @@ class ModelRunner:
         rows = [chunk.sampling for chunk in chunks] + [None] * (num_seqs - len(chunks))
         # Grammar masks are a fixed-shape input of every program (all ones for free and padding rows), so a
         # constrained request joins any batch without a recompile.
-        allowed = np.full((num_seqs, -(-self.config.vocab_size // 32)), -1, np.int32)
-        for i, chunk in enumerate(chunks):
-            if chunk.allowed is not None:
-                allowed[i] = chunk.allowed
+        # A step without constrained rows reuses one all-ones array already on the device (per row count), so
+        # free serving neither builds nor copies [rows, V/32] words each step.
+        allowed: Any = self._free_masks.get(num_seqs)
+        if allowed is None or any(chunk.allowed is not None for chunk in chunks):
+            allowed = np.full((num_seqs, -(-self.config.vocab_size // 32)), -1, np.int32)
+            for i, chunk in enumerate(chunks):
+                if chunk.allowed is not None:
+                    allowed[i] = chunk.allowed
+            if not any(chunk.allowed is not None for chunk in chunks):
+                allowed = self._free_masks[num_seqs] = jax.device_put(allowed)
         inputs = StepInputs(tokens=tokens, positions=positions, token_seq=token_seq, slot_mapping=slots,
                             block_tables=tables, logits_index=logits_index)
         # Parameters were validated at admission (SamplingParams.validate); skip re-checking per step.

@@ -53,6 +53,7 @@ def test_openai_parse_with_pydantic(client):
     assert isinstance(pet, Pet) and 0 <= pet.age <= 30
 
 
+@pytest.mark.slow  # 20 samples of up to 150 tokens: ~60 s on 2 cores
 def test_json_schema_n_samples_validate(client):
     choices = [c for seed in (11, 111) for c in client.chat.completions.create(  # 20 samples (max_num_seqs is 16)
         model="tiny", messages=MESSAGES, max_tokens=150, n=10, seed=seed, temperature=1.0,
@@ -98,6 +99,7 @@ def test_vllm_and_llamacpp_fields_on_completions(client, extra, check):
         assert check(choice.text), (extra, choice.text)
 
 
+@pytest.mark.slow  # a ~400-token prompt with two tools: ~50 s on 2 cores
 def test_tool_choice_required_returns_a_valid_call(client):
     done = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Use a tool"}],
                                           tools=TOOLS, tool_choice="required", parallel_tool_calls=False,
@@ -107,6 +109,24 @@ def test_tool_choice_required_returns_a_valid_call(client):
     (call,) = choice.message.tool_calls
     params = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}[call.function.name]
     jsonschema.validate(json.loads(call.function.arguments), params)
+
+
+def test_named_tool_choice_streamed(client):
+    stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Add"}],
+                                            tools=TOOLS, tool_choice={"type": "function", "function": {"name": "add"}},
+                                            max_tokens=60, seed=8, stream=True)
+    content, args, names, finish = "", "", [], None
+    for chunk in stream:
+        if not chunk.choices:
+            continue
+        delta = chunk.choices[0].delta
+        content += delta.content or ""
+        for call in delta.tool_calls or []:
+            names += [call.function.name] if call.function and call.function.name else []
+            args += (call.function.arguments or "") if call.function else ""
+        finish = chunk.choices[0].finish_reason or finish
+    assert names == ["add"] and finish == "tool_calls" and "name" not in content
+    jsonschema.validate(json.loads(args), TOOLS[1]["function"]["parameters"])
 
 
 def test_named_tool_choice(client):

@@ -66,9 +66,14 @@ class _Remote:
                   "tenants.delete": ("DELETE", f"/admin/tenants/{args.get('name')}", None),
                   "keys.create": ("POST", "/admin/keys", {k: v for k, v in args.items() if v is not None}),
                   "keys.list": ("GET", "/admin/keys", None),
-                  "keys.revoke": ("POST", f"/admin/keys/{args.get('key_id')}/revoke", None)}
+                  "keys.revoke": ("POST", f"/admin/keys/{args.get('key_id')}/revoke", None),
+                  "audit.tail": ("GET", "/admin/audit", None)}
         method, path, body = routes[action]
-        params = {"tenant": args["tenant"]} if action == "keys.list" and args.get("tenant") else None
+        params: dict[str, Any] | None = None
+        if action in ("keys.list", "audit.tail") and args.get("tenant"):
+            params = {"tenant": args["tenant"]}
+        if action == "audit.tail":
+            params = {**(params or {}), "limit": str(args["limit"])}
         response = self.http.request(method, path, json=body, params=params)
         data = response.json() if response.content else {}
         if response.status_code >= 400:
@@ -206,7 +211,7 @@ class Admin(SecretsAdmin, LimitsAdmin):
         print(verdict.summary())
 
     def audit_tail(self, n: int = 20, tenant: str | None = None, dir: str | None = None,  # noqa: A002
-                   json: bool = False) -> None:  # noqa: A002
+                   json: bool = False, url: str | None = None, api_key: str | None = None) -> None:  # noqa: A002
         """Print the last audit records, oldest first.
 
         Args:
@@ -214,10 +219,15 @@ class Admin(SecretsAdmin, LimitsAdmin):
             tenant TENANT: only this tenant's records
             dir DIR: the audit directory (default $INFERFLUX_HOME/audit)
             json: print each record as its JSON line
+            url URL: read a running server's log through GET /admin/audit instead (default INFERFLUX_URL)
+            api_key KEY: an admin-scoped key for --url (default INFERFLUX_API_KEY)
         """
         from inferflux.server.access.audit_chain import tail
 
-        records = tail(_audit_dir(dir), max(0, n), tenant)
+        if dir is None and (url or os.environ.get("INFERFLUX_URL")):
+            records = _backend(url, api_key).call("audit.tail", limit=max(1, n), tenant=tenant)
+        else:
+            records = tail(_audit_dir(dir), max(0, n), tenant)
         if json:
             for record in records:
                 print(jsonlib.dumps(record, sort_keys=True))

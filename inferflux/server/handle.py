@@ -23,6 +23,7 @@ from inferflux.engine.compile_cache import enable_persistent_cache
 from inferflux.engine.embedder import Embedder
 from inferflux.engine.engine import Engine
 from inferflux.engine.request import EngineStats, Pooling
+from inferflux.engine.reranker import Reranker, load_reranker
 from inferflux.formats.describe import ModelFacts, model_facts
 from inferflux.formats.encoder import load_encoder
 from inferflux.formats.loader import LoadedModel, load_model
@@ -98,8 +99,9 @@ class Encoder:
 
     generative = False
 
-    def __init__(self, embedder: Embedder) -> None:
+    def __init__(self, embedder: Embedder, reranker: Reranker | None = None) -> None:
         self.embedder = embedder
+        self.reranker = reranker  # a cross-encoder's classifier path (/v1/rerank, /v1/score); None: embeddings only
         # The embedder holds device state and compiles on demand: one caller at a time.
         self.lock = threading.Lock()
 
@@ -136,6 +138,17 @@ class Encoder:
 
         return await asyncio.to_thread(run)
 
+    async def score_pairs(self, pairs: list[tuple[str, str]]) -> tuple[np.ndarray, int]:
+        """Cross-encoder scores `[N, num_labels]` and tokens read (the caller checked `reranker`), off the loop."""
+        reranker = self.reranker
+        assert reranker is not None
+
+        def run() -> tuple[np.ndarray, int]:
+            with self.lock:  # the same device-state rule as the embedder's
+                return reranker.score_texts(pairs)
+
+        return await asyncio.to_thread(run)
+
 
 @dataclasses.dataclass
 class ModelHandle:
@@ -147,6 +160,7 @@ class ModelHandle:
     model: LoadedModel | None
     engine: Engine | None
     embedder: Embedder | None = None
+    reranker: Reranker | None = None  # with an embedder: the model is a cross-encoder
     facts: ModelFacts | None = None  # None only for handles built around test doubles
     served: ServedModel = dataclasses.field(init=False)
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
@@ -162,7 +176,7 @@ class ModelHandle:
 
     def __post_init__(self) -> None:
         if self.embedder is not None:
-            self.served = Encoder(self.embedder)
+            self.served = Encoder(self.embedder, self.reranker)
         elif self.engine is not None:
             self.served = Generator(self.model, self.engine)
         else:
@@ -224,9 +238,9 @@ def load_handle(config: Config, path: str | Path, served_name: str | None = None
     aliases = config_aliases(config) if aliases is None else aliases
     facts = model_facts(path)
     if not facts.generative:  # BERT-family embedding models are served by the embedder, not the engine
-        embedder = Embedder(load_encoder(path))
-        return ModelHandle(name=name, aliases=aliases, path=Path(path), model=None, engine=None, embedder=embedder,
-                           facts=facts)
+        encoder = load_encoder(path)
+        return ModelHandle(name=name, aliases=aliases, path=Path(path), model=None, engine=None,
+                           embedder=Embedder(encoder), reranker=load_reranker(path, encoder), facts=facts)
     model = load_model(path)
     engine = Engine(model, config).start()
     return ModelHandle(name=name, aliases=aliases, path=Path(path), model=model, engine=engine, facts=facts)

@@ -8,7 +8,7 @@ Scopes (a key holds any set of them):
 - `inference`: generating routes of every dialect (chat, completions, generate, WebSocket chat),
   and the tokenizer routes (`/tokenize`, `/detokenize`, `/tokenizer_info`): they load the model and
   run it, the same resource as inference, and inference clients call them to budget prompts.
-- `embeddings`: embedding routes of every dialect (rerank joins when it exists).
+- `embeddings`: embedding routes of every dialect, and rerank / score (`/v1/rerank`, `/v2/rerank`, `/v1/score`).
 - `models:read`: listing and describing models (`/v1/models`, `/api/tags`, `/api/ps`, `/api/show`,
   `/api/v0/models`), the version routes and `/metrics` (read-only views of the server; none of
   them loads a model).
@@ -41,6 +41,9 @@ ROUTE_SCOPES: Final[dict[str, str]] = {
     "openai.chat_completions": INFERENCE, "openai.chat_websocket": INFERENCE, "openai.completions": INFERENCE,
     "openai.tokenize": INFERENCE, "openai.detokenize": INFERENCE, "openai.tokenizer_info": INFERENCE,
     "openai.embeddings": EMBEDDINGS,
+    # rerank and score (cross-encoders): embedding-class work, reading text and returning numbers
+    "rerank.rerank": EMBEDDINGS, "rerank.rerank_bare": EMBEDDINGS, "rerank.rerank_v2": EMBEDDINGS,
+    "rerank.score": EMBEDDINGS,
     "openai.list_models": MODELS_READ, "openai.get_model": MODELS_READ, "openai.version": MODELS_READ,
     # Ollama
     "ollama.root": PUBLIC,

@@ -74,6 +74,20 @@ class LLM:
     def allocator(self) -> PageAllocator:
         return self.engine.allocator
 
+    def load_lora(self, name: str, path: str | Path) -> None:
+        """Load the PEFT adapter folder at `path` as `name` (needs runtime.max_loras > 0); never recompiles.
+
+        Requests then select it with `SamplingParams(lora=[(name, scale)])`, several to stack them.
+        """
+        self.engine.loras.load(name, path)
+
+    def unload_lora(self, name: str) -> None:
+        """Forget adapter `name`; its slot is emptied once no running request uses it."""
+        self.engine.loras.unload(name)
+
+    def list_loras(self) -> list[str]:
+        return self.engine.loras.names()
+
     def generate(
         self, prompts: Prompt | Seq[Prompt], sampling_params: SamplingParams | Seq[SamplingParams] | None = None
     ) -> list[RequestOutput]:

@@ -27,11 +27,13 @@ from inferflux.config import Config
 from inferflux.engine.detokenizer import StreamDetokenizer
 from inferflux.engine.grammar import GrammarCompiler, Matcher
 from inferflux.engine.kv_cache import KVCacheManager, PageAllocator
+from inferflux.engine.lora import NO_ADAPTER, AdapterSet, LoraSlots
 from inferflux.engine.model_runner import Chunk, ModelRunner, PromptScores
 from inferflux.engine.request import POOLINGS, EngineStats, Request, StreamOutput
 from inferflux.engine.sampling_params import SamplingParamsError
 from inferflux.engine.scheduler import ScheduledChunk, Scheduler
 from inferflux.engine.sequence import Sequence, TokenLogprobs
+from inferflux.engine.token_trace import TokenTrace
 from inferflux.formats.loader import LoadedModel
 
 
@@ -46,6 +48,8 @@ class _Live:
         self.sent_prompt_logprobs = [False] * len(seqs)  # each sample's first output carries them
         self.hidden: list[np.ndarray] = []  # an embedding's final hidden states so far, chunk by chunk
         self.matchers: list[Matcher | None] = [None] * len(seqs)  # structured output: each sample's grammar
+        self.adapters: AdapterSet = NO_ADAPTER  # its LoRA adapters (slots held until it ends)
+        self.scheduled_time: float | None = None  # when its first chunk ran (the end of its queueing)
 
 
 class EngineCore:
@@ -65,6 +69,9 @@ class EngineCore:
         self._seeds = random.Random(runtime.seed)
         self._stats = EngineStats(kv_pages_total=self.allocator.num_usable)
         self.grammars = GrammarCompiler(self.tokenizer, model.config.vocab_size)
+        self.loras = LoraSlots(self.runner)  # LoRA adapter names -> device slots (engine/lora.py)
+        # The /debug page's token trace (engine/token_trace.py); None (no cost) unless the server serves /debug.
+        self.token_trace: TokenTrace | None = None
         if runtime.warmup:
             self.runner.warmup()
 
@@ -95,6 +102,12 @@ class EngineCore:
         vocab = self.model.config.vocab_size
         if any(not 0 <= int(t) < vocab for t in request.prompt_ids):
             raise SamplingParamsError(f"the prompt has token ids outside the vocabulary (0..{vocab - 1})")
+        self._adapters(request)
+
+    def _adapters(self, request: Request) -> AdapterSet:
+        """The request's LoRA adapters: `params.lora`, or `adapter` (a name) at scale 1."""
+        lora = request.params.lora or ([(request.adapter, 1.0)] if request.adapter else None)
+        return self.loras.resolve(lora)
 
     def add_request(self, request: Request) -> None:
         """Validate and queue a request; a bad one raises here and is never scheduled."""
@@ -110,14 +123,17 @@ class EngineCore:
         else:
             base_seed = params.seed if params.seed is not None else self._seeds.getrandbits(31)
         eos = frozenset(self.tokenizer.eos_ids)
+        adapters = self._adapters(request)
         seqs: list[Sequence] = []
         for i in range(params.n):
             seqs.append(Sequence(prompt, params, seed=base_seed + i, max_model_len=self.max_model_len, eos_ids=eos,
-                                 parent=seqs[0] if seqs else None, adapter=request.adapter, index=i,
+                                 parent=seqs[0] if seqs else None, adapter=adapters.key, index=i,
                                  pooling=request.pooling if embed else None))
         detoks = [StreamDetokenizer(self.tokenizer, prompt, params.stop, params.skip_special_tokens)
                   for _ in seqs]
         live = self._live[request.request_id] = _Live(request, seqs, detoks)
+        live.adapters = adapters
+        self.loras.acquire(adapters)
         if params.constraint is not None and not embed:
             stops = eos | frozenset(params.stop_token_ids or ())
             live.matchers = [self.grammars.matcher(params.constraint, stops) for _ in seqs]
@@ -130,6 +146,7 @@ class EngineCore:
         live = self._live.pop(request_id, None)
         if live is None:
             return []
+        self.loras.release(live.adapters)
         outputs = []
         for i, seq in enumerate(live.seqs):
             self._by_seq.pop(seq.seq_id, None)
@@ -151,6 +168,10 @@ class EngineCore:
         if not chunks:
             return []
         start = time.perf_counter()
+        for chunk in chunks:
+            live = self._by_seq[chunk.seq.seq_id]
+            if live.scheduled_time is None:
+                live.scheduled_time = time.monotonic()
         generating = [c for c in chunks if not c.seq.is_embedding]
         embedding = [c for c in chunks if c.seq.is_embedding]
         step_chunks = [self._chunk(c) for c in generating]
@@ -160,7 +181,9 @@ class EngineCore:
             results, scores = self.runner.step(step_chunks), [None] * len(step_chunks)
         hidden = []
         if embedding:
-            hidden = self.runner.hidden_states([Chunk(c.tokens, c.seq.num_computed, c.seq.pages) for c in embedding])
+            hidden = self.runner.hidden_states([Chunk(c.tokens, c.seq.num_computed, c.seq.pages,
+                                                      lora=self._by_seq[c.seq.seq_id].adapters.coef)
+                                                for c in embedding])
         now = time.monotonic()
         outputs = []
         constrained: list[tuple[Sequence, StreamOutput, Matcher]] = []
@@ -215,7 +238,8 @@ class EngineCore:
         matcher = self._by_seq[seq.seq_id].matchers[seq.index] if scheduled.samples else None
         return Chunk(tokens=scheduled.tokens, start_pos=seq.num_computed, pages=seq.pages, history=seq.all_ids,
                      num_prompt=len(seq.prompt_ids), sampling=seq.row_params() if scheduled.samples else None,
-                     score=seq.wants_prompt_logprobs, allowed=None if matcher is None else matcher.mask)
+                     score=seq.wants_prompt_logprobs, allowed=None if matcher is None else matcher.mask,
+                     lora=self._by_seq[seq.seq_id].adapters.coef)
 
     def _accept(self, seq: Sequence, result, now: float) -> StreamOutput:
         """A sampled token arrived: extend the sample, detokenize, decide whether it stops."""
@@ -227,6 +251,10 @@ class EngineCore:
             return self._output(live, seq.index, [], "", None, now)
         seq.append(result.token_id, result.logprob, result.top_ids, result.top_logprobs)
         self._stats.generation_tokens += 1
+        if self.token_trace is not None:
+            top = seq.params.logprobs or 0  # the alternatives the request asked for (the step may compute more)
+            self.token_trace.token(live.request.request_id, seq.index, result.token_id, result.logprob,
+                                   result.top_ids[:top], result.top_logprobs[:top], now)
         if live.first_token_time[seq.index] is None:
             live.first_token_time[seq.index] = now
         text = detok.push(result.token_id)
@@ -258,8 +286,11 @@ class EngineCore:
         """A finished sample leaves the scheduler (its pages are freed); the request goes with its last one."""
         live = self._by_seq.pop(seq.seq_id)
         self.scheduler.remove(seq)
+        if self.token_trace is not None:
+            self.token_trace.finish(live.request.request_id, seq.index, seq.finish_reason)
         if all(s.finished for s in live.seqs):
             del self._live[live.request.request_id]
+            self.loras.release(live.adapters)
 
     def _output(self, live: _Live, index: int, new_ids: list[int], text: str, logprobs,
                 now: float | None = None, stop_reason: str | int | None = None) -> StreamOutput:
@@ -274,6 +305,7 @@ class EngineCore:
             completion_tokens=len(seq.output_ids), cached_tokens=seq.num_cached_tokens,
             arrival_time=live.request.arrival_time, first_token_time=live.first_token_time[index],
             last_token_time=now, stop_reason=stop_reason, prompt_logprobs=prompt_logprobs,
+            scheduled_time=live.scheduled_time,
         )
 
     # --- statistics ---
@@ -286,6 +318,7 @@ class EngineCore:
         s.prefix_queries = self.allocator.stats.queries
         s.prefix_hits = self.allocator.stats.hits
         s.num_preemptions = self.scheduler.num_preemptions
+        s.queued_prompt_tokens, s.kv_pages_wanted = self.scheduler.queued_demand()
         return dataclasses.replace(s)
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
@@ -37,10 +37,8 @@ from inferflux.engine.program_cache import FreshJit, ProgramCache
 from inferflux.engine.sampler import sample, token_logprobs
 from inferflux.engine.sampling_params import RESERVED_BIAS_SLOTS
 from inferflux.engine.sampling_rows import RowParams, SampleOutput, SamplingTensors
+from inferflux.engine.weight_prep import prepare_weights
 from inferflux.formats.loader import LoadedModel
-from inferflux.formats.quants import QUANTIZED_TYPES, QTensor, dequantize_raw
-from inferflux.formats.weights import QuantizedWeight, Weight
-from inferflux.kernels.cpu import qmatmul
 from inferflux.kernels.paged_attention import _select_impl as _select_attention
 from inferflux.models.llama import KVCache, LlamaModel, StepInputs, init_kv_cache, kv_bytes_per_page
 
@@ -61,6 +59,7 @@ class Chunk:
     sampling: RowParams | None = None  # None: run the tokens, sample nothing (mid-prompt chunk)
     score: bool = False  # also return the logprob of the prompt token after each token (prompt_logprobs)
     allowed: np.ndarray | None = None  # the row's grammar mask, packed i32 [ceil(V/32)] (engine/grammar.py)
+    lora: np.ndarray | None = None  # f32 [runtime.max_loras] adapter coefficients (engine/lora.py); None: none
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +123,11 @@ class ModelRunner:
         self.weight_layout = device.DENSE if mesh is not None else device.weight_layout(runtime.cpu_kernels)
         weights = prepare_weights(model.weights, self.dtype, self.weight_layout, exact=runtime.cpu_kernels == "exact")
         weights = tensor_parallel.shard_weights(weights, mesh)
-        graphdef, self.state = nnx.split(LlamaModel(model.config, weights, self.dtype, kernels=mesh is None))
+        # LoRA adapter slots (models/lora.py): float32 on CPU, the compute dtype elsewhere; none when max_loras=0.
+        self.max_loras, self.max_lora_rank = runtime.max_loras, runtime.max_lora_rank
+        lora_spec = (self.max_loras, self.max_lora_rank, jnp.float32 if self.backend == "cpu" else self.dtype)
+        graphdef, self.state = nnx.split(LlamaModel(model.config, weights, self.dtype, kernels=mesh is None,
+                                                    lora_spec=lora_spec))
         self.num_pages = self._num_pages()
         self.kv_cache: KVCache = tensor_parallel.shard_kv_cache(
             init_kv_cache(model.config, self.num_pages, self.page_size, self.dtype), mesh)
@@ -357,8 +360,14 @@ class ModelRunner:
                     allowed[i] = chunk.allowed
             if not any(chunk.allowed is not None for chunk in chunks):
                 allowed = self._free_masks[num_seqs] = jax.device_put(allowed)
+        lora_coef = None
+        if self.max_loras:  # a fixed-shape input: any mix of adapters (or none) runs the same program
+            lora_coef = np.zeros((num_seqs, self.max_loras), np.float32)
+            for i, chunk in enumerate(chunks):
+                if chunk.lora is not None:
+                    lora_coef[i] = chunk.lora
         inputs = StepInputs(tokens=tokens, positions=positions, token_seq=token_seq, slot_mapping=slots,
-                            block_tables=tables, logits_index=logits_index)
+                            block_tables=tables, logits_index=logits_index, lora_coef=lora_coef)
         # Parameters were validated at admission (SamplingParams.validate); skip re-checking per step.
         sampling = SamplingTensors.from_params(rows, num_seqs, num_bias_slots=self.num_bias_slots, validate=False,
                                                allowed=allowed)
@@ -407,30 +416,3 @@ def _abstract_inputs(bucket: Bucket, runner: ModelRunner) -> tuple[Any, ...]:
     inputs, sampling, history, is_output = runner._pack([], bucket)
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype),
                         (inputs, sampling, history, is_output))
-
-
-def prepare_weights(weights: Mapping[str, Weight], dtype: jnp.dtype, layout: str = device.DENSE,
-                    exact: bool = False) -> dict[str, Any]:
-    """Host weights -> the backend's representation (`layout`, from `device.weight_layout`).
-
-    Quantized matrices become `QTensor`s (GPU), `GGUFBlocks` (CPU kernels; `exact`: dequantized inside the
-    step instead) or dense arrays in `dtype`. A type the CPU kernels lack falls back to dense, per tensor.
-    GGUF blocks are copied once, as stored: a quantized file takes about its own size in memory.
-    """
-    out: dict[str, Any] = {}
-    for name, weight in weights.items():
-        if isinstance(weight, QuantizedWeight):
-            if layout == device.QTENSOR:
-                out[name] = QTensor.from_raw(weight.raw, weight.qtype, weight.shape, name=name)
-                continue
-            if layout == device.GGUF_BLOCKS and len(weight.shape) == 2 and (
-                    qmatmul.supports(weight.qtype, weight.shape[1]) or exact and weight.qtype in QUANTIZED_TYPES):
-                raw = np.ascontiguousarray(weight.raw).view(np.uint8).reshape(weight.shape[0], -1)
-                out[name] = qmatmul.GGUFBlocks(jnp.asarray(raw), weight.qtype, (weight.shape[0], weight.shape[1]),
-                                               mode="exact" if exact else "int8")
-                continue
-            out[name] = dequantize_raw(weight.raw, weight.qtype, weight.shape, name=name).astype(dtype)
-        else:
-            out[name] = jnp.asarray(np.asarray(weight, np.float32) if weight.dtype != np.float32 else weight,
-                                    dtype=dtype)
-    return out

@@ -109,6 +109,9 @@ class SamplingParams(SamplingKnobs):
     # Structured output: the text must match this (engine/grammar.py `Constraint`: JSON schema, regex, choice,
     # GBNF grammar or a tool call); compiled and checked by the engine at submission.
     constraint: Constraint | None = None
+    # LoRA adapters by name with their scales, e.g. [("a1", 1.0), ("a2", 0.5)]: the scaled deltas are summed
+    # in the step (engine/lora.py). Names are resolved (and unknown ones refused) by the engine at submission.
+    lora: Sequence[tuple[str, float]] | None = None
 
     def validate(self, vocab_size: int | None = None, max_logprobs: int = 20,
                  max_logit_bias: int | None = None) -> SamplingParams:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Hashable
 from collections.abc import Sequence as Seq
 
 from inferflux.engine.sampling_params import SamplingParams
@@ -42,7 +43,7 @@ class Sequence:
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
     finish_reason: str | None = None  # "stop", "length" or "abort"
     parent: Sequence | None = None  # n > 1: the sample whose prompt pages this one reuses
-    adapter: str | None = None  # LoRA adapter (prefix-cache keys include it)
+    adapter: Hashable = None  # LoRA adapter set's key, engine/lora.py `AdapterSet.key` (prefix-cache keys include it)
     index: int = 0  # which of the request's n samples
     pooling: str | None = None  # an embedding request ("mean" or "last"): prompt only, nothing sampled
 

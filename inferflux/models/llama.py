@@ -30,6 +30,7 @@ from flax import nnx, struct
 from inferflux.formats.model_config import ModelConfig
 from inferflux.kernels.paged_attention import paged_attention, paged_attention_reference, write_kv
 from inferflux.kernels.quant_matmul import Weight, embed, linear
+from inferflux.models import lora
 
 # Per layer: (K pages, V pages), each [num_kv_heads, num_pages, page_size, head_dim].
 KVCache = tuple[tuple[jax.Array, jax.Array], ...]
@@ -46,6 +47,7 @@ class StepInputs:
     slot_mapping: Any  # [T] int32, page_id * page_size + offset (page 0 for padding)
     block_tables: Any  # [S, P] int32
     logits_index: Any  # [S] int32, the row of T whose logits each slot samples from
+    lora_coef: Any = None  # [S, max_loras] float32 adapter coefficients per slot; None: LoRA off (models/lora.py)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -66,8 +68,29 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     return (x32 * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
 
 
+LoraSpec = tuple[int, int, Any]  # (max_loras, max_rank, dtype); max_loras 0 = LoRA off: no parameters at all
+
+
+def _init_lora(module: nnx.Module, config: ModelConfig, targets: tuple[str, ...], spec: LoraSpec) -> None:
+    """Zeroed adapter slots `lora_a_<t>`, `lora_b_<t>` for each target (engine/lora.py writes them)."""
+    if spec[0]:
+        for target in targets:
+            a, b = lora.empty_slots(config, target, spec[0], spec[1], spec[2])
+            setattr(module, f"lora_a_{target}", nnx.Param(a))
+            setattr(module, f"lora_b_{target}", nnx.Param(b))
+
+
+def _lora(module: nnx.Module, target: str, y: jax.Array, x: jax.Array, coef: jax.Array | None) -> jax.Array:
+    """y plus the target's coefficient-weighted adapter deltas (y itself when LoRA is off)."""
+    if coef is None or not hasattr(module, f"lora_a_{target}"):
+        return y
+    return lora.add_delta(y, x, _value(getattr(module, f"lora_a_{target}")),
+                          _value(getattr(module, f"lora_b_{target}")), coef)
+
+
 class Attention(nnx.Module):
-    def __init__(self, config: ModelConfig, w: Mapping[str, Weight], kernels: bool = True) -> None:
+    def __init__(self, config: ModelConfig, w: Mapping[str, Weight], kernels: bool = True,
+                 lora_spec: LoraSpec = (0, 0, None)) -> None:
         # False: always the jax.numpy reference (tensor parallel: custom-call kernels can't be partitioned).
         self.kernels = kernels
         self.num_heads = config.num_heads
@@ -82,15 +105,20 @@ class Attention(nnx.Module):
         self.k_bias = nnx.Param(w["k_bias"]) if "k_bias" in w else None
         self.v_bias = nnx.Param(w["v_bias"]) if "v_bias" in w else None
         self.o_bias = nnx.Param(w["o_bias"]) if "o_bias" in w else None
+        _init_lora(self, config, lora.ATTENTION_TARGETS, lora_spec)
 
     def __call__(
         self, x: jax.Array, inputs: StepInputs, inv_freq: jax.Array, kv: tuple[jax.Array, jax.Array],
         decode_only: bool,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         t = x.shape[0]
-        q = linear(x, _value(self.q), _value(self.q_bias)).reshape(t, self.num_heads, self.head_dim)
-        k = linear(x, _value(self.k), _value(self.k_bias)).reshape(t, self.num_kv_heads, self.head_dim)
-        v = linear(x, _value(self.v), _value(self.v_bias)).reshape(t, self.num_kv_heads, self.head_dim)
+        coef = lora.token_coef(inputs)
+        q = _lora(self, "q", linear(x, _value(self.q), _value(self.q_bias)), x, coef)
+        k = _lora(self, "k", linear(x, _value(self.k), _value(self.k_bias)), x, coef)
+        v = _lora(self, "v", linear(x, _value(self.v), _value(self.v_bias)), x, coef)
+        q = q.reshape(t, self.num_heads, self.head_dim)
+        k = k.reshape(t, self.num_kv_heads, self.head_dim)
+        v = v.reshape(t, self.num_kv_heads, self.head_dim)
         q = apply_rope(q, inputs.positions, inv_freq)
         k = apply_rope(k, inputs.positions, inv_freq)
         k_pages, v_pages = write_kv(kv[0], kv[1], k, v, inputs.slot_mapping)
@@ -99,29 +127,32 @@ class Attention(nnx.Module):
             q, k_pages, v_pages, inputs.block_tables, inputs.token_seq, inputs.positions,
             scale=1.0 / math.sqrt(self.head_dim), sliding_window=self.sliding_window, decode_only=decode_only,
         )
-        out = linear(out.reshape(t, self.num_heads * self.head_dim).astype(x.dtype), _value(self.o),
-                     _value(self.o_bias))
+        out = out.reshape(t, self.num_heads * self.head_dim).astype(x.dtype)
+        out = _lora(self, "o", linear(out, _value(self.o), _value(self.o_bias)), out, coef)
         return out, (k_pages, v_pages)
 
 
 class MLP(nnx.Module):
-    def __init__(self, w: Mapping[str, Weight]) -> None:
+    def __init__(self, config: ModelConfig, w: Mapping[str, Weight], lora_spec: LoraSpec = (0, 0, None)) -> None:
         self.gate = nnx.Param(w["gate"])
         self.up = nnx.Param(w["up"])
         self.down = nnx.Param(w["down"])
+        _init_lora(self, config, lora.MLP_TARGETS, lora_spec)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        hidden = jax.nn.silu(linear(x, _value(self.gate))) * linear(x, _value(self.up))
-        return linear(hidden, _value(self.down))
+    def __call__(self, x: jax.Array, coef: jax.Array | None = None) -> jax.Array:
+        gate = _lora(self, "gate", linear(x, _value(self.gate)), x, coef)
+        hidden = jax.nn.silu(gate) * _lora(self, "up", linear(x, _value(self.up)), x, coef)
+        return _lora(self, "down", linear(hidden, _value(self.down)), hidden, coef)
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, config: ModelConfig, w: Mapping[str, Weight], kernels: bool = True) -> None:
+    def __init__(self, config: ModelConfig, w: Mapping[str, Weight], kernels: bool = True,
+                 lora_spec: LoraSpec = (0, 0, None)) -> None:
         self.eps = config.rms_norm_eps
         self.attn_norm = nnx.Param(w["attn_norm"])
         self.mlp_norm = nnx.Param(w["mlp_norm"])
-        self.attn = Attention(config, w, kernels)
-        self.mlp = MLP(w)
+        self.attn = Attention(config, w, kernels, lora_spec)
+        self.mlp = MLP(config, w, lora_spec)
 
     def __call__(
         self, x: jax.Array, inputs: StepInputs, inv_freq: jax.Array, kv: tuple[jax.Array, jax.Array],
@@ -130,7 +161,7 @@ class DecoderLayer(nnx.Module):
         attn_out, kv = self.attn(rms_norm(x, _value(self.attn_norm), self.eps), inputs, inv_freq, kv,
                                  decode_only)
         x = x + attn_out
-        x = x + self.mlp(rms_norm(x, _value(self.mlp_norm), self.eps))
+        x = x + self.mlp(rms_norm(x, _value(self.mlp_norm), self.eps), lora.token_coef(inputs))
         return x, kv
 
 
@@ -138,8 +169,9 @@ class LlamaModel(nnx.Module):
     """A Llama-family decoder built from already-loaded weights (no random init)."""
 
     def __init__(self, config: ModelConfig, weights: Mapping[str, Weight], dtype: jnp.dtype,
-                 kernels: bool = True) -> None:
-        """`kernels=False` keeps attention on the jax.numpy reference (engine/tensor_parallel.py says why)."""
+                 kernels: bool = True, lora_spec: LoraSpec = (0, 0, None)) -> None:
+        """`kernels=False` keeps attention on the jax.numpy reference (engine/tensor_parallel.py says why);
+        `lora_spec` (max_loras, max_rank, dtype) adds zeroed adapter slots to every layer (models/lora.py)."""
         self.config = config
         self.dtype = jnp.dtype(dtype)
         self.embed = nnx.Param(weights["embed"])
@@ -147,7 +179,7 @@ class LlamaModel(nnx.Module):
         self.lm_head = None if config.tie_word_embeddings else nnx.Param(weights["lm_head"])
         self.inv_freq = nnx.Variable(jnp.asarray(config.rope_inv_freq(), jnp.float32))
         self.layers = nnx.List([
-            DecoderLayer(config, _layer_weights(weights, i), kernels) for i in range(config.num_layers)
+            DecoderLayer(config, _layer_weights(weights, i), kernels, lora_spec) for i in range(config.num_layers)
         ])
 
     def __call__(self, inputs: StepInputs, kv_cache: KVCache, decode_only: bool = False) -> tuple[jax.Array, KVCache]:

@@ -159,9 +159,6 @@ class ServerConfig:
     # /admin/* routes (reload, tenants, keys) with security.auth off; with auth required they are always
     # served, to keys with the admin scope.
     admin_enabled: bool = key(False)
-    # The /debug page (KV page map, queues, token traces; docs/observability.md) with security.auth off. With
-    # auth required it is always served, to keys with the admin scope.
-    debug_ui: bool = key(False)
     # Default max_tokens when a request gives none; 0 = up to the context window.
     default_max_tokens: int = key(0, lo=1, hi=_MAX, zero=True)
     # How long a model loaded on demand (a stored model) stays loaded after its last request when the
@@ -236,32 +233,6 @@ class StateConfig:
 
 
 @dataclasses.dataclass
-class OpaConfig:
-    """An OPA decision on each generation request (server/policy/opa.py): a remote OPA, or a local .rego file."""
-
-    # An OPA server's base URL (http://opa:8181): POST <url>/v1/data/<path>. Empty: no remote OPA.
-    url: str = key("", pattern=r"https?://\S+|", what="empty or an http(s):// URL")
-    # A .rego file evaluated in-process (regorus) instead of a remote OPA. Empty: none.
-    rego_file: str = key("")
-    # The decision document: a boolean, or an object {allow, reason} (data.inferflux.allow = "inferflux/allow").
-    path: str = key("inferflux/allow", pattern=r"[A-Za-z0-9_]+(/[A-Za-z0-9_]+)*", what="a slash-separated rule path")
-    # Allow requests when OPA cannot be reached or fails (default: deny them).
-    fail_open: bool = key(False)
-    # Cache each input's decision this long (the input holds policy_version); 0 = ask every time.
-    cache_seconds: float = key(5.0, lo=0, hi=3600)
-    timeout_ms: int = key(500, lo=10, hi=60_000)
-
-
-@dataclasses.dataclass
-class PolicyConfig:
-    """Guardrails on the generation path (docs/security.md, "Policy"): hooks and OPA; documents are in state."""
-
-    # Extra hooks, comma-separated `module:Class` (subclasses of inferflux.server.policy.hooks.PolicyHook).
-    hooks: str = key("")
-    opa: OpaConfig = dataclasses.field(default_factory=OpaConfig)
-
-
-@dataclasses.dataclass
 class AuditConfig:
     """The hash-chained audit log in $INFERFLUX_HOME/audit/ (docs/security.md): a line per request and admin action."""
 
@@ -273,29 +244,12 @@ class AuditConfig:
 
 
 @dataclasses.dataclass
-class TelemetryConfig:
-    """OpenTelemetry traces of GenAI requests (docs/observability.md). Off while otlp_endpoint is empty."""
-
-    # The collector: http/protobuf posts to <endpoint>/v1/traces (an endpoint ending in /v1/traces is used
-    # as is); grpc takes host:port or http(s)://host:port. Empty = no tracing and no SDK objects at all.
-    otlp_endpoint: str = key("")
-    protocol: str = key("http/protobuf", choices=("http/protobuf", "grpc"))
-    service_name: str = key("inferflux", pattern=r"\S+", what="a service name (not empty)")
-    # Fraction of new traces kept (a request that arrives with a sampled traceparent follows its parent).
-    sampling_ratio: float = key(1.0, lo=0, hi=1)
-    # Put prompts and generated text on the spans (gen_ai.input.messages / gen_ai.output.messages).
-    capture_content: bool = key(False)
-
-
-@dataclasses.dataclass
 class Config:
     runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
     server: ServerConfig = dataclasses.field(default_factory=ServerConfig)
     security: SecurityConfig = dataclasses.field(default_factory=SecurityConfig)
     state: StateConfig = dataclasses.field(default_factory=StateConfig)
-    policy: PolicyConfig = dataclasses.field(default_factory=PolicyConfig)
     audit: AuditConfig = dataclasses.field(default_factory=AuditConfig)
-    telemetry: TelemetryConfig = dataclasses.field(default_factory=TelemetryConfig)
     # Where models, the XLA compilation cache and state live. Default: $INFERFLUX_HOME or ~/.inferflux.
     home: str = key("")
 

@@ -28,7 +28,8 @@ class InferCtl:
         self.overrides: list[tuple[str, str]] = []  # --set section.key=value, in order
 
     def serve(self, model: str, host: str | None = None, port: int | None = None, config: str | None = None,
-              served_model_name: str | None = None, ollama_port: int | None = None) -> None:
+              served_model_name: str | None = None, ollama_port: int | None = None,
+              lmstudio_port: int | None = None) -> None:
         """Serve a model over the OpenAI and Ollama APIs until SIGTERM or Ctrl-C.
 
         Stored models other than MODEL are served too, by name, loading on first use.
@@ -40,6 +41,7 @@ class InferCtl:
             config FILE: a YAML config file (keys as in configs/default.yaml)
             served_model_name NAME: the model id clients send (default: the store name, or the file's name)
             ollama_port PORT: also listen on this port, e.g. 11434, Ollama's (default off)
+            lmstudio_port PORT: also listen on this port, e.g. 1234, LM Studio's (default off)
         """
         from inferflux.config import load_config
         from inferflux.store import open_store
@@ -51,6 +53,8 @@ class InferCtl:
             overrides["server.port"] = port
         if ollama_port is not None:
             overrides["server.ollama_port"] = ollama_port
+        if lmstudio_port is not None:
+            overrides["server.lmstudio_port"] = lmstudio_port
         if served_model_name is not None:
             overrides["server.served_model_name"] = served_model_name
         elif not Path(model).expanduser().exists():

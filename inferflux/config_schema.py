@@ -156,6 +156,8 @@ class ServerConfig:
     cors_origins: str = key("http://localhost,https://localhost,http://127.0.0.1,https://127.0.0.1,http://0.0.0.0")
     # Also listen on this port (e.g. 11434, Ollama's), serving the same app; 0 = off.
     ollama_port: int = key(0, **_PORT, zero=True)
+    # Also listen on this port (e.g. 1234, LM Studio's), serving the same app; 0 = off.
+    lmstudio_port: int = key(0, **_PORT, zero=True)
     # /admin/* routes (reload, tenants, keys) with security.auth off; with auth required they are always
     # served, to keys with the admin scope.
     admin_enabled: bool = key(False)

@@ -25,6 +25,7 @@ from inferflux.server.access import admin as access_admin
 from inferflux.server.access import audit_log
 from inferflux.server.access import auth
 from inferflux.server.errors import APIError, ErrorShape, to_api_error
+from inferflux.server.lmstudio import v1 as lmstudio_v1
 from inferflux.server.state import ServerState
 
 # Blueprint name -> the body shape of its errors (its dialect's).
@@ -33,9 +34,10 @@ ERROR_SHAPES: dict[str, ErrorShape] = {
     ops.admin_bp.name: ops.ERROR_SHAPE, ollama.bp.name: ollama.ERROR_SHAPE,
     access_admin.bp.name: access_admin.ERROR_SHAPE, openai_responses.bp.name: openai_responses.ERROR_SHAPE,
     anthropic.bp.name: anthropic.ERROR_SHAPE, rerank.bp.name: rerank.ERROR_SHAPE,
+    lmstudio_v1.bp.name: lmstudio_v1.ERROR_SHAPE,
 }
 # Every blueprint: the dialects and operations, then /admin/* (with auth required, or server.admin_enabled).
-SERVED = (openai.bp, lmstudio.bp, ops.bp, ollama.bp, openai_responses.bp, anthropic.bp, rerank.bp)
+SERVED = (openai.bp, lmstudio.bp, ops.bp, ollama.bp, openai_responses.bp, anthropic.bp, rerank.bp, lmstudio_v1.bp)
 ADMIN = (ops.admin_bp, access_admin.bp)
 
 log = logging.getLogger(__name__)

@@ -44,6 +44,8 @@ def serve(model: str, config: Config, config_path: str | None = None) -> int:
     addresses = [(config.server.host, config.server.port)]
     if config.server.ollama_port:
         addresses.append((config.server.host, config.server.ollama_port))
+    if config.server.lmstudio_port:
+        addresses.append((config.server.host, config.server.lmstudio_port))
     sockets = bind_sockets(addresses)
     try:
         # No reference to the handle here: the pool alone holds it, so unloading it frees its memory.

@@ -63,6 +63,9 @@ ROUTE_SCOPES: Final[dict[str, str]] = {
     "lmstudio.chat_completions": INFERENCE, "lmstudio.completions": INFERENCE,
     "lmstudio.embeddings": EMBEDDINGS,
     "lmstudio.list_models": MODELS_READ, "lmstudio.get_model": MODELS_READ,
+    # LM Studio REST v1 (loading and unloading change what is loaded: models:write)
+    "lmstudio_v1.chat": INFERENCE, "lmstudio_v1.list_models": MODELS_READ,
+    "lmstudio_v1.load_model": MODELS_WRITE, "lmstudio_v1.unload_model": MODELS_WRITE,
     # /admin
     "admin.reload": ADMIN,
     "access.list_tenants": ADMIN, "access.create_tenant": ADMIN, "access.delete_tenant": ADMIN,

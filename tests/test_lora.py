@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
+import openai
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -13,6 +15,7 @@ from transformers import AutoModelForCausalLM
 from inferflux import LLM, SamplingParams
 from inferflux.engine.lora import LoraError
 from inferflux.engine.sampling_params import SamplingParamsError
+from tests.fixtures.server import Server
 
 PROMPT = [5, 17, 42, 99, 7, 230, 64, 3, 150, 11, 300, 12]
 STEPS = 24
@@ -168,3 +171,51 @@ def test_gguf_base_model(tiny_model, tiny_gguf, tmp_path) -> None:
     llm.load_lora("a1", path)
     out = llm.generate([PROMPT], greedy([("a1", 1.0)]))[0].outputs[0].token_ids
     assert out == hf_greedy(merged(base, [(path, 1.0)]))
+
+
+@pytest.fixture(scope="module")
+def lora_server(tiny_model, tmp_path_factory):
+    base = tiny_model("llama")
+    root = tmp_path_factory.mktemp("lora-http")
+    paths = {name: make_adapter(base, root / name, *spec) for name, spec in ADAPTERS.items()}
+    server = Server(base, "tiny", ["runtime.max_loras=2", "runtime.max_lora_rank=8"])
+    yield server, paths
+    server.stop()
+
+
+def test_http_load_select_stack_unload(lora_server) -> None:
+    """vLLM's load/unload routes, `/v1/models` parents, `model: "<adapter>"` and the `lora` stacking extension."""
+    server, paths = lora_server
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+
+    def complete(model: str = "tiny", **extra) -> str:
+        out = client.completions.create(model=model, prompt="Once upon a time", max_tokens=12, temperature=0,
+                                        extra_body=extra or None)
+        return out.choices[0].text
+
+    base_text = complete()
+    for name in ("a1", "a2"):
+        r = httpx.post(server.url + "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(paths[name])})
+        assert r.status_code == 200, r.text
+    cards = {m.id: m for m in client.models.list().data}
+    assert cards["a1"].parent == "tiny" and cards["a2"].parent == "tiny"
+    a1 = complete("a1")
+    assert a1 != base_text
+    assert complete(lora=[{"name": "a1", "scale": 1.0}]) == a1
+    stacked = complete(lora=[{"name": "a1", "scale": 1.0}, {"name": "a2", "scale": 0.5}])
+    assert complete("a1", lora=[{"name": "a2", "scale": 0.5}]) == stacked
+    assert stacked not in (a1, base_text)
+    # Errors: a full slot table, a bad folder, an unknown adapter in `lora`.
+    r = httpx.post(server.url + "/v1/load_lora_adapter", json={"lora_name": "a3", "lora_path": str(paths["a3"])})
+    assert r.status_code == 400 and "slots" in r.json()["error"]["message"]
+    with pytest.raises(openai.BadRequestError, match="nope"):
+        complete(lora=[{"name": "nope", "scale": 1.0}])
+    r = httpx.post(server.url + "/v1/unload_lora_adapter", json={"lora_name": "a1"})
+    assert r.status_code == 200, r.text
+    with pytest.raises(openai.NotFoundError):
+        complete("a1")
+    assert httpx.post(server.url + "/v1/unload_lora_adapter", json={"lora_name": "a1"}).status_code == 404
+    assert "a1" not in {m.id for m in client.models.list().data}
+    r = httpx.post(server.url + "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "/nonexistent"})
+    assert r.status_code == 400 and "PEFT" in r.json()["error"]["message"]
+    assert complete() == base_text

@@ -32,6 +32,7 @@ from inferflux.formats.chat_template import ChatTemplate
 from inferflux.formats.loader import LoadedModel
 from inferflux.server import record
 from inferflux.server.access import limits_http
+from inferflux.server.adapters import with_adapters
 from inferflux.server.errors import ContextLengthError, bad_request, unavailable
 from inferflux.server.handle import ModelHandle
 from inferflux.server.http import server_state
@@ -186,6 +187,7 @@ class Generation:
         """Acquire the model, build and submit every prompt's request; the handle is held until the end."""
         state = server_state()
         handle = await state.acquire(spec.model, spec.keep_alive)
+        spec.params = with_adapters(spec.params, spec.model, handle)  # `model: "<LoRA adapter>"` (server/adapters.py)
         submitted: list[Request] = []
         try:
             if not handle.generative:

@@ -40,6 +40,7 @@ from typing import Any
 from inferflux.config import Config
 from inferflux.engine.request import EngineStats
 from inferflux.errors import InferFluxError
+from inferflux.server.adapters import is_adapter
 from inferflux.server.errors import APIError, model_not_found, unavailable
 from inferflux.server.handle import ModelHandle, config_aliases, load_handle
 from inferflux.server.keep_alive import FOREVER, parse_keep_alive
@@ -189,7 +190,7 @@ class ModelPool:
 
     async def target(self, name: str | None, strict: bool = False) -> Target:
         """The model `name` means; a 404 naming it if none (`strict`: even with `server.accept_any_model`)."""
-        if name is None or self.is_default(name):
+        if name is None or self.is_default(name) or is_adapter(self, name):  # a LoRA adapter: the default's
             return self.default
         fallback = self.default if self.config.server.accept_any_model and not strict else None
         try:

@@ -45,6 +45,7 @@ ROUTE_SCOPES: Final[dict[str, str]] = {
     "rerank.rerank": EMBEDDINGS, "rerank.rerank_bare": EMBEDDINGS, "rerank.rerank_v2": EMBEDDINGS,
     "rerank.score": EMBEDDINGS,
     "openai.list_models": MODELS_READ, "openai.get_model": MODELS_READ, "openai.version": MODELS_READ,
+    "openai.load_lora_adapter": MODELS_WRITE, "openai.unload_lora_adapter": MODELS_WRITE,  # vLLM's LoRA routes
     # Ollama
     "ollama.root": PUBLIC,
     "ollama.api_generate": INFERENCE, "ollama.api_chat": INFERENCE,

@@ -13,4 +13,4 @@ from inferflux.server.errors import APIError
 bp = Blueprint("openai", __name__)
 ERROR_SHAPE = APIError.body
 
-from inferflux.server.openai import chat, completions, embeddings, models  # noqa: E402, F401 - register routes
+from inferflux.server.openai import chat, completions, embeddings, lora, models  # noqa: E402, F401 - register routes

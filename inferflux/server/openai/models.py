@@ -14,6 +14,7 @@ from inferflux.server.generation import Prompt, encode
 from inferflux.server.http import read_body, server_state
 from inferflux.server.model_pool import Listed, tagged
 from inferflux.server.openai import bp
+from inferflux.server.openai.lora import adapter_cards
 from inferflux.server.openai_compat.bodies import ChatMessage
 from inferflux.server.openapi import documented
 
@@ -60,7 +61,11 @@ def find_model(model_id: str) -> Listed:
 @bp.get("/v1/models")
 async def list_models() -> Any:
     rows = await asyncio.to_thread(server_state().pool.names)
-    return {"object": "list", "data": [model_card(row) for row in rows]}
+    cards = [model_card(row) for row in rows]
+    default = next((card for card, row in zip(cards, rows) if row.default), None)
+    if default is not None:  # the default model's LoRA adapters, `parent` naming it (server/openai/lora.py)
+        cards += adapter_cards(default["id"], default["created"])
+    return {"object": "list", "data": cards}
 
 
 @bp.get("/v1/models/<path:model_id>")

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from inferflux.engine.sampling_params import SamplingParams
+from inferflux.server.adapters import LoraRef
 from inferflux.server.errors import bad_request
 from inferflux.server.generation import GenerationSpec, Limits, Prompt
 from inferflux.server.keep_alive import parse_keep_alive
@@ -94,6 +95,8 @@ class _Sampling(_Request):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
+    # LoRA adapters to stack, with scales (server/openai/lora.py); an unknown name is a 400.
+    lora: list[LoraRef] | None = None
     # Structured output (server/structured.py): OpenAI / LM Studio, vLLM, llama.cpp; at most one per request.
     response_format: dict[str, Any] | None = None
     structured_outputs: dict[str, Any] | None = None
@@ -123,6 +126,7 @@ class _Sampling(_Request):
             logit_bias={int(k): float(v) for k, v in (self.logit_bias or {}).items()} or None,
             seed=self.seed, stop=stop or None, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
             logprobs=logprobs, n=self.n, skip_special_tokens=self.skip_special_tokens, prompt_logprobs=prompt_logprobs,
+            lora=[(ref.name, ref.scale) for ref in self.lora] if self.lora else None,
         )
 
     @property

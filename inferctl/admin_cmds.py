@@ -16,6 +16,7 @@ from typing import Any
 
 from inferctl.cli_args import Command, UsageError, closest, command_help, parse
 from inferctl.limits_cmds import LIMIT_VERBS, LimitsAdmin
+from inferctl.policy_cmds import POLICY_VERBS, PolicyAdmin
 from inferctl.secrets_cmds import SECRET_VERBS, SecretsAdmin
 from inferflux.errors import InferFluxError
 
@@ -100,7 +101,7 @@ def _table(rows: list[list[str]], header: list[str]) -> None:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
 
 
-class Admin(SecretsAdmin, LimitsAdmin):
+class Admin(SecretsAdmin, LimitsAdmin, PolicyAdmin):
     """Tenants and API keys: `inferctl admin tenants create|list|delete`, `inferctl admin keys create|list|revoke`."""
 
     def tenants_create(self, name: str, url: str | None = None, api_key: str | None = None) -> None:
@@ -255,6 +256,7 @@ COMMANDS += [Command.of(f"admin audit {verb}", getattr(Admin, f"audit_{verb}")) 
 COMMANDS += [Command.of(f"admin secrets {verb}", getattr(Admin, f"secrets_{verb}")) for verb in SECRET_VERBS]
 COMMANDS.append(Command.of("admin rotate-master-key", Admin.rotate_master_key))
 COMMANDS += [Command.of(f"admin limits {verb}", getattr(Admin, f"limits_{verb}")) for verb in LIMIT_VERBS]
+COMMANDS += [Command.of(f"admin policy {verb}", getattr(Admin, f"policy_{verb}")) for verb in POLICY_VERBS]
 _BY_NAME = {c.name: c for c in COMMANDS}
 
 

@@ -235,6 +235,32 @@ class StateConfig:
 
 
 @dataclasses.dataclass
+class OpaConfig:
+    """An OPA decision on each generation request (server/policy/opa.py): a remote OPA, or a local .rego file."""
+
+    # An OPA server's base URL (http://opa:8181): POST <url>/v1/data/<path>. Empty: no remote OPA.
+    url: str = key("", pattern=r"https?://\S+|", what="empty or an http(s):// URL")
+    # A .rego file evaluated in-process (regorus) instead of a remote OPA. Empty: none.
+    rego_file: str = key("")
+    # The decision document: a boolean, or an object {allow, reason} (data.inferflux.allow = "inferflux/allow").
+    path: str = key("inferflux/allow", pattern=r"[A-Za-z0-9_]+(/[A-Za-z0-9_]+)*", what="a slash-separated rule path")
+    # Allow requests when OPA cannot be reached or fails (default: deny them).
+    fail_open: bool = key(False)
+    # Cache each input's decision this long (the input holds policy_version); 0 = ask every time.
+    cache_seconds: float = key(5.0, lo=0, hi=3600)
+    timeout_ms: int = key(500, lo=10, hi=60_000)
+
+
+@dataclasses.dataclass
+class PolicyConfig:
+    """Guardrails on the generation path (docs/security.md, "Policy"): hooks and OPA; documents are in state."""
+
+    # Extra hooks, comma-separated `module:Class` (subclasses of inferflux.server.policy.hooks.PolicyHook).
+    hooks: str = key("")
+    opa: OpaConfig = dataclasses.field(default_factory=OpaConfig)
+
+
+@dataclasses.dataclass
 class AuditConfig:
     """The hash-chained audit log in $INFERFLUX_HOME/audit/ (docs/security.md): a line per request and admin action."""
 
@@ -251,6 +277,7 @@ class Config:
     server: ServerConfig = dataclasses.field(default_factory=ServerConfig)
     security: SecurityConfig = dataclasses.field(default_factory=SecurityConfig)
     state: StateConfig = dataclasses.field(default_factory=StateConfig)
+    policy: PolicyConfig = dataclasses.field(default_factory=PolicyConfig)
     audit: AuditConfig = dataclasses.field(default_factory=AuditConfig)
     # Where models, the XLA compilation cache and state live. Default: $INFERFLUX_HOME or ~/.inferflux.
     home: str = key("")

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, Literal
 
 from inferflux.engine.engine import Engine, EngineDeadError
@@ -37,6 +37,7 @@ from inferflux.server.errors import ContextLengthError, bad_request, unavailable
 from inferflux.server.handle import ModelHandle
 from inferflux.server.http import server_state
 from inferflux.server.output_split import splitters
+from inferflux.server.policy import guard as policy
 from inferflux.server.reasoning import template_reasons
 from inferflux.server.structured import tool_constraint
 from inferflux.server.tool_calls import ToolCall
@@ -198,12 +199,14 @@ class Generation:
             if spec.forced_tools:  # constrained to a call in the template's tool format (server/structured.py)
                 spec.params = dataclasses.replace(spec.params, constraint=tool_constraint(
                     spec.forced_tools, _source(spec, handle)))
+            guard = policy.before(spec, handle)  # pre-hooks: may rewrite the prompts or deny (server/policy/)
             rendered: list[str | None] = []
             prompt_ids = [encode(prompt, handle, rendered) for prompt in spec.prompts]
             requests = [Request(ids, dataclasses.replace(spec.params, max_tokens=max_tokens_for(
                 spec.limits, len(ids), handle.max_model_len, state.config.server.default_max_tokens)))
                 for ids in prompt_ids]
             requests = limits_http.admit_generation(requests, spec.params.n)  # tenant limits: cap, reserve or 429
+            await guard.admit(requests)  # the OPA decision, when policy.opa is set: 403 on a deny
             state.check_capacity(handle)
             streams = []
             for request in requests:  # all or nothing: a later refusal aborts the earlier ones
@@ -217,9 +220,22 @@ class Generation:
             _abort(handle, submitted)
             handle.release()
             raise
-        return cls(spec, handle, prompt_ids, streams, rendered)
+        generation = cls(spec, handle, prompt_ids, streams, rendered)
+        generation.guard = guard
+        return generation
+
+    guard: policy.Guard = policy.NO_GUARD
 
     async def events(self) -> AsyncIterator[Event]:
+        """Every choice's events, through the policy's post-hooks (which may rewrite or stop the text)."""
+        stream = self.guard.after(self._events())
+        try:
+            async for event in stream:
+                yield event
+        finally:
+            await stream.aclose()  # an abandoned stream still releases the model now
+
+    async def _events(self) -> AsyncGenerator[Event, None]:
         """Every choice's events as they come; the handle is released when this ends, however it ends."""
         parsers = splitters(_source(self.spec, self.handle), self.rendered, self.n, self.spec.tool_names,
                             self.spec.prompts[0].tools if self.spec.prompts else None,

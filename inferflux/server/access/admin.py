@@ -89,3 +89,4 @@ async def revoke_key(key_id: str) -> Any:
 
 
 from inferflux.server.access import limits_http  # noqa: E402,F401  (its /admin/limits routes on `bp`)
+from inferflux.server.policy import admin as _policy_admin  # noqa: E402,F401  (/admin/policies on `bp`)

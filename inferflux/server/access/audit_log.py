@@ -58,7 +58,7 @@ EXTENSION = "inferflux.audit"
 _BATCH = 1024  # most records appended under one lock
 _STOP = object()
 # Arguments of a local admin command that may be written down (never --api-key or a secret).
-_SUBJECT_ARGS = ("tenant", "name", "key_id", "scopes", "expires", "limit")
+_SUBJECT_ARGS = ("tenant", "name", "key_id", "scopes", "expires", "limit", "scope", "file", "version")
 
 
 def now_iso() -> str:

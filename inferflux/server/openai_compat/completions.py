@@ -23,9 +23,12 @@ async def completion_response(req: CompletionRequest, extras: Extras | None = No
 
 
 def echo_texts(req: CompletionRequest, gen: Generation) -> list[str]:
-    """The prompts as the client sent them (text verbatim), never with the BOS the server added."""
+    """The prompts as the model saw them (text verbatim, after any policy rewrite: `[EMAIL]` where an
+    address was), never with the BOS the server added."""
     given: list[Any] = [req.prompt] if isinstance(req.prompt, str) or isinstance(req.prompt[0], int) \
         else list(req.prompt)
+    if len(gen.spec.prompts) == len(given):  # the policy's pre-hooks rewrite the spec's text in place
+        given = [p.text if isinstance(g, str) and p.text is not None else g for g, p in zip(given, gen.spec.prompts)]
     tokenizer = gen.handle.tokenizer
     return [given[i] if isinstance(given[i], str) else tokenizer.decode(ids, skip_special_tokens=True)
             for i, ids in enumerate(gen.prompt_ids)]

@@ -46,13 +46,14 @@ def scrub_input(text: str, doc: PolicyDocument, filters: Filters, salt: bytes, f
         raise violation("the request contains text this server's content policy blocks")
     if not doc.pii or not doc.pii_input:
         return text
-    entities = detect(text, frozenset(doc.pii))
+    actions: dict[str, str] = {str(k): str(v) for k, v in doc.pii.items()}
+    entities = detect(text, frozenset(actions))
     if not entities:
         return text
     out, at = [], 0
     try:
         for entity in entities:
-            out += [text[at:entity.start], replacement(entity, doc.pii[entity.kind], salt)]
+            out += [text[at:entity.start], replacement(entity, actions[entity.kind], salt)]
             at = entity.end
     except PIIBlocked as exc:
         raise violation(str(exc)) from None
@@ -65,7 +66,7 @@ class OutputScrubber:
     """One choice's output: feed the model's text, get the text the client may see (see the module docstring)."""
 
     def __init__(self, doc: PolicyDocument, filters: Filters, salt: bytes) -> None:
-        self.actions = dict(doc.pii) if doc.pii_output else {}
+        self.actions: dict[str, str] = {str(k): str(v) for k, v in doc.pii.items()} if doc.pii_output else {}
         self.kinds = frozenset(self.actions)
         self.filters = filters
         self.salt = salt

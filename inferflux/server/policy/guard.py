@@ -1,0 +1,138 @@
+"""`Guard`: the policy steps of one generation request, as `server/generation.py` calls them.
+
+`before` (after auth, before the template renders): the hooks' `pre`, which may rewrite or deny.
+`admit` (once prompts are encoded and max_tokens known, after the tenant's limits): the OPA
+decision. `after` wraps the event stream: each choice's text goes through the hooks' `post`
+filters; a stopped choice sends no more text and finishes with `content_filter`. The decision lands
+on the request's record (`record.policy`, in the audit log): `allow`, `scrubbed`, `deny:content`,
+`deny:opa` or `content_filter`, plus ` opa=<decision id>` when OPA was asked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncGenerator
+from typing import Any
+
+from inferflux.server import record
+from inferflux.server.access.errors import PermissionDenied
+from inferflux.server.errors import APIError
+from inferflux.server.policy.document import merge, scopes_for
+from inferflux.server.policy.hooks import OutputHook, PolicyContext, Runtime, runtime
+
+
+class Guard:
+    """Nothing to do: requests outside an HTTP request, and the base of `ActiveGuard`."""
+
+    async def admit(self, requests: list[Any]) -> None:
+        return None
+
+    def after(self, events: AsyncGenerator[Any, None]) -> AsyncGenerator[Any, None]:
+        return events
+
+
+NO_GUARD = Guard()
+
+
+def before(spec: Any, handle: Any) -> Guard:
+    """Run the pre-hooks on `spec.prompts` (in place); a Guard for the rest of the request."""
+    rec = record.current()
+    if rec is None:
+        return NO_GUARD
+    rt = runtime()
+    version = rt.refresh()
+    principal = rec.principal
+    tenant = getattr(principal, "tenant", None)
+    docs = [rt.documents[s] for s in scopes_for(tenant, handle.name) if s in rt.documents]
+    ctx = PolicyContext(tenant, getattr(principal, "key_id", None), sorted(getattr(principal, "scopes", ()) or ()),
+                        rec.route, handle.name, rec.adapter, merge(docs), version,
+                        rt.salt() if docs else b"")
+    set_version_metric(version)
+    rec.policy = "allow"
+    try:
+        for hook in rt.hooks:
+            hook.pre(ctx, spec.prompts)
+    except APIError as exc:
+        rec.policy = "deny:content" if exc.code == "content_policy_violation" else "deny:hook"
+        raise
+    if ctx.found:
+        rec.policy = "scrubbed"
+    return ActiveGuard(rt, ctx, rec)
+
+
+def set_version_metric(version: int) -> None:
+    """`inferflux:policy_version` on the server's registry (made on first use: the metrics object is the model's)."""
+    from prometheus_client import Gauge
+
+    from inferflux.server.http import server_state
+
+    metrics = server_state().metrics
+    gauge = getattr(metrics, "_policy_version", None)
+    if gauge is None:
+        gauge = Gauge("inferflux:policy_version", "The newest policy document version this server applies.",
+                      ("model_name", "backend"), registry=metrics.registry).labels(metrics.model, metrics.backend)
+        metrics._policy_version = gauge  # type: ignore[attr-defined]
+    gauge.set(version)
+
+
+class ActiveGuard(Guard):
+    def __init__(self, rt: Runtime, ctx: PolicyContext, rec: record.RequestRecord) -> None:
+        self.rt, self.ctx, self.rec = rt, ctx, rec
+
+    async def admit(self, requests: list[Any]) -> None:
+        """The OPA decision (403 `permission_error` with its reason on a deny)."""
+        if self.rt.opa is None:
+            return
+        ctx = self.ctx
+        request = {"tenant": ctx.tenant, "key_id": ctx.key_id, "scopes": ctx.scopes, "route": ctx.route,
+                   "model": ctx.model, "adapter": ctx.adapter,
+                   "prompt_tokens": sum(len(r.prompt_ids) for r in requests),
+                   "max_tokens": max((r.params.max_tokens for r in requests), default=0),
+                   "policy_version": ctx.version}
+        opa = self.rt.opa  # a remote call in a thread; the in-process engine answers in microseconds
+        decision = await asyncio.to_thread(opa.decide, request) if opa.remote else opa.decide(request)
+        suffix = f" opa={decision.decision_id}" if decision.decision_id else ""
+        if not decision.allow:
+            self.rec.policy = "deny:opa" + suffix
+            raise PermissionDenied(f"denied by policy: {decision.reason}")
+        self.rec.policy = (self.rec.policy or "allow") + suffix
+
+    async def after(self, events: AsyncGenerator[Any, None]) -> AsyncGenerator[Any, None]:  # type: ignore[override]
+        from inferflux.server.generation import Finished, TextDelta
+
+        filters: dict[int, list[OutputHook]] = {}
+        try:
+            async for event in events:
+                choice = getattr(event, "choice", None)
+                if choice is None:
+                    yield event
+                    continue
+                hooks = filters.get(choice)
+                if hooks is None:
+                    hooks = filters[choice] = [h for h in (x.post(self.ctx, choice) for x in self.rt.hooks) if h]
+                if not hooks:
+                    yield event
+                    continue
+                stopped = any(h.stopped for h in hooks)
+                if isinstance(event, TextDelta) or isinstance(event, Finished):
+                    text = event.text if isinstance(event, TextDelta) else ""
+                    final = isinstance(event, Finished)
+                    for hook in hooks:
+                        text = hook.feed(text, final)
+                    if text or (isinstance(event, TextDelta) and event.logprobs and not stopped):
+                        yield TextDelta(choice, text, event.logprobs if isinstance(event, TextDelta) else None)
+                    if isinstance(event, Finished):
+                        if any(h.stopped for h in hooks):
+                            self.rec.policy = "content_filter"
+                            event = dataclasses.replace(event, reason="content_filter", stop_reason=None)
+                        elif self.ctx.found and self.rec.policy == "allow":
+                            self.rec.policy = "scrubbed"
+                        yield event
+                elif not stopped:
+                    yield event
+        finally:
+            await events.aclose()
+
+
+__all__ = ["NO_GUARD", "ActiveGuard", "Guard", "before", "set_version_metric"]

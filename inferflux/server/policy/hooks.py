@@ -1,0 +1,149 @@
+"""The hook interface and `Guard`, the one object `server/generation.py` talks to.
+
+A hook (`PolicyHook`) sees a generation request after auth and limits: `pre` may rewrite the prompts
+(text, messages, tool results) in place or deny by raising an `APIError`; `post` may return an
+`OutputHook` per choice that rewrites the text as it streams or stops it (`stopped`: the choice
+then finishes with `finish_reason: "content_filter"`). The built-in guardrail (`ScrubHook`: PII
+and content filters from the policy documents) is the first hook; `policy.hooks` adds others by
+`module:Class`. Requests outside an HTTP request (tests, `LLM`) pass through untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import threading
+from typing import Any, Protocol
+
+from quart import current_app
+
+from inferflux.server.policy.document import PolicyDocument, merge, scopes_for
+from inferflux.server.policy.scrub import Filters, OutputScrubber, scrub_input
+
+log = logging.getLogger(__name__)
+_EXTENSION = "inferflux.policy"
+
+
+@dataclasses.dataclass
+class PolicyContext:
+    """What a hook knows about the request: who, which route and model, and the policy that applies."""
+
+    tenant: str | None
+    key_id: str | None
+    scopes: list[str]
+    route: str
+    model: str
+    adapter: str | None
+    document: PolicyDocument
+    version: int
+    salt: bytes
+    found: list[str] = dataclasses.field(default_factory=list)  # PII kinds replaced (input and output)
+
+
+class OutputHook(Protocol):
+    stopped: bool
+
+    def feed(self, text: str, final: bool) -> str: ...
+
+
+class PolicyHook:
+    """Subclass and override either method; configured hooks are built with no arguments."""
+
+    def pre(self, ctx: PolicyContext, prompts: list[Any]) -> None:
+        """Rewrite `prompts` (generation.Prompt objects) in place, or raise an APIError to deny."""
+
+    def post(self, ctx: PolicyContext, choice: int) -> OutputHook | None:
+        """A filter for one choice's text, or None to leave it alone."""
+        return None
+
+
+class ScrubHook(PolicyHook):
+    """The built-in guardrail: the merged policy document's PII actions and content filters."""
+
+    def pre(self, ctx: PolicyContext, prompts: list[Any]) -> None:
+        doc = ctx.document
+        if doc.empty():
+            return
+        filters = Filters(doc)
+
+        def clean(text: str) -> str:
+            return scrub_input(text, doc, filters, ctx.salt, ctx.found)
+
+        for prompt in prompts:
+            if prompt.text is not None:
+                prompt.text = clean(prompt.text)
+            if prompt.messages is not None:  # user, system, assistant and tool-result contents alike
+                prompt.messages = [_clean_message(m, clean) for m in prompt.messages]
+
+    def post(self, ctx: PolicyContext, choice: int) -> OutputHook | None:
+        doc = ctx.document
+        if not (doc.pii and doc.pii_output) and not (doc.blocked_terms or doc.blocked_patterns):
+            return None
+        scrubber = OutputScrubber(doc, Filters(doc), ctx.salt)
+        scrubber.found = ctx.found
+        return scrubber
+
+
+def _clean_message(message: dict[str, Any], clean: Any) -> dict[str, Any]:
+    content = message.get("content")
+    if isinstance(content, str):
+        return {**message, "content": clean(content)}
+    if isinstance(content, list):
+        parts = [{**p, "text": clean(p["text"])} if isinstance(p, dict) and isinstance(p.get("text"), str) else p
+                 for p in content]
+        return {**message, "content": parts}
+    return message
+
+
+class Runtime:
+    """One app's hooks, store and OPA client, and the documents of the newest policy_version."""
+
+    def __init__(self, app: Any) -> None:
+        from inferflux.server.policy.opa import Opa
+        from inferflux.server.policy.store import open_policy_store
+
+        config = app.extensions["inferflux"].config
+        self.store = open_policy_store(config.state.backend, config.state.redis_url, config.home_path)
+        self.hooks: list[PolicyHook] = [ScrubHook(), *(_load(spec) for spec in config.policy.hooks.split(",")
+                                                       if spec.strip())]
+        opa = config.policy.opa
+        self.opa = Opa(opa) if opa.url or opa.rego_file else None
+        self._lock = threading.Lock()
+        self.version = -1
+        self.documents: dict[str, PolicyDocument] = {}
+        self._salt: bytes | None = None
+
+    def refresh(self) -> int:
+        """Reload the documents if policy_version moved (one read when it did not)."""
+        version = self.store.version()
+        if version != self.version:
+            rows = self.store.current()
+            with self._lock:
+                self.documents = {scope: PolicyDocument.model_validate(row["document"]) for scope, row in rows.items()}
+                self.version = version
+        return version
+
+    def salt(self) -> bytes:
+        if self._salt is None:
+            self._salt = self.store.salt()
+        return self._salt
+
+
+def _load(spec: str) -> PolicyHook:
+    module, _, name = spec.strip().partition(":")
+    hook = getattr(importlib.import_module(module), name)()
+    if not isinstance(hook, PolicyHook):
+        raise TypeError(f"policy.hooks: {spec} is not a PolicyHook")
+    return hook
+
+
+def runtime(app: Any = None) -> Runtime:
+    app = app or current_app
+    found = app.extensions.get(_EXTENSION)
+    if found is None:
+        found = app.extensions[_EXTENSION] = Runtime(app)
+    return found
+
+
+__all__ = ["OutputHook", "PolicyContext", "PolicyHook", "Runtime", "ScrubHook", "runtime", "scopes_for", "merge"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
+import ollama
 import openai
 import pytest
 import torch
@@ -205,6 +206,15 @@ def test_http_load_select_stack_unload(lora_server) -> None:
     stacked = complete(lora=[{"name": "a1", "scale": 1.0}, {"name": "a2", "scale": 0.5}])
     assert complete("a1", lora=[{"name": "a2", "scale": 0.5}]) == stacked
     assert stacked not in (a1, base_text)
+    # Ollama: the adapter's name as the model, or `options.lora` on the base.
+    ollama_client = ollama.Client(host=server.url)
+
+    def ollama_text(model: str = "tiny", **options) -> str:
+        return ollama_client.generate(model=model, prompt="Once upon a time", raw=True,
+                                      options={"temperature": 0, "num_predict": 12, **options}).response
+
+    ollama_a1 = ollama_text("a1")
+    assert ollama_a1 == ollama_text(lora=[{"name": "a1", "scale": 1.0}]) != ollama_text()
     # Errors: a full slot table, a bad folder, an unknown adapter in `lora`.
     r = httpx.post(server.url + "/v1/load_lora_adapter", json={"lora_name": "a3", "lora_path": str(paths["a3"])})
     assert r.status_code == 400 and "slots" in r.json()["error"]["message"]

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel, ConfigDict, Field
 
 from inferflux.engine.sampling_params import SamplingParams
+from inferflux.server import record
 
 if TYPE_CHECKING:
     from inferflux.server.handle import ModelHandle
@@ -38,7 +39,11 @@ def is_adapter(pool: ModelPool, name: str) -> bool:
 
 
 def with_adapters(params: SamplingParams, model: str | None, handle: ModelHandle) -> SamplingParams:
-    """`params` with the adapter `model` names (at scale 1) added to its `lora` list."""
-    if model is None or model not in adapter_names(handle):
-        return params
-    return dataclasses.replace(params, lora=[(model, 1.0), *(params.lora or ())])
+    """`params` with the adapter `model` names (at scale 1) added to its `lora` list; the request's record
+    gets the adapter names (`inferflux:adapter_requests_total{adapter}`, "a1+a2" for a stack)."""
+    if model is not None and model in adapter_names(handle):
+        params = dataclasses.replace(params, lora=[(model, 1.0), *(params.lora or ())])
+    rec = record.current()
+    if rec is not None and params.lora:
+        rec.adapter = "+".join(name for name, _ in params.lora)
+    return params

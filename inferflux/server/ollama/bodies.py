@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
+from inferflux.server.adapters import LoraRef
 from inferflux.server.keep_alive import parse_keep_alive
 
 
@@ -55,6 +56,7 @@ class Options(_Body):
     seed: StrictInt | None = None
     stop: str | list[str] | None = None
     num_ctx: StrictInt | None = None
+    lora: list[LoraRef] | None = None  # InferFlux: LoRA adapters to stack, with scales (server/openai/lora.py)
 
     @field_validator("temperature", "top_p", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty",
                      mode="before")

@@ -32,6 +32,8 @@ def stop_reason(done: Finished, stop_sequences: list[str]) -> tuple[str, str | N
         return "tool_use", None
     if done.reason == "length":
         return "max_tokens", None
+    if done.reason == "content_filter":  # the policy stopped the output (server/policy/)
+        return "refusal", None
     if isinstance(done.stop_reason, str) and done.stop_reason in stop_sequences:
         return "stop_sequence", done.stop_reason
     return "end_turn", None

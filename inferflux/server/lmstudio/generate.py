@@ -30,6 +30,8 @@ def stats(done: Finished | None) -> dict[str, Any]:
     generation = last - t.arrival
     if done.reason == "length":
         reason = "maxPredictedTokensReached"
+    elif done.reason == "content_filter":  # the policy stopped the output (server/policy/)
+        reason = "userStopped"
     elif isinstance(done.stop_reason, str):
         reason = "stopStringFound"
     else:

@@ -171,14 +171,15 @@ async def _body(req: ResponsesRequest, gen: Generation, enc: _Encoder, on_done: 
                     yield obj
         elif isinstance(event, Finished):
             finished = event
-    incomplete = finished is not None and finished.reason == "length"
+    incomplete = finished is not None and finished.reason in ("length", "content_filter")
     for obj in enc.close("incomplete" if incomplete else "completed"):
         yield obj
     response = enc.response
     response["status"] = "incomplete" if incomplete else "completed"
     response["completed_at"] = None if incomplete else int(time.time())
     if incomplete:
-        response["incomplete_details"] = {"reason": "max_output_tokens"}
+        response["incomplete_details"] = {"reason": "content_filter" if finished and finished.reason == "content_filter"
+                                          else "max_output_tokens"}
     if finished is not None:
         response["usage"] = {
             # cache_write_tokens: OpenAI's explicit prompt caching, which this server does not have (0).

@@ -35,6 +35,7 @@ from inferflux.config_schema import (  # noqa: F401  (re-exported: the keys are 
     SecurityConfig,
     ServerConfig,
     StateConfig,
+    TelemetryConfig,
 )
 from inferflux.errors import InferFluxError
 

@@ -161,6 +161,9 @@ class ServerConfig:
     # /admin/* routes (reload, tenants, keys) with security.auth off; with auth required they are always
     # served, to keys with the admin scope.
     admin_enabled: bool = key(False)
+    # The /debug page (KV page map, queues, token traces; docs/observability.md) with security.auth off. With
+    # auth required it is always served, to keys with the admin scope.
+    debug_ui: bool = key(False)
     # Default max_tokens when a request gives none; 0 = up to the context window.
     default_max_tokens: int = key(0, lo=1, hi=_MAX, zero=True)
     # How long a model loaded on demand (a stored model) stays loaded after its last request when the
@@ -272,6 +275,21 @@ class AuditConfig:
 
 
 @dataclasses.dataclass
+class TelemetryConfig:
+    """OpenTelemetry traces of GenAI requests (docs/observability.md). Off while otlp_endpoint is empty."""
+
+    # The collector: http/protobuf posts to <endpoint>/v1/traces (an endpoint ending in /v1/traces is used
+    # as is); grpc takes host:port or http(s)://host:port. Empty = no tracing and no SDK objects at all.
+    otlp_endpoint: str = key("")
+    protocol: str = key("http/protobuf", choices=("http/protobuf", "grpc"))
+    service_name: str = key("inferflux", pattern=r"\S+", what="a service name (not empty)")
+    # Fraction of new traces kept (a request that arrives with a sampled traceparent follows its parent).
+    sampling_ratio: float = key(1.0, lo=0, hi=1)
+    # Put prompts and generated text on the spans (gen_ai.input.messages / gen_ai.output.messages).
+    capture_content: bool = key(False)
+
+
+@dataclasses.dataclass
 class Config:
     runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
     server: ServerConfig = dataclasses.field(default_factory=ServerConfig)
@@ -279,6 +297,7 @@ class Config:
     state: StateConfig = dataclasses.field(default_factory=StateConfig)
     policy: PolicyConfig = dataclasses.field(default_factory=PolicyConfig)
     audit: AuditConfig = dataclasses.field(default_factory=AuditConfig)
+    telemetry: TelemetryConfig = dataclasses.field(default_factory=TelemetryConfig)
     # Where models, the XLA compilation cache and state live. Default: $INFERFLUX_HOME or ~/.inferflux.
     home: str = key("")
 

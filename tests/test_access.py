@@ -37,15 +37,17 @@ def test_every_route_is_in_the_scope_table() -> None:
     from quart import Quart
 
     from inferflux.server.app import ADMIN, SERVED
+    from inferflux.server.ui import debug, pages
 
     app = Quart("routes")
-    for bp in SERVED + ADMIN:
+    for bp in SERVED + ADMIN + (debug.bp, pages.admin_page_bp, pages.assets_bp):  # + the local pages (server/ui)
         app.register_blueprint(bp)
     endpoints = {rule.endpoint for rule in app.url_map.iter_rules() if rule.endpoint != "static"}
     assert endpoints - set(ROUTE_SCOPES) == set(), "routes without a scope (server/access/scopes.py)"
     assert set(ROUTE_SCOPES) - endpoints == set(), "scopes of routes that no longer exist"
-    assert {e for e in endpoints if ROUTE_SCOPES[e] == "admin"} == {e for e in endpoints
-                                                                    if e.startswith(("admin.", "access."))}
+    admin_routes = {e for e in endpoints if e.startswith(("admin.", "access."))
+                    or e.startswith("debug.") and e != "debug.debug_page"}  # /debug/api/*: the page is public
+    assert {e for e in endpoints if ROUTE_SCOPES[e] == "admin"} == admin_routes
 
 
 def test_bind_rule() -> None:

@@ -220,3 +220,91 @@ def test_render_returns_text_exposition_and_its_content_type() -> None:
     assert content_type == prometheus_client.CONTENT_TYPE_LATEST
     assert content_type.startswith("text/plain")
     assert b"# TYPE vllm:num_requests_waiting gauge" in body
+
+
+# --- observability additions: backend info, dialects, rates, autoscaling hints, adapters, policies, 429s ---
+
+
+def test_backend_info_names_what_runs_the_model_and_only_the_latest() -> None:
+    m = ServerMetrics(MODEL, BACKEND)
+    m.set_backend_info("cpu", "float32", "attention=cpu,weights=dense")
+    m.set_backend_info("NVIDIA H100", "bfloat16", "attention=pallas_decode+pallas_ragged,weights=qtensor")
+    infos = [s for s in _samples(m) if s.name == "inferflux:backend_info"]
+    assert [(s.labels["device"], s.labels["dtype"], s.labels["kernels"], s.value) for s in infos] == [
+        ("NVIDIA H100", "bfloat16", "attention=pallas_decode+pallas_ragged,weights=qtensor", 1.0)]
+    assert _types(m)["inferflux:backend_info"] == "gauge"
+
+
+def test_dialect_counter_uses_status_classes_and_429s_count_without_tenants() -> None:
+    m = ServerMetrics(MODEL, BACKEND)
+    for status in (200, 200, 201, 400, 429, 503):
+        m.observe_dialect("openai", status, rate_limited=status == 429)
+    m.observe_dialect("ollama", 200)
+    m.observe_dialect("ollama", 429, rate_limited=True)
+    name = "inferflux:dialect_requests_total"
+    assert _value(m, name, dialect="openai", status_class="2xx") == 3
+    assert _value(m, name, dialect="openai", status_class="4xx") == 2
+    assert _value(m, name, dialect="openai", status_class="5xx") == 1
+    assert _value(m, name, dialect="ollama", status_class="4xx") == 1
+    assert _value(m, "inferflux:rate_limited_requests_total", dialect="openai") == 1
+    assert _value(m, "inferflux:rate_limited_requests_total", dialect="ollama") == 1
+    assert not [s for s in _samples(m) if "tenant" in s.labels]
+
+
+def test_adapter_usage_and_policy_decisions_count_per_label() -> None:
+    m = ServerMetrics(MODEL, BACKEND)
+    m.observe_adapter(None)
+    m.observe_adapter("sql-lora")
+    m.observe_adapter("sql-lora")
+    m.observe_policy("allow")
+    m.observe_policy("deny:pii")
+    assert _value(m, "inferflux:adapter_requests_total", adapter="base") == 1
+    assert _value(m, "inferflux:adapter_requests_total", adapter="sql-lora") == 2
+    assert _value(m, "inferflux:policy_decisions_total", decision="deny:pii") == 1
+
+
+def test_autoscaling_hint_gauges_follow_the_engine() -> None:
+    m = ServerMetrics(MODEL, BACKEND)
+    m.update_engine(EngineStats(kv_pages_used=6, kv_pages_total=10, kv_pages_wanted=9, queued_prompt_tokens=700))
+    assert _value(m, "inferflux:queued_prompt_tokens") == 700
+    assert _value(m, "inferflux:kv_page_pressure") == pytest.approx(1.5)  # the queue does not fit: scale out
+    m.update_engine(EngineStats(kv_pages_used=2, kv_pages_total=10))
+    assert _value(m, "inferflux:queued_prompt_tokens") == 0
+    assert _value(m, "inferflux:kv_page_pressure") == pytest.approx(0.2)
+
+
+def test_tokens_per_second_gauges_are_the_rate_between_updates(monkeypatch) -> None:
+    import inferflux.server.metrics as metrics_module
+
+    clock = iter([100.0, 102.0, 104.0])
+    monkeypatch.setattr(metrics_module.time, "monotonic", lambda: next(clock))
+    m = ServerMetrics(MODEL, BACKEND)
+    m.update_engine(EngineStats(prompt_tokens=0, generation_tokens=0))
+    assert _value(m, "inferflux:generation_tokens_per_second") == 0
+    m.update_engine(EngineStats(prompt_tokens=400, generation_tokens=50))
+    assert _value(m, "inferflux:prompt_tokens_per_second") == pytest.approx(200)
+    assert _value(m, "inferflux:generation_tokens_per_second") == pytest.approx(25)
+    m.update_engine(EngineStats(prompt_tokens=0, generation_tokens=10))  # a new engine: totals restart, rates go on
+    assert _value(m, "inferflux:generation_tokens_per_second") == pytest.approx(60 / 4)
+
+
+def test_scheduler_reports_queued_prompt_tokens_and_pages_the_queue_needs() -> None:
+    from inferflux.engine.kv_cache import KVCacheManager, PageAllocator
+    from inferflux.engine.sampling_params import SamplingParams
+    from inferflux.engine.scheduler import Scheduler
+    from inferflux.engine.sequence import Sequence
+
+    kv = KVCacheManager(PageAllocator(num_pages=9, page_size=4))
+    scheduler = Scheduler(kv, max_num_seqs=4, max_num_batched_tokens=6)
+    params = SamplingParams(max_tokens=4)
+    first, second = (Sequence(list(range(1, 11)), params, seed=0, max_model_len=64) for _ in range(2))
+    scheduler.add(first)
+    scheduler.add(second)
+    assert scheduler.queued_demand() == (20, 6)  # 10 + 10 prompt tokens; 3 + 3 pages of 4 tokens
+    chunks = scheduler.schedule()  # 6 tokens of the first prompt run
+    for chunk in chunks:
+        chunk.seq.num_computed += len(chunk.tokens)
+    assert scheduler.queued_demand() == (14, 3)
+    states = kv.allocator.page_states()
+    assert states[0] == "null" and states.count("used") == 2 and states.count("free") == 6
+    assert [(queue, seq is first) for queue, seq in scheduler.snapshot()] == [("running", True), ("waiting", False)]

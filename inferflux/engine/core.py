@@ -33,6 +33,7 @@ from inferflux.engine.request import POOLINGS, EngineStats, Request, StreamOutpu
 from inferflux.engine.sampling_params import SamplingParamsError
 from inferflux.engine.scheduler import ScheduledChunk, Scheduler
 from inferflux.engine.sequence import Sequence, TokenLogprobs
+from inferflux.engine.token_trace import TokenTrace
 from inferflux.formats.loader import LoadedModel
 
 
@@ -47,6 +48,7 @@ class _Live:
         self.sent_prompt_logprobs = [False] * len(seqs)  # each sample's first output carries them
         self.hidden: list[np.ndarray] = []  # an embedding's final hidden states so far, chunk by chunk
         self.matchers: list[Matcher | None] = [None] * len(seqs)  # structured output: each sample's grammar
+        self.scheduled_time: float | None = None  # when its first chunk ran (the end of its queueing)
         self.adapters: AdapterSet = NO_ADAPTER  # its LoRA adapters (slots held until it ends)
 
 
@@ -67,6 +69,8 @@ class EngineCore:
         self._seeds = random.Random(runtime.seed)
         self._stats = EngineStats(kv_pages_total=self.allocator.num_usable)
         self.grammars = GrammarCompiler(self.tokenizer, model.config.vocab_size)
+        # The /debug page's token trace (engine/token_trace.py); None (no cost) unless the server serves /debug.
+        self.token_trace: TokenTrace | None = None
         self.loras = LoraSlots(self.runner)  # LoRA adapter names -> device slots (engine/lora.py)
         if runtime.warmup:
             self.runner.warmup()
@@ -164,6 +168,10 @@ class EngineCore:
         if not chunks:
             return []
         start = time.perf_counter()
+        for chunk in chunks:
+            live = self._by_seq[chunk.seq.seq_id]
+            if live.scheduled_time is None:
+                live.scheduled_time = time.monotonic()
         generating = [c for c in chunks if not c.seq.is_embedding]
         embedding = [c for c in chunks if c.seq.is_embedding]
         step_chunks = [self._chunk(c) for c in generating]
@@ -243,6 +251,10 @@ class EngineCore:
             return self._output(live, seq.index, [], "", None, now)
         seq.append(result.token_id, result.logprob, result.top_ids, result.top_logprobs)
         self._stats.generation_tokens += 1
+        if self.token_trace is not None:
+            top = seq.params.logprobs or 0  # the alternatives the request asked for (the step may compute more)
+            self.token_trace.token(live.request.request_id, seq.index, result.token_id, result.logprob,
+                                   result.top_ids[:top], result.top_logprobs[:top], now)
         if live.first_token_time[seq.index] is None:
             live.first_token_time[seq.index] = now
         text = detok.push(result.token_id)
@@ -274,6 +286,8 @@ class EngineCore:
         """A finished sample leaves the scheduler (its pages are freed); the request goes with its last one."""
         live = self._by_seq.pop(seq.seq_id)
         self.scheduler.remove(seq)
+        if self.token_trace is not None:
+            self.token_trace.finish(live.request.request_id, seq.index, seq.finish_reason)
         if all(s.finished for s in live.seqs):
             del self._live[live.request.request_id]
             self.loras.release(live.adapters)
@@ -291,6 +305,7 @@ class EngineCore:
             completion_tokens=len(seq.output_ids), cached_tokens=seq.num_cached_tokens,
             arrival_time=live.request.arrival_time, first_token_time=live.first_token_time[index],
             last_token_time=now, stop_reason=stop_reason, prompt_logprobs=prompt_logprobs,
+            scheduled_time=live.scheduled_time,
         )
 
     # --- statistics ---
@@ -303,6 +318,7 @@ class EngineCore:
         s.prefix_queries = self.allocator.stats.queries
         s.prefix_hits = self.allocator.stats.hits
         s.num_preemptions = self.scheduler.num_preemptions
+        s.queued_prompt_tokens, s.kv_pages_wanted = self.scheduler.queued_demand()
         return dataclasses.replace(s)
 
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -28,6 +29,7 @@ from inferflux.engine.request import EngineStats, Pooling, Request, StreamOutput
 from inferflux.formats.loader import LoadedModel
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class EngineDeadError(RuntimeError):
@@ -41,6 +43,8 @@ class Engine:
         self._cond = threading.Condition()
         self._inbox: list[tuple[Request, asyncio.Queue, asyncio.AbstractEventLoop]] = []
         self._aborts: list[str] = []
+        # Read-only looks at the core (the /debug page): run on the engine thread between two steps.
+        self._probes: list[tuple[Callable[[EngineCore], Any], asyncio.Future, asyncio.AbstractEventLoop]] = []
         # request id -> (its queue, the caller's loop, samples whose final output is not delivered yet)
         self._streams: dict[str, tuple[asyncio.Queue, asyncio.AbstractEventLoop, int]] = {}
         self._stats = self.core.stats()
@@ -122,6 +126,18 @@ class Engine:
             self._aborts.append(request_id)
             self._cond.notify()
 
+    async def inspect(self, probe: Callable[[EngineCore], T], timeout: float = 120.0) -> T:
+        """`probe(core)`'s result, run on the engine thread between two steps, so it sees the scheduler and KV
+        cache in a consistent state without a lock on the step path. The probe must only read (and be quick)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
+        with self._cond:
+            if not self._thread.is_alive():  # no step loop running: nothing else touches the core
+                return probe(self.core)
+            self._probes.append((probe, future, loop))
+            self._cond.notify()
+        return await asyncio.wait_for(future, timeout)
+
     def stats(self) -> EngineStats:
         """The latest statistics (a snapshot the loop refreshes after every step)."""
         return self._stats
@@ -132,11 +148,15 @@ class Engine:
         try:
             while True:
                 with self._cond:
-                    while not (self._inbox or self._aborts or self._stopping or self.core.has_unfinished):
+                    while not (self._inbox or self._aborts or self._stopping or self._probes
+                               or self.core.has_unfinished):
                         self._cond.wait()
                     inbox, self._inbox = self._inbox, []
                     aborts, self._aborts = self._aborts, []
+                    probes, self._probes = self._probes, []
                     stopping = self._stopping
+                for probe, future, loop in probes:
+                    _answer(probe, self.core, future, loop)
                 for request, queue, loop in inbox:
                     self._admit(request, queue, loop)
                 for request_id in aborts:
@@ -189,3 +209,19 @@ class Engine:
             else:
                 self._streams[output.request_id] = (queue, loop, remaining - 1)
 
+
+def _answer(probe: Callable[[EngineCore], Any], core: EngineCore, future: asyncio.Future,
+            loop: asyncio.AbstractEventLoop) -> None:
+    """Run one `inspect` probe and hand its result (or error) to the waiting caller's loop."""
+    def settle(ok: bool, value: Any) -> None:
+        if not future.done():
+            future.set_result(value) if ok else future.set_exception(value)
+
+    try:
+        result: tuple[bool, Any] = (True, probe(core))
+    except Exception as exc:  # noqa: BLE001 - the caller's problem, not the step loop's
+        result = (False, exc)
+    try:
+        loop.call_soon_threadsafe(settle, *result)
+    except RuntimeError:  # the caller's loop is closed
+        pass

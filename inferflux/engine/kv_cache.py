@@ -116,6 +116,18 @@ class PageAllocator:
     def refcount(self, page: int) -> int:
         return self._refs[page]
 
+    def page_states(self) -> list[str]:
+        """Each page's state for the /debug map: "null" (page 0), "free", "cached" (a parked prefix nobody
+        reads), "prefix" (in use and registered for reuse) or "used". Call on the engine thread."""
+        states = ["free"] * self.num_pages
+        states[NULL_PAGE] = "null"
+        for page in range(1, self.num_pages):
+            if self._refs[page] > 0:
+                states[page] = "prefix" if page in self._hash_of else "used"
+            elif page in self._evictable:
+                states[page] = "cached"
+        return states
+
     # --- prefix caching ---
 
     def match_prefix(self, tokens: Sequence[int], adapter: Hashable = None, limit: int | None = None) -> list[int]:

@@ -57,6 +57,7 @@ class StreamOutput:
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     # kind="embed", on its final output: the pooled final hidden state, float32 [hidden], not normalized.
     embedding: np.ndarray | None = None
+    scheduled_time: float | None = None  # when the request's first chunk ran (monotonic): queueing ended
 
     @property
     def finished(self) -> bool:
@@ -79,7 +80,16 @@ class EngineStats:
     num_steps: int = 0
     last_step_seconds: float = 0.0
     total_step_seconds: float = 0.0
+    # Autoscaling hints: prompt tokens not yet computed (waiting requests and prompts still in prefill), and
+    # the pages the waiting requests would need on top of the pages in use.
+    queued_prompt_tokens: int = 0
+    kv_pages_wanted: int = 0
 
     @property
     def kv_cache_usage(self) -> float:
         return self.kv_pages_used / self.kv_pages_total if self.kv_pages_total else 0.0
+
+    @property
+    def kv_page_pressure(self) -> float:
+        """(pages in use + pages the queue would need) / pages: above 1, the queue cannot fit in this replica."""
+        return (self.kv_pages_used + self.kv_pages_wanted) / self.kv_pages_total if self.kv_pages_total else 0.0

@@ -59,6 +59,17 @@ class Scheduler:
             self.waiting.remove(seq)
         self.kv.free(seq)
 
+    def queued_demand(self) -> tuple[int, int]:
+        """(prompt tokens not yet computed, pages the waiting sequences still need): the autoscaling hints."""
+        page = self.kv.page_size
+        tokens = sum(max(0, len(s.prompt_ids) - s.num_computed) for s in (*self.waiting, *self.running))
+        pages = sum(max(0, -(-len(s.all_ids) // page) - len(s.pages)) for s in self.waiting)
+        return tokens, pages
+
+    def snapshot(self) -> list[tuple[str, Sequence]]:
+        """("running" | "waiting", sequence) for every queued sequence (engine thread: see Engine.inspect)."""
+        return [("running", s) for s in self.running] + [("waiting", s) for s in self.waiting]
+
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)

@@ -69,6 +69,10 @@ def create_app(state: ServerState) -> Quart:
             return Response("", status=204)
         return None
 
+    # Traces, request metrics, /debug and the /admin page; before auth, so a refused request joins its trace.
+    from inferflux.server import observe
+
+    observe.install(app, state)
     if auth_required:  # after the checks above: a preflight is answered without a key
         auth.install(app, state.config.security.public_metrics)
     # One hash-chained line per finished request (audit.enabled), written off the event loop.

@@ -41,6 +41,7 @@ from inferflux.server.policy import guard as policy
 from inferflux.server.reasoning import template_reasons
 from inferflux.server.structured import tool_constraint
 from inferflux.server.tool_calls import ToolCall
+from inferflux.server.ui import traces as debug_traces
 
 
 @dataclasses.dataclass
@@ -92,6 +93,7 @@ class Timings:
     first_token: float | None
     last_token: float | None
     load_seconds: float = 0.0
+    scheduled: float | None = None  # when its first chunk ran: arrival..scheduled is its time queued
 
     @property
     def ttft(self) -> float | None:
@@ -164,11 +166,13 @@ class Generation:
         self._metrics = server_state().metrics
         self._times: dict[int, list[float]] = {}
         self.finished: list[Finished] = []
+        self.response_id: str | None = None  # the dialect's id of the answer (gen_ai.response.id), once it has one
         # The request's record (server/record.py) stays open until this generation closes: a streamed
         # body's token counts are known only then.
         self._record = record.current()
         if self._record is not None:
             self._record.model = handle.name
+            self._record.extras["generation"] = self  # read by the finish hooks (server/tracing.py)
             self._record.hold()
 
     @property
@@ -208,6 +212,7 @@ class Generation:
             requests = limits_http.admit_generation(requests, spec.params.n)  # tenant limits: cap, reserve or 429
             await guard.admit(requests)  # the OPA decision, when policy.opa is set: 403 on a deny
             state.check_capacity(handle)
+            debug_traces.follow(handle, requests)  # the /debug token trace, when the server serves /debug
             streams = []
             for request in requests:  # all or nothing: a later refusal aborts the earlier ones
                 streams.append(await _llm(handle)[1].submit(request))
@@ -293,7 +298,7 @@ class Generation:
         return Finished(choice, "length" if out.finish_reason == "length" else "stop", out.stop_reason, num_calls,
                         out.prompt_tokens, out.completion_tokens, out.cached_tokens, output_ids,
                         Timings(out.arrival_time, out.first_token_time, out.last_token_time,
-                                self.handle.load_seconds))
+                                self.handle.load_seconds, out.scheduled_time))
 
 
 def _llm(handle: ModelHandle) -> tuple[LoadedModel, Engine]:

@@ -23,6 +23,15 @@ appends `_total` to counter names itself, so counters are declared without it:
     vllm:num_requests_running                  (gauge, same value)
     vllm:num_requests_waiting                  (gauge, same value)
     vllm:kv_cache_usage_perc                   (gauge, same value)
+    inferflux:backend_info{device,dtype,kernels}     (gauge, 1: what runs the model)
+    inferflux:dialect_requests_total{dialect,status_class}  (blueprint: openai, ollama, ...; 2xx/4xx/5xx)
+    inferflux:prompt_tokens_per_second         (gauge, over the last 30 s of scrapes)
+    inferflux:generation_tokens_per_second     (gauge, same window)
+    inferflux:queued_prompt_tokens             (gauge: prompt tokens not yet computed; autoscaling hint)
+    inferflux:kv_page_pressure                 (gauge: (pages used + pages the queue needs) / pages)
+    inferflux:adapter_requests_total{adapter}  (generation requests per LoRA adapter; "base" for none)
+    inferflux:policy_decisions_total{decision}
+    inferflux:rate_limited_requests_total{dialect}  (429s from tenant limits; no tenant label)
 
 The `vllm:` gauges exist because KEDA, llm-d and the Gateway API inference
 extension read exactly those names to autoscale and route. Every series carries
@@ -32,6 +41,8 @@ extension read exactly those names to autoscale and route. Every series carries
 from __future__ import annotations
 
 import threading
+import time
+from collections import deque
 from collections.abc import Sequence
 
 from prometheus_client import (
@@ -63,6 +74,8 @@ E2E_BUCKETS: tuple[float, ...] = (
 )  # fmt: skip
 
 _BASE_LABELS = ("model_name", "backend")
+
+RATE_WINDOW_S = 30.0  # tokens/s gauges: the rate over the scrapes of the last this-many seconds
 
 # Engine-side running totals mirrored as counters: EngineStats field -> counter attribute.
 _ENGINE_TOTALS = {
@@ -160,6 +173,36 @@ class ServerMetrics:
             "inferflux:prefix_cache_hits", "Full prompt pages found in the prefix cache."
         )
 
+        self._backend_info = Gauge(
+            "inferflux:backend_info", "What runs the model: device kind, compute dtype, kernels (value 1).",
+            (*_BASE_LABELS, "device", "dtype", "kernels"), registry=reg)
+        self._dialect_requests = Counter(
+            "inferflux:dialect_requests", "HTTP requests by dialect (openai, ollama, lmstudio, anthropic, "
+            "responses, ops, admin, ...) and status class (2xx, 4xx, 5xx).",
+            (*_BASE_LABELS, "dialect", "status_class"), registry=reg)
+        self._prompt_rate = gauge("inferflux:prompt_tokens_per_second",
+                                  f"Prompt tokens computed per second over the last {RATE_WINDOW_S:g} s.")
+        self._generation_rate = gauge("inferflux:generation_tokens_per_second",
+                                      f"Tokens generated per second over the last {RATE_WINDOW_S:g} s.")
+        self._queued_prompt_tokens = gauge(
+            "inferflux:queued_prompt_tokens",
+            "Prompt tokens waiting to be computed (queued requests and prompts in prefill): scale out on it.")
+        self._kv_pressure = gauge(
+            "inferflux:kv_page_pressure",
+            "(KV pages in use + pages the waiting requests need) / pages; above 1 the queue cannot fit.")
+        self._adapter_requests = Counter(
+            "inferflux:adapter_requests", "Generation requests by LoRA adapter (\"base\": none).",
+            (*_BASE_LABELS, "adapter"), registry=reg)
+        self._policy_decisions = Counter(
+            "inferflux:policy_decisions", "Policy decisions on requests (allow, deny:<rule>, ...).",
+            (*_BASE_LABELS, "decision"), registry=reg)
+        self._rate_limited = Counter(
+            "inferflux:rate_limited_requests", "Requests refused with 429 by a tenant limit, by dialect.",
+            (*_BASE_LABELS, "dialect"), registry=reg)
+        # (monotonic time, cumulative prompt tokens, cumulative generated tokens) at each engine update.
+        self._rate_samples: deque[tuple[float, float, float]] = deque()
+        self._cumulative = [0.0, 0.0]
+
         # Last engine totals seen, so counters advance by deltas. Guarded by a lock
         # because the engine thread and a scrape-time refresh may both call update_engine.
         self._lock = threading.Lock()
@@ -191,6 +234,23 @@ class ServerMetrics:
             self._itl.observe(gap)
         self._e2e.observe(e2e_s)
 
+    def observe_dialect(self, dialect: str, status: int, rate_limited: bool = False) -> None:
+        """Count one response by dialect (its blueprint) and status class; a tenant limit's 429 counts apart too."""
+        self._dialect_requests.labels(self.model, self.backend, dialect or "none", f"{status // 100}xx").inc()
+        if rate_limited:
+            self._rate_limited.labels(self.model, self.backend, dialect or "none").inc()
+
+    def observe_adapter(self, adapter: str | None) -> None:
+        self._adapter_requests.labels(self.model, self.backend, adapter or "base").inc()
+
+    def observe_policy(self, decision: str) -> None:
+        self._policy_decisions.labels(self.model, self.backend, decision).inc()
+
+    def set_backend_info(self, device: str, dtype: str, kernels: str) -> None:
+        """Say what runs the model (replacing what a previous model said)."""
+        self._backend_info.clear()
+        self._backend_info.labels(self.model, self.backend, device, dtype, kernels).set(1)
+
     # --- models ------------------------------------------------------------------
 
     def model_loaded(self) -> None:
@@ -218,6 +278,8 @@ class ServerMetrics:
         self._vllm_running.set(stats.num_running)
         self._vllm_waiting.set(stats.num_waiting)
         self._vllm_kv_usage.set(stats.kv_cache_usage)
+        self._queued_prompt_tokens.set(stats.queued_prompt_tokens)
+        self._kv_pressure.set(stats.kv_page_pressure)
         with self._lock:
             for field, attr in _ENGINE_TOTALS.items():
                 value = int(getattr(stats, field))
@@ -225,7 +287,21 @@ class ServerMetrics:
                 delta = value - last if value >= last else value
                 if delta > 0:
                     getattr(self, attr).inc(delta)
+                    if field in ("prompt_tokens", "generation_tokens"):
+                        self._cumulative[field == "generation_tokens"] += delta
                 self._last_totals[field] = value
+            self._update_rates(time.monotonic())
+
+    def _update_rates(self, now: float) -> None:
+        """Tokens/s over the window: (newest - oldest sample) / time between them (under the lock)."""
+        samples = self._rate_samples
+        samples.append((now, self._cumulative[0], self._cumulative[1]))
+        while len(samples) > 2 and now - samples[1][0] >= RATE_WINDOW_S:
+            samples.popleft()
+        first, last = samples[0], samples[-1]
+        span = last[0] - first[0]
+        self._prompt_rate.set((last[1] - first[1]) / span if span > 0 else 0.0)
+        self._generation_rate.set((last[2] - first[2]) / span if span > 0 else 0.0)
 
     def engine_replaced(self) -> None:
         """Forget the old engine's totals; call when a reload swaps in a new engine.

@@ -154,7 +154,8 @@ class ModelPool:
         total = EngineStats()
         for handle in self.live():
             stats = handle.stats()
-            for field in ("num_running", "num_waiting", "kv_pages_used", "kv_pages_total", *_TOTALS):
+            for field in ("num_running", "num_waiting", "kv_pages_used", "kv_pages_total", "queued_prompt_tokens",
+                          "kv_pages_wanted", *_TOTALS):
                 setattr(total, field, getattr(total, field) + getattr(stats, field))
         for field, value in self._totals.items():
             setattr(total, field, getattr(total, field) + value)

@@ -13,10 +13,13 @@ Scopes (a key holds any set of them):
   `/api/v0/models`), the version routes and `/metrics` (read-only views of the server; none of
   them loads a model).
 - `models:write`: changing the model store or what is loaded (pull, copy, delete, create).
-- `admin`: everything under `/admin` (reload, tenants, keys).
+- `admin`: everything under `/admin` (reload, tenants, keys) and the data of `/debug` (`/debug/api/*`:
+  KV pages, queues, other tenants' token traces).
 
 Public: `/healthz`, `/readyz` (probes carry no credentials), `/openapi.json` (the contract, no
-data) and Ollama's `/` ("Ollama is running", the probe its clients use). `/metrics` is public only
+data), Ollama's `/` ("Ollama is running", the probe its clients use), and the static pages
+`/debug`, `/admin` and their `/ui/*` files (a browser cannot send a key when it navigates; the pages
+hold no data and call the JSON routes with the key pasted into them). `/metrics` is public only
 with `security.public_metrics: true`.
 """
 
@@ -76,6 +79,9 @@ ROUTE_SCOPES: Final[dict[str, str]] = {
     "access.rollback_policy": ADMIN,
     "access.list_limits": ADMIN, "access.get_limits": ADMIN, "access.set_limits": ADMIN,
     "access.delete_limits": ADMIN,
+    # The local pages (static, no data: their scripts send the admin key) and the /debug data behind them
+    "ui.asset": PUBLIC, "adminui.admin_page": PUBLIC, "debug.debug_page": PUBLIC,
+    "debug.kv": ADMIN, "debug.requests": ADMIN, "debug.list_traces": ADMIN, "debug.get_trace": ADMIN,
 }
 
 

@@ -27,6 +27,7 @@ async def chat_response(req: ChatCompletionRequest, extras: Extras | None = None
 async def chat_chunks(req: ChatCompletionRequest, gen: Generation, with_usage: bool) -> AsyncIterator[dict[str, Any]]:
     """The chat.completion.chunk objects of one request: roles first, then text and tool calls, then usage."""
     chunk_id, created, handle = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), gen.handle
+    gen.response_id = chunk_id  # gen_ai.response.id on the request's span
     completion, prompt_tokens, cached = 0, 0, 0
 
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:

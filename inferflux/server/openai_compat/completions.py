@@ -36,6 +36,7 @@ def echo_texts(req: CompletionRequest, gen: Generation) -> list[str]:
 
 async def completion_chunks(req: CompletionRequest, gen: Generation) -> AsyncIterator[dict[str, Any]]:
     cmpl_id, created, handle = f"cmpl-{uuid.uuid4().hex}", int(time.time()), gen.handle
+    gen.response_id = cmpl_id  # gen_ai.response.id on the request's span
     echo = echo_texts(req, gen) if req.echo else None
     completion, cached = 0, 0
 

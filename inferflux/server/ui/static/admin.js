@@ -1,0 +1,82 @@
+// /admin: API keys, tenants and limits over the /admin/* JSON routes; each task is three steps or fewer.
+"use strict";
+(() => {
+  const { el, fill, api, when } = IFX;
+  const SCOPES = ["inference", "embeddings", "models:read", "models:write", "admin"];
+  const status = (text, ok) => { const s = fill("status", text || ""); s.className = ok ? "ok" : "error"; };
+  const value = (id) => document.getElementById(id).value.trim();
+
+  fill("key-scopes", SCOPES.map((s) => el("label", {}, el("input", { type: "checkbox", name: "scope", value: s, checked: s === "inference" }), ` ${s} `)));
+
+  let latest = 0;  // refreshes overlap (typing the key, then acting): only the newest one may draw
+
+  async function refresh() {
+    const mine = ++latest;
+    try {
+      const [tenants, keys, limits] = await Promise.all([api("GET", "/admin/tenants"), api("GET", "/admin/keys"), api("GET", "/admin/limits")]);
+      if (mine !== latest) return;
+      fill("tenant-names", tenants.data.map((t) => el("option", { value: t.name })));
+      const tenantBox = document.getElementById("key-tenant");
+      if (!tenantBox.value && tenants.data.length) tenantBox.value = tenants.data[0].name;
+      fill("tenants", tenants.data.map((t) => el("tr", { "data-tenant": t.name }, el("td", {}, t.name), el("td", {}, when(t.created)), el("td", {}, t.keys),
+        el("td", {}, el("button", { class: "danger", onclick: () => act(`Delete tenant ${t.name} and its keys?`, "DELETE", `/admin/tenants/${encodeURIComponent(t.name)}`) }, "Delete")))));
+      fill("keys", keys.data.map((k) => el("tr", { "data-key-id": k.id }, el("td", { class: "mono" }, k.id), el("td", {}, k.tenant), el("td", {}, k.name || ""),
+        el("td", {}, k.scopes.join(", ")), el("td", {}, when(k.created)), el("td", {}, when(k.expires) || "never"), el("td", {}, when(k.last_used)),
+        el("td", {}, k.active ? "active" : (k.revoked ? "revoked" : "expired")),
+        el("td", {}, k.active ? el("button", { class: "danger", onclick: () => act(`Revoke key ${k.id}?`, "POST", `/admin/keys/${encodeURIComponent(k.id)}/revoke`) }, "Revoke") : ""))));
+      fill("limits", limits.data.map((l) => el("tr", { "data-tenant": l.tenant }, el("td", {}, l.tenant),
+        ["rpm", "tpm", "concurrency", "max_tokens"].map((f) => el("td", {}, l[f] || "")),
+        el("td", {}, el("button", { class: "danger", onclick: () => act(`Remove ${l.tenant}'s limits?`, "DELETE", `/admin/limits/${encodeURIComponent(l.tenant)}`) }, "Remove")))));
+      if (document.getElementById("status").className === "error") status("");
+    } catch (error) {
+      if (mine === latest) status(String(error.message || error));
+    }
+  }
+
+  // A destructive action: click, confirm (two steps).
+  async function act(question, method, path) {
+    if (!confirm(question)) return;
+    try { await api(method, path); status("done", true); } catch (error) { status(String(error.message || error)); }
+    refresh();
+  }
+
+  async function ensureTenant(name) {
+    const tenants = await api("GET", "/admin/tenants");
+    if (!tenants.data.some((t) => t.name === name)) await api("POST", "/admin/tenants", { name });
+  }
+
+  // Create a key: (admin key), tenant (filled with the first one), click: the key is shown once.
+  document.getElementById("create-key").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const scopes = [...document.querySelectorAll("input[name=scope]:checked")].map((c) => c.value);
+    const body = { tenant: value("key-tenant"), scopes, name: value("key-name") };
+    if (value("key-expires") && value("key-expires") !== "never") body.expires = value("key-expires");
+    try {
+      await ensureTenant(body.tenant);
+      const created = await api("POST", "/admin/keys", body);
+      fill("new-key-value", created.key);
+      document.getElementById("new-key").hidden = false;
+      status(`key ${created.id} created for ${created.tenant}`, true);
+    } catch (error) {
+      status(String(error.message || error));
+    }
+    refresh();
+  });
+
+  document.getElementById("create-tenant").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    try { await api("POST", "/admin/tenants", { name: value("tenant-name") }); status("tenant created", true); } catch (error) { status(String(error.message || error)); }
+    refresh();
+  });
+
+  document.getElementById("set-limits").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const body = {};
+    for (const f of ["rpm", "tpm", "concurrency", "max_tokens"]) if (value(`limits-${f}`) !== "") body[f] = Number(value(`limits-${f}`));
+    try { await api("PUT", `/admin/limits/${encodeURIComponent(value("limits-tenant"))}`, body); status("limits saved", true); } catch (error) { status(String(error.message || error)); }
+    refresh();
+  });
+
+  IFX.keyBox(refresh);
+  refresh();
+})();

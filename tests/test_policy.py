@@ -191,3 +191,35 @@ def test_admin_versions_rollback_metric_and_cli(served) -> None:
     metrics = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {keys['ops']}"}).text
     line = next(x for x in metrics.splitlines() if x.startswith("inferflux:policy_version{"))
     assert float(line.rsplit(" ", 1)[1]) == version + 2
+
+
+@pytest.mark.slow
+def test_two_servers_on_one_redis_share_policies(tiny_model, redis_base_url) -> None:
+    """A policy set through one server is enforced by the other from its next request (the per-request version read)."""
+    import concurrent.futures
+
+    from inferflux.server.access.keys_redis import RedisKeyStore
+    from tests.fixtures.redis_server import fresh_db
+    from tests.fixtures.server import Server
+
+    url = fresh_db(redis_base_url)
+    store = RedisKeyStore(url)
+    store.create_tenant("acme")
+    admin_key, _ = store.create_key("acme", "admin,inference")
+    shared = ["security.auth=required", "state.backend=redis", f"state.redis_url={url}"]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        servers = list(pool.map(lambda _: Server(tiny_model("llama"), "tiny", extra=shared), range(2)))
+    try:
+        first, second = servers
+        prompt = "mail ann@example.org"
+        assert client(second, admin_key).completions.create(
+            model="tiny", prompt=prompt, max_tokens=1, echo=True).choices[0].text.startswith(prompt)
+        answer = httpx.put(first.url + "/admin/policies", headers={"Authorization": f"Bearer {admin_key}"},
+                           json={"scope": "acme", "document": {"pii": {"EMAIL": "mask"}}}, timeout=30)
+        assert answer.status_code == 200, answer.text
+        text = client(second, admin_key).completions.create(model="tiny", prompt=prompt, max_tokens=1,
+                                                           echo=True).choices[0].text
+        assert text.startswith("mail [EMAIL]"), text  # the very next request on the other server, no wait
+    finally:
+        statuses = [s.stop() for s in servers]
+    assert statuses == [0, 0]

@@ -123,8 +123,8 @@ class LoraSlots:
         self.slots: dict[int, _Slot] = {}
         self._load_ids = itertools.count(1)
 
-    def load(self, name: str, path: str | Path) -> int:
-        """Read the adapter at `path` into a free slot under `name`; returns the slot."""
+    def check(self, name: str) -> int:
+        """The slot `load(name, ...)` would take now, or the `LoraError` it would raise (reads only)."""
         runner = self.runner
         if not runner.max_loras:
             raise LoraError("LoRA is off: set runtime.max_loras to the number of adapter slots")
@@ -135,9 +135,21 @@ class LoraSlots:
         free = [s for s in range(runner.max_loras) if s not in self.slots]
         if not free:
             raise LoraError(f"all {runner.max_loras} adapter slots are in use (runtime.max_loras); unload one")
-        adapter = read_peft(path, runner.config, runner.max_lora_rank)
-        slot = free[0]
-        write_slot(runner, slot, adapter)
+        return free[0]
+
+    def read(self, path: str | Path) -> LoraAdapter:
+        """Read and check the PEFT folder at `path` against this model (no device work: any thread)."""
+        return read_peft(path, self.runner.config, self.runner.max_lora_rank)
+
+    def load(self, name: str, source: str | Path | LoraAdapter) -> int:
+        """Write the adapter (a PEFT folder, or one `read` already) into a free slot under `name`; returns it.
+
+        The server reads on a worker thread and only writes here, on the engine thread, between steps.
+        """
+        self.check(name)  # fail fast, before reading
+        adapter = source if isinstance(source, LoraAdapter) else self.read(source)
+        slot = self.check(name)  # still free after the read
+        write_slot(self.runner, slot, adapter)
         self.slots[slot] = _Slot(name, next(self._load_ids))
         self.by_name[name] = slot
         return slot

@@ -9,6 +9,7 @@ request to the base or to an adapter). Unloading lets the requests that use it f
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -55,8 +56,12 @@ async def load_lora_adapter() -> Any:
         if handle.engine is None:
             raise bad_request(f"the model `{handle.name}` is an embedding model; it takes no adapters",
                               param="lora_name")
+        loras = handle.engine.core.loras
         try:
-            await handle.engine.inspect(lambda core: core.loras.load(req.lora_name, req.lora_path))
+            loras.check(req.lora_name)  # LoRA off, a taken name, no free slot: before reading anything
+            adapter = await asyncio.to_thread(loras.read, req.lora_path)  # file reads off the engine thread
+            # Written on the engine thread between two steps (one `.at[slot].set` per array: milliseconds).
+            await handle.engine.inspect(lambda core: core.loras.load(req.lora_name, adapter))
         except LoraError as exc:
             raise bad_request(str(exc), param="lora_path") from None
     finally:

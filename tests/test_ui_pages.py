@@ -9,6 +9,7 @@ stops working once revoked there. Screenshots of each page go to docs/screenshot
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 from collections.abc import Iterator
@@ -174,3 +175,33 @@ def test_debug_data_needs_the_admin_key_and_the_page_says_so(served, page) -> No
     page.wait_for_function("() => document.getElementById('status').innerText.startsWith('401')")
     page.fill("#admin-key", "ifx-not-a-key")
     page.wait_for_function("() => document.getElementById('status').innerText.startsWith('401')")
+
+
+def test_policies_on_admin_set_in_three_actions_and_roll_back_in_two(served, page) -> None:
+    import httpx
+
+    server, admin_key = served
+    page.goto(server.url + "/admin")
+    page.fill("#admin-key", admin_key)
+    first = {"blocked_terms": ["lighthouse"]}
+    # Set: scope, document, Save.
+    page.fill("#policy-scope", "ops")
+    page.fill("#policy-document", json.dumps(first))
+    page.click("#save-policy")
+    page.wait_for_selector('#policies tr[data-scope="ops"]')
+    # Edit it: Edit fills the form, change the document, Save: a new version.
+    page.click('#policies tr[data-scope="ops"] button')
+    assert json.loads(page.input_value("#policy-document")) == first
+    page.fill("#policy-document", json.dumps({"blocked_terms": ["keeper"]}))
+    page.click("#save-policy")
+    page.wait_for_function("() => document.querySelectorAll('#policy-history tr').length >= 2")
+    headers = {"Authorization": f"Bearer {admin_key}"}
+    current = httpx.get(server.url + "/admin/policies/ops", headers=headers, timeout=30).json()
+    assert current["document"]["blocked_terms"] == ["keeper"]
+    page.screenshot(path=str(SHOTS / "admin-policies.png"), full_page=True)
+    # Roll back to the first version: click, confirm.
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click(f'#policy-history tr[data-version="{current["history"][0]}"] button')
+    page.wait_for_function("() => document.getElementById('status').innerText === 'done'")
+    rolled = httpx.get(server.url + "/admin/policies/ops", headers=headers, timeout=30).json()
+    assert rolled["document"]["blocked_terms"] == ["lighthouse"] and rolled["version"] > current["version"]

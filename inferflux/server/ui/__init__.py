@@ -1,4 +1,4 @@
-"""The local pages: `/debug` (KV pages, queues, token traces) and `/admin` (keys, tenants, limits).
+"""The local pages: `/debug` (KV pages, queues, token traces) and `/admin` (keys, tenants, limits, policies).
 
 `install` registers them on an app: `/debug` with `server.debug_ui: true` or `security.auth:
 required` (admin scope); the `/admin` page wherever the `/admin/*` JSON routes are served. Pages and

@@ -45,6 +45,6 @@ async def asset(name: str) -> Response:
 
 
 @admin_page_bp.get("/admin")
-@documented(summary="The admin page (HTML): API keys, tenants, limits", content="text/html")
+@documented(summary="The admin page (HTML): API keys, tenants, limits, policies", content="text/html")
 async def admin_page() -> Response:
     return page("admin.html")

@@ -1,4 +1,4 @@
-// /admin: API keys, tenants and limits over the /admin/* JSON routes; each task is three steps or fewer.
+// /admin: API keys, tenants, limits and policies over the /admin/* JSON routes; each task is three steps or fewer.
 "use strict";
 (() => {
   const { el, fill, api, when } = IFX;
@@ -28,15 +28,52 @@
         ["rpm", "tpm", "concurrency", "max_tokens"].map((f) => el("td", {}, l[f] || "")),
         el("td", {}, el("button", { class: "danger", onclick: () => act(`Remove ${l.tenant}'s limits?`, "DELETE", `/admin/limits/${encodeURIComponent(l.tenant)}`) }, "Remove")))));
       if (document.getElementById("status").className === "error") status("");
+      refreshPolicies();
     } catch (error) {
       if (mine === latest) status(String(error.message || error));
     }
   }
 
+  // Policies: view the current documents, edit one (Edit fills the form; change it; Save), roll back a version.
+  async function refreshPolicies() {
+    let current, history;
+    try {
+      [current, history] = await Promise.all([api("GET", "/admin/policies"), api("GET", "/admin/policies?history=1")]);
+    } catch (error) {
+      fill("policies", el("tr", {}, el("td", { colspan: 6, class: "muted" }, `policies unavailable: ${error.message || error}`)));
+      return;
+    }
+    fill("policy-version", current.policy_version);
+    const doc = (d) => el("code", {}, JSON.stringify(d));
+    fill("policies", current.data.map((p) => el("tr", { "data-scope": p.scope }, el("td", {}, p.scope), el("td", {}, p.version),
+      el("td", {}, when(p.created)), el("td", {}, p.actor), el("td", {}, doc(p.document)),
+      el("td", {}, el("button", { class: "secondary", onclick: () => {
+        document.getElementById("policy-scope").value = p.scope;
+        document.getElementById("policy-document").value = JSON.stringify(p.document, null, 2);
+      } }, "Edit")))));
+    const latest = new Map(current.data.map((p) => [p.scope, p.version]));
+    fill("policy-history", history.data.slice().reverse().map((p) => el("tr", { "data-version": p.version }, el("td", {}, p.version),
+      el("td", {}, p.scope), el("td", {}, when(p.created)), el("td", {}, p.actor), el("td", {}, doc(p.document)),
+      el("td", {}, latest.get(p.scope) === p.version ? "current" : el("button", { class: "danger",
+        onclick: () => act(`Roll ${p.scope} back to version ${p.version}?`, "POST", "/admin/policies/rollback", { version: p.version }) }, "Roll back")))));
+  }
+
+  document.getElementById("set-policy").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    try {
+      const document_ = JSON.parse(value("policy-document") || "{}");
+      const row = await api("PUT", "/admin/policies", { scope: value("policy-scope"), document: document_ });
+      status(`policy of ${row.scope} is version ${row.version}`, true);
+    } catch (error) {
+      status(String(error.message || error));
+    }
+    refresh();
+  });
+
   // A destructive action: click, confirm (two steps).
-  async function act(question, method, path) {
+  async function act(question, method, path, body) {
     if (!confirm(question)) return;
-    try { await api(method, path); status("done", true); } catch (error) { status(String(error.message || error)); }
+    try { await api(method, path, body); status("done", true); } catch (error) { status(String(error.message || error)); }
     refresh();
   }
 

@@ -146,6 +146,11 @@ def test_content_filters(served) -> None:
     streamed, stream_reason, _ = _generate(server, keys["filtered"], bias, seed, stream=True)
     assert reason == stream_reason == "content_filter"
     assert whole == streamed == raw[:raw.index("@")]
+    answer = client(server, keys["filtered"]).completions.with_raw_response.create(
+        model="tiny", prompt="x", max_tokens=240, temperature=1.0, seed=seed, logit_bias=bias,
+        extra_body={"ignore_eos": True})
+    record = audit_records(served[3], answer.headers["x-request-id"])[0]
+    assert record["policy"].startswith("content_filter opa=local-"), record
 
 
 def test_rego_denies_one_tenant_the_model(served) -> None:

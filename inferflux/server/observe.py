@@ -30,7 +30,7 @@ def install(app: Quart, state: ServerState) -> None:
         if rec.model and tracing.operation(rec.route) in GENERATING and rec.status < 400:
             metrics.observe_adapter(rec.adapter)
         if rec.policy:
-            metrics.observe_policy(rec.policy)
+            metrics.observe_policy(rec.policy.split(" ", 1)[0])  # the decision; its details (opa=<id>) are per request
 
     records.add_finish_hook(app, count)
 

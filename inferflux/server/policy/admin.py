@@ -3,7 +3,7 @@
 The same operations as `inferctl admin policy list|show|set|rollback` on the local store (the CLI
 calls these routes with `--url`). Each change is a new `policy_version`; the request that made it
 is in the audit log with its key id, and its record's `policy` field names the change
-(`set:<scope>@v<N>`), so who changed what, when, is one `inferctl admin audit tail` away.
+(`set <scope>@v<N>`, `rollback <scope>@v<N>`), so who changed what, when, is one `inferctl admin audit tail` away.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from quart import request
 
 from inferflux.server import record
@@ -36,7 +36,7 @@ class SetPolicy(BaseModel):
 class Rollback(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    version: int
+    version: int = Field(ge=1, le=2**62)  # SQLite integers are 64-bit
 
 
 def _actor() -> str:
@@ -47,7 +47,7 @@ def _actor() -> str:
 def _changed(row: dict[str, Any], what: str) -> dict[str, Any]:
     rec = record.current()
     if rec is not None:
-        rec.policy = f"{what}:{row['scope']}@v{row['version']}"
+        rec.policy = f"{what} {row['scope']}@v{row['version']}"  # the first word is the metric's label
     set_version_metric(runtime().refresh())
     log.info("policy %s: scope %s is version %d", what, row["scope"], row["version"])
     return row
@@ -92,7 +92,7 @@ async def rollback_policy() -> Any:
     store = runtime().store
     old = store.get(body.version)
     row = store.put(old["scope"], old["document"], _actor())
-    return _changed(row, f"rollback{body.version}")
+    return _changed(row, "rollback")
 
 
 __all__ = ["bp"]

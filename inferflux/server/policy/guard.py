@@ -99,40 +99,59 @@ class ActiveGuard(Guard):
         self.rec.policy = (self.rec.policy or "allow") + suffix
 
     async def after(self, events: AsyncGenerator[Any, None]) -> AsyncGenerator[Any, None]:  # type: ignore[override]
-        from inferflux.server.generation import Finished, TextDelta
+        """Each choice's answer text and reasoning text through the post-hooks (a filter each)."""
+        from inferflux.server.generation import Finished, ReasoningDelta, TextDelta
 
-        filters: dict[int, list[OutputHook]] = {}
+        filters: dict[tuple[int, bool], list[OutputHook]] = {}
+
+        def hooks(choice: int, reasoning: bool) -> list[OutputHook]:
+            found = filters.get((choice, reasoning))
+            if found is None:
+                found = filters[choice, reasoning] = [h for h in (x.post(self.ctx, choice) for x in self.rt.hooks) if h]
+            return found
+
+        def feed(chain: list[OutputHook], text: str, final: bool) -> str:
+            for hook in chain:
+                text = hook.feed(text, final)
+            return text
+
         try:
             async for event in events:
-                choice = getattr(event, "choice", None)
-                if choice is None:
+                choice: int | None = getattr(event, "choice", None)
+                answer = hooks(choice, False) if choice is not None else []
+                if choice is None or not answer:
                     yield event
                     continue
-                hooks = filters.get(choice)
-                if hooks is None:
-                    hooks = filters[choice] = [h for h in (x.post(self.ctx, choice) for x in self.rt.hooks) if h]
-                if not hooks:
-                    yield event
-                    continue
-                stopped = any(h.stopped for h in hooks)
-                if isinstance(event, TextDelta) or isinstance(event, Finished):
-                    text = event.text if isinstance(event, TextDelta) else ""
+                thought = hooks(choice, True)
+                stopped = any(h.stopped for h in answer + thought)
+                if isinstance(event, ReasoningDelta):
+                    text = feed(thought, event.text, False)
+                    if text:
+                        yield ReasoningDelta(choice, text)
+                elif isinstance(event, (TextDelta, Finished)):
                     final = isinstance(event, Finished)
-                    for hook in hooks:
-                        text = hook.feed(text, final)
-                    if text or (isinstance(event, TextDelta) and event.logprobs and not stopped):
-                        yield TextDelta(choice, text, event.logprobs if isinstance(event, TextDelta) else None)
+                    if final and (rest := feed(thought, "", True)):
+                        yield ReasoningDelta(choice, rest)
+                    text = feed(answer, event.text if isinstance(event, TextDelta) else "", final)
+                    logprobs = event.logprobs if isinstance(event, TextDelta) and not stopped else None
+                    if text or logprobs:
+                        yield TextDelta(choice, text, logprobs)
                     if isinstance(event, Finished):
-                        if any(h.stopped for h in hooks):
-                            self.rec.policy = "content_filter"
-                            event = dataclasses.replace(event, reason="content_filter", stop_reason=None)
-                        elif self.ctx.found and self.rec.policy == "allow":
-                            self.rec.policy = "scrubbed"
-                        yield event
+                        yield self._finished(event, any(h.stopped for h in answer + thought))
                 elif not stopped:
                     yield event
         finally:
             await events.aclose()
+
+    def _finished(self, event: Any, stopped: bool) -> Any:
+        """The choice's end, `content_filter` when a hook stopped it; the record says what the policy did."""
+        decision, _, detail = (self.rec.policy or "allow").partition(" ")
+        if stopped:
+            decision, event = "content_filter", dataclasses.replace(event, reason="content_filter", stop_reason=None)
+        elif self.ctx.found and decision == "allow":
+            decision = "scrubbed"
+        self.rec.policy = f"{decision} {detail}".strip()
+        return event
 
 
 __all__ = ["NO_GUARD", "ActiveGuard", "Guard", "before", "set_version_metric"]

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 Bucket = tuple[int, int]  # (batch size, sequence length)
 Pair = tuple[list[int], list[int]]  # token ids, token type ids
+HIGHEST = jax.lax.Precision.HIGHEST
 
 
 class Reranker:
@@ -130,8 +131,10 @@ def _make_score(graphdef: nnx.GraphDef, activation: Activation, eps: float):
         x = layer_norm(x, bert.embed_norm.get_value(), bert.embed_norm_bias.get_value(), eps)
         for layer in bert.layers:
             x = layer(x, mask)
-        pooled = jnp.tanh(x[:, 0] @ head["pooler"].T + head["pooler_bias"])
-        logits = pooled @ head["classifier"].T + head["classifier_bias"]
+        # The head is two tiny matmuls: full float32 on every backend (no TF32/bf16 passes), so scores track
+        # sentence-transformers' to 1e-4 wherever the encoder layers do.
+        pooled = jnp.tanh(jnp.dot(x[:, 0], head["pooler"].T, precision=HIGHEST) + head["pooler_bias"])
+        logits = jnp.dot(pooled, head["classifier"].T, precision=HIGHEST) + head["classifier_bias"]
         return apply_activation(logits, activation)
 
     return score

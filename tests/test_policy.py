@@ -228,3 +228,53 @@ def test_two_servers_on_one_redis_share_policies(tiny_model, redis_base_url) -> 
     finally:
         statuses = [s.stop() for s in servers]
     assert statuses == [0, 0]
+
+
+def test_remote_opa_protocol_cache_and_fail_closed(tmp_path: Path) -> None:
+    """The REST client against a stand-in that speaks OPA's Data API (POST /v1/data/<path>) and evaluates
+    the same Rego with regorus: there is no `opa` binary here. Cache per input; unreachable denies."""
+    import http.server
+    import threading
+
+    import regorus
+
+    from inferflux.config_schema import OpaConfig
+    from inferflux.server.policy.opa import Opa
+
+    calls: list[dict] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            calls.append({"path": self.path, **body})
+            engine = regorus.Engine()
+            engine.add_policy("policy.rego", REGO)
+            engine.set_input_json(json.dumps(body["input"]))
+            rule = "data." + self.path.removeprefix("/v1/data/").replace("/", ".")
+            answer = json.dumps({"result": engine.eval_rule(rule), "decision_id": f"d{len(calls)}"}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        opa = Opa(OpaConfig(url=f"http://127.0.0.1:{httpd.server_port}", path="inferflux/decision", cache_seconds=60))
+        denied = opa.decide({"tenant": "blocked", "model": "tiny", "policy_version": 1})
+        assert not denied.allow and "not allowed for tenant blocked" in denied.reason and denied.decision_id == "d1"
+        assert calls[0]["path"] == "/v1/data/inferflux/decision" and calls[0]["input"]["tenant"] == "blocked"
+        assert opa.decide({"tenant": "blocked", "model": "tiny", "policy_version": 1}) == denied  # cached
+        assert len(calls) == 1
+        again = opa.decide({"tenant": "blocked", "model": "tiny", "policy_version": 2})  # a new version: asked again
+        assert not again.allow and again.decision_id == "d2" and len(calls) == 2
+        assert opa.decide({"tenant": "acme", "model": "tiny", "policy_version": 2}).allow
+    finally:
+        httpd.shutdown()
+    port = httpd.server_port
+    assert not Opa(OpaConfig(url=f"http://127.0.0.1:{port}", timeout_ms=200)).decide({"tenant": "x"}).allow
+    assert Opa(OpaConfig(url=f"http://127.0.0.1:{port}", timeout_ms=200, fail_open=True)).decide({"tenant": "x"}).allow

@@ -142,7 +142,15 @@ def runtime(app: Any = None) -> Runtime:
     app = app or current_app
     found = app.extensions.get(_EXTENSION)
     if found is None:
-        found = app.extensions[_EXTENSION] = Runtime(app)
+        try:
+            found = Runtime(app)
+        except Exception as exc:  # noqa: BLE001 - a bad policy.hooks class or .rego file: say which, never a 500
+            from inferflux.server.errors import unavailable
+
+            log.error("policy setup failed: %s", exc)
+            raise unavailable(f"the server's policy setup failed ({type(exc).__name__}: {exc}); "
+                              "check policy.hooks and policy.opa") from None
+        app.extensions[_EXTENSION] = found
     return found
 
 

@@ -11,11 +11,14 @@ What it does (serve): starts `inferctl serve MODEL --set runtime.warmup=true` (a
 do) with a fresh `INFERFLUX_HOME`, times process start -> `/readyz` 200, then one streamed chat request (time to
 first token, total), and counts JAX's "Compiling" log lines (`JAX_LOG_COMPILES=1`: every program lowered, a
 persistent-cache hit included) before ready and after the request; SIGTERM, then the same again on the same
-home (warm `xla-cache`). The "serving" line's time is reported too: ready minus it is Hypercorn's start.
+home (warm `xla-cache`). The "serving" line's time is reported too: ready minus it is Hypercorn's start. From
+JAX's log it sums, over every program, the seconds spent tracing, lowering to MLIR and in XLA compilation
+(summed over the warm-up threads, so they can exceed the wall time), and counts persistent-cache hits.
 
 --orbax: loads the GGUF and prepares the weights as the runner does (`prepare_weights`), saves that pytree
 with orbax-checkpoint (StandardCheckpointer), and compares restoring it with the GGUF path (mmap + prepare),
-each in a fresh process, best of --repeat.
+each in a fresh process, best of --repeat. orbax-checkpoint is not a dependency of InferFlux (this comparison is
+why: benchmarks/RESULTS.md, "Restarts"); `pip install orbax-checkpoint` to run it.
 """
 
 from __future__ import annotations
@@ -85,7 +88,13 @@ def one_start(model: str, home: Path, settings: list[str], log_path: Path) -> di
         proc.send_signal(signal.SIGTERM)
         proc.wait(120)
         stop = time.monotonic() - t2
-    return {"ready_s": round(ready, 2), "serving_line_s": round(serving_at or ready, 2),
+    text = log_path.read_text()
+    phases = {name: round(sum(float(x) for x in re.findall(rf"^Finished {pattern} in ([0-9.]+) sec", text, re.M)), 1)
+              for name, pattern in (("tracing_s", r"tracing .*?for jit"),
+                                    ("lowering_s", r"jaxpr to MLIR module conversion jit\(.*?\)"),
+                                    ("xla_compile_s", r"XLA compilation of jit\(.*?\)"))}
+    phases["cache_hits"] = len(re.findall(r"^Persistent compilation cache hit for ", text, re.M))
+    return {"ready_s": round(ready, 2), "serving_line_s": round(serving_at or ready, 2), **phases,
             "programs_at_ready": compiles_at_ready, "first_request_ttft_s": round(ttft or total, 3),
             "first_request_total_s": round(total, 3), "compiles_after_ready": compiles_after,
             "stop_s": round(stop, 2), "exit": proc.returncode}

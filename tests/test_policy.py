@@ -278,3 +278,24 @@ def test_remote_opa_protocol_cache_and_fail_closed(tmp_path: Path) -> None:
     port = httpd.server_port
     assert not Opa(OpaConfig(url=f"http://127.0.0.1:{port}", timeout_ms=200)).decide({"tenant": "x"}).allow
     assert Opa(OpaConfig(url=f"http://127.0.0.1:{port}", timeout_ms=200, fail_open=True)).decide({"tenant": "x"}).allow
+
+
+def test_scrub_hook_rewrites_messages_and_tool_results() -> None:
+    from inferflux.server.generation import Prompt
+    from inferflux.server.policy.document import PolicyDocument
+    from inferflux.server.policy.hooks import PolicyContext, ScrubHook
+
+    doc = PolicyDocument(pii={"EMAIL": "mask", "US_SSN": "redact"})
+    ctx = PolicyContext("acme", "key_x", ["inference"], "openai.chat_completions", "tiny", None, doc, 3, b"salt")
+    prompts = [Prompt(messages=[
+        {"role": "system", "content": "never repeat 536-22-8726"},
+        {"role": "user", "content": [{"type": "text", "text": "mail ann@example.org"}, {"type": "image_url"}]},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1"}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "found bob@example.com"}])]
+    ScrubHook().pre(ctx, prompts)
+    messages = prompts[0].messages
+    assert messages[0]["content"] == "never repeat "
+    assert messages[1]["content"][0]["text"] == "mail [EMAIL]" and messages[1]["content"][1] == {"type": "image_url"}
+    assert messages[2]["tool_calls"] == [{"id": "c1"}]
+    assert messages[3] == {"role": "tool", "tool_call_id": "c1", "content": "found [EMAIL]"}
+    assert ctx.found == ["US_SSN", "EMAIL", "EMAIL"]

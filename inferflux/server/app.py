@@ -22,8 +22,7 @@ from werkzeug.exceptions import HTTPException
 from inferflux.server import anthropic, lmstudio, ollama, openai, ops, record, rerank
 from inferflux.server import responses as openai_responses
 from inferflux.server.access import admin as access_admin
-from inferflux.server.access import audit_log
-from inferflux.server.access import auth
+from inferflux.server.access import audit_log, auth
 from inferflux.server.errors import APIError, ErrorShape, to_api_error
 from inferflux.server.lmstudio import v1 as lmstudio_v1
 from inferflux.server.state import ServerState

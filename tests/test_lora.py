@@ -200,6 +200,7 @@ def test_http_load_select_stack_unload(lora_server) -> None:
         assert r.status_code == 200, r.text
     cards = {m.id: m for m in client.models.list().data}
     assert cards["a1"].parent == "tiny" and cards["a2"].parent == "tiny"
+    assert client.models.retrieve("a2").parent == "tiny"
     a1 = complete("a1")
     assert a1 != base_text
     assert complete(lora=[{"name": "a1", "scale": 1.0}]) == a1

@@ -70,7 +70,11 @@ async def list_models() -> Any:
 
 @bp.get("/v1/models/<path:model_id>")
 async def get_model(model_id: str) -> Any:
-    return model_card(await asyncio.to_thread(find_model, model_id))
+    rows = await asyncio.to_thread(server_state().pool.names)
+    default = next((model_card(row) for row in rows if row.default), None)
+    adapter = next((card for card in adapter_cards(default["id"], default["created"]) if card["id"] == model_id),
+                   None) if default is not None else None
+    return adapter or model_card(await asyncio.to_thread(find_model, model_id))
 
 
 @bp.post("/tokenize")

@@ -91,7 +91,7 @@ class _ScriptedEngine:
         from inferflux.config import Config
 
         self.pieces = pieces
-        self.core = SimpleNamespace(max_model_len=256, config=Config())
+        self.core = SimpleNamespace(max_model_len=256, config=Config(), loras=SimpleNamespace(names=list))
         self.is_running = True
 
     async def submit(self, request):

@@ -32,11 +32,11 @@ def test_library_is_loaded_and_selected_on_cpu():
     assert cpu.available(), cpu.unavailable_reason()
     assert _select_impl(decode_only=False, head_dim=64, page_size=16, backend="cpu", dtype=jnp.float32) == "cpu"
     assert _select_impl(decode_only=True, head_dim=64, page_size=16, backend="cpu", dtype=jnp.float32) == "cpu"
-    # bfloat16 caches stay on the reference; GPU never takes the CPU handler.
+    # bfloat16 caches stay on the reference; GPU never takes the CPU handler (its steps take the Pallas kernels).
     assert _select_impl(decode_only=False, head_dim=64, page_size=16, backend="cpu",
                         dtype=jnp.bfloat16) == "reference"
     assert _select_impl(decode_only=False, head_dim=64, page_size=16, backend="gpu",
-                        dtype=jnp.float32) == "reference"
+                        dtype=jnp.float32) == "pallas_ragged"
 
 
 def random_step(rng, *, chunks, kv_heads, group, head_dim, page_size, pages_per_seq, holes=0.0, pad=3):

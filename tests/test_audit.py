@@ -271,6 +271,20 @@ def test_local_admin_action_joins_the_servers_chain(audited) -> None:
     assert len(log_files(server.home / "audit")) > 1  # 4 KiB files: the server rotated
 
 
+def test_cli_tail_through_a_server(audited, tmp_path: Path) -> None:
+    """`inferctl admin audit tail --url` reads a running server's log (GET /admin/audit) with an admin key."""
+    server, store, keys = audited
+    models = httpx.get(server.url + "/v1/models", headers={"Authorization": f"Bearer {keys['inference']}"})
+    assert models.status_code == 200
+    shown = _cli(tmp_path, "audit", "tail", "-n", "1", "--tenant", "acme", "--json", "--url", server.url,
+                 "--api-key", keys["admin"])
+    assert shown.returncode == 0, shown.stderr
+    (line,) = shown.stdout.strip().splitlines()
+    assert json.loads(line)["request_id"] == models.headers["x-request-id"]
+    denied = _cli(tmp_path, "audit", "tail", "--url", server.url, "--api-key", keys["inference"])
+    assert denied.returncode == 1 and "403" in denied.stderr and len(denied.stderr.strip().splitlines()) == 1
+
+
 def test_no_key_on_disk_or_in_the_log_and_shutdown_flushes(audited) -> None:
     server, store, keys = audited
     last = httpx.get(server.url + "/v1/models", headers={"Authorization": f"Bearer {keys['inference']}"})
@@ -286,17 +300,3 @@ def test_no_key_on_disk_or_in_the_log_and_shutdown_flushes(audited) -> None:
     for secret in keys.values():
         for where, data in (("audit", audit), ("state.db", stored), ("server log", log)):
             assert secret.encode() not in data, where
-
-
-def test_cli_tail_through_a_server(audited, tmp_path: Path) -> None:
-    """`inferctl admin audit tail --url` reads a running server's log (GET /admin/audit) with an admin key."""
-    server, store, keys = audited
-    models = httpx.get(server.url + "/v1/models", headers={"Authorization": f"Bearer {keys['inference']}"})
-    assert models.status_code == 200
-    shown = _cli(tmp_path, "audit", "tail", "-n", "1", "--tenant", "acme", "--json", "--url", server.url,
-                 "--api-key", keys["admin"])
-    assert shown.returncode == 0, shown.stderr
-    (line,) = shown.stdout.strip().splitlines()
-    assert json.loads(line)["request_id"] == models.headers["x-request-id"]
-    denied = _cli(tmp_path, "audit", "tail", "--url", server.url, "--api-key", keys["inference"])
-    assert denied.returncode == 1 and "403" in denied.stderr and len(denied.stderr.strip().splitlines()) == 1

@@ -29,8 +29,9 @@ class LoraRef(BaseModel):
 
 def adapter_names(handle: ModelHandle | None) -> list[str]:
     """The adapters loaded into `handle`'s engine (none for an embedding model)."""
-    engine = getattr(handle, "engine", None)
-    return [] if engine is None else engine.core.loras.names()
+    # An embedding model has no engine; engines of other kinds (and test doubles) may have no adapter slots.
+    loras = getattr(getattr(getattr(handle, "engine", None), "core", None), "loras", None)
+    return [] if loras is None else list(loras.names())
 
 
 def is_adapter(pool: ModelPool, name: str) -> bool:

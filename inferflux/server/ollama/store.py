@@ -132,6 +132,7 @@ async def api_pull() -> Any:
     pool = server_state().pool
     present = await asyncio.to_thread(already_here, text)
     source = pull_source(text) if present is None else text
+    verifier = verifier_from_config(server_state().config)  # here: the pull itself runs in a worker thread
 
     async def events() -> AsyncIterator[dict[str, Any]]:
         if present is not None:
@@ -142,7 +143,7 @@ async def api_pull() -> Any:
         try:
             async for obj in _run_with_progress(
                     lambda report: pool.store.pull(source, progress=report.progress, on_layer=report.layer,
-                                                   verifier=verifier_from_config(server_state().config))):
+                                                   verifier=verifier)):
                 if "result" in obj:
                     name = obj["result"]
                 else:

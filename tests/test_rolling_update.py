@@ -84,7 +84,12 @@ def test_nothing_compiles_after_ready(tiny_model):
 
 
 def _nginx_conf(workdir: Path, port: int, upstreams: list[int]) -> str:
-    servers = "\n".join(f"    server 127.0.0.1:{p} max_fails=1 fail_timeout=2s;" for p in upstreams)
+    # max_fails=0: nginx never benches a replica on its own (passive health checks), it retries the other
+    # one per request. With max_fails=1 fail_timeout=2s both replicas could be benched at once (the restarted
+    # one for a refused connection just before it was ready, the next one for its draining 503), and nginx
+    # then answers 502 "no live upstreams" for the rest of the window: a balancer artefact that CI hit.
+    # Kubernetes takes a pod out by its readiness probe instead (docs/deploy.md).
+    servers = "\n".join(f"    server 127.0.0.1:{p} max_fails=0;" for p in upstreams)
     temp = "\n".join(f"  {kind}_temp_path {workdir}/{kind};" for kind in
                      ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
     return f"""

@@ -24,6 +24,7 @@ from typing import Any
 
 from inferflux.server.access.errors import AuthenticationError, KeyStoreError, NotFoundError
 from inferflux.server.access.scopes import parse_scopes
+from inferflux.server.state_db import open_state_db, state_db_path
 
 KEY_PREFIX = "ifx-"
 _LAST_USED_EVERY = 60.0  # seconds between last_used writes for one key
@@ -107,19 +108,15 @@ class KeyStore:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10.0)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db = open_state_db(self.path)  # hashes only, but nobody else's business: 0600
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
-        self.path.chmod(0o600)  # hashes only, but nobody else's business
         self._used: dict[str, float] = {}
 
     @classmethod
     def at_home(cls, home: str | Path) -> KeyStore:
-        return cls(Path(home) / "state.db")
+        return cls(state_db_path(home))
 
     def close(self) -> None:
         with self._lock:

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from inferflux.server.access.errors import KeyStoreError, RateLimited
+from inferflux.server.state_db import open_state_db, state_db_path
 
 WINDOW = 60  # seconds per window
 SLOT_LEASE = 3600.0  # seconds after which an unreleased concurrency slot is dropped
@@ -188,17 +189,13 @@ class SqliteLimiter:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10.0)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db = open_state_db(self.path)
         self._db.executescript(_SCHEMA)
-        self.path.chmod(0o600)
 
     @classmethod
     def at_home(cls, home: str | Path) -> SqliteLimiter:
-        return cls(Path(home) / "state.db")
+        return cls(state_db_path(home))
 
     def close(self) -> None:
         with self._lock:

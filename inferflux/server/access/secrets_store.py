@@ -30,6 +30,7 @@ from inferflux.server.access.crypto import (
     key_id_of,
     load_master_key,
 )
+from inferflux.server.state_db import open_state_db, open_state_db_read_only, state_db_path
 
 REF_PREFIX = "secret:"
 HF_TOKEN = "hf_token"
@@ -58,12 +59,9 @@ class SecretStore:
     def __init__(self, path: str | Path, master_key: MasterKey | None) -> None:
         self.path = Path(path)
         self.master_key = master_key
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10.0)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db = open_state_db(self.path, synchronous="FULL")
         self._db.executescript(_SCHEMA)
-        self.path.chmod(0o600)
 
     def close(self) -> None:
         with self._lock:
@@ -145,13 +143,9 @@ class SecretStore:
         return found
 
 
-def state_db(config: Config) -> Path:
-    return config.home_path / "state.db"
-
-
 def open_secret_store(config: Config) -> SecretStore:
     """The secret store of `config`'s home, with the configured master key (or None)."""
-    return SecretStore(state_db(config), load_master_key(config.security.master_key_file))
+    return SecretStore(state_db_path(config.home_path), load_master_key(config.security.master_key_file))
 
 
 def check_secrets(config: Config) -> int:
@@ -159,10 +153,10 @@ def check_secrets(config: Config) -> int:
 
     Does not create state.db; returns the number of secrets checked.
     """
-    path = state_db(config)
+    path = state_db_path(config.home_path)
     if not path.is_file():
         return 0
-    with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10.0)) as db:
+    with closing(open_state_db_read_only(path)) as db:
         try:
             rows = db.execute("SELECT name, value FROM secrets ORDER BY name").fetchall()
         except sqlite3.OperationalError:
@@ -181,10 +175,10 @@ def hub_token(home: str | Path | None = None) -> str | None:
     from inferflux.config import load_config
 
     config = load_config()
-    path = Path(home) / "state.db" if home is not None else state_db(config)
+    path = state_db_path(home if home is not None else config.home_path)
     if not path.is_file():
         return None
-    with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10.0)) as db:
+    with closing(open_state_db_read_only(path)) as db:
         try:
             row = db.execute("SELECT value FROM secrets WHERE name = ?", (HF_TOKEN,)).fetchone()
         except sqlite3.OperationalError:

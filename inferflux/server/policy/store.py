@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import json
 import secrets
-import sqlite3
 import threading
 import time
 from pathlib import Path
 from typing import Any, Protocol
 
 from inferflux.server.errors import not_found
+from inferflux.server.state_db import open_state_db, state_db_path
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS policy_versions (
@@ -55,12 +55,9 @@ class SqlitePolicyStore:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10.0)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db = open_state_db(self.path, synchronous="FULL")
         self._db.executescript(_SCHEMA)
-        self.path.chmod(0o600)
 
     def version(self) -> int:
         with self._lock:
@@ -168,7 +165,7 @@ def open_policy_store(backend: str, redis_url: str, home: str | Path) -> PolicyS
     """The store `state.backend` names."""
     if backend == "redis":
         return RedisPolicyStore(redis_url)
-    return SqlitePolicyStore(Path(home) / "state.db")
+    return SqlitePolicyStore(state_db_path(home))
 
 
 __all__ = ["CHANNEL", "PolicyStore", "RedisPolicyStore", "SqlitePolicyStore", "open_policy_store"]

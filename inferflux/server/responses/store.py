@@ -18,13 +18,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import sqlite3
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from inferflux.server.errors import not_found
+from inferflux.server.state_db import open_state_db, state_db_path
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
@@ -56,17 +56,13 @@ class ResponseStore:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10.0)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db = open_state_db(self.path)  # conversations: nobody else's business (0600)
         self._db.executescript(_SCHEMA)
-        self.path.chmod(0o600)  # conversations: nobody else's business
 
     @classmethod
     def at_home(cls, home: str | Path) -> ResponseStore:
-        return cls(Path(home) / "state.db")
+        return cls(state_db_path(home))
 
     def close(self) -> None:
         with self._lock:

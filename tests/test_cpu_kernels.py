@@ -216,9 +216,14 @@ def test_kernel_equals_reference(qtype: T) -> None:
 def test_every_isa_gives_the_same_bits(qtype: T) -> None:
     raw, x = _inputs(qtype, 11, seed=1)
     expected = reference_qmatmul(qtype, raw, x)
-    for isa in cpu.Isa:
-        if cpu.Isa.SCALAR <= isa <= cpu.best_isa() and (isa != cpu.Isa.AVX_VNNI or _has_avx_vnni()):
-            np.testing.assert_array_equal(run_kernel(qtype, raw, x, isa), expected, err_msg=isa.name)
+    for isa in _isas():
+        np.testing.assert_array_equal(run_kernel(qtype, raw, x, isa), expected, err_msg=isa.name)
+
+
+def _isas() -> list[cpu.Isa]:
+    """Every ISA path this CPU can run."""
+    return [isa for isa in cpu.Isa
+            if cpu.Isa.SCALAR <= isa <= cpu.best_isa() and (isa != cpu.Isa.AVX_VNNI or _has_avx_vnni())]
 
 
 def _has_avx_vnni() -> bool:
@@ -237,6 +242,46 @@ def test_row_alone_equals_row_in_batch() -> None:
             batch = run_kernel(qtype, raw, np.roll(x, shift, axis=0))
             for i in range(8):
                 np.testing.assert_array_equal(batch[(i + shift) % 8], alone[i])
+
+
+def test_row_alone_equals_row_in_a_prompt_sized_batch() -> None:
+    """Batch invariance across the switch to the panel path (M >= 16): a row alone (the row path) equals the
+    same row at any position of 64 (the panel path), on a matrix whose last tile is partial (N = 40)."""
+    for qtype in TYPES:
+        raw, x = _inputs(qtype, 64, seed=4)
+        batch = run_kernel(qtype, raw, x)
+        for i in (0, 7, 8, 31, 63):
+            np.testing.assert_array_equal(batch[i], run_kernel(qtype, raw, x[i:i + 1])[0], err_msg=qtype.name)
+
+
+_PANEL_SCRIPT = """
+import sys
+sys.path.insert(0, {root!r})
+import numpy as np
+from tests.test_cpu_kernels import TYPES, _inputs, _isas, reference_qmatmul, run_kernel
+for t in TYPES:
+    for n in (40, 5):  # a partial last tile; a matrix smaller than one tile
+        raw, x = _inputs(t, 64, n=n, seed=5)
+        expected = reference_qmatmul(t, raw, x)
+        for isa in _isas():
+            for m in {rows!r}:
+                np.testing.assert_array_equal(run_kernel(t, raw, x[:m], isa), expected[:m],
+                                              err_msg=f"{{t.name}} {{isa.name}} N={{n}} M={{m}}")
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("panel_rows,rows", [("1", [*range(1, 18), 64]), ("0", [16, 17, 64])],
+                         ids=["panel-from-1-row", "panel-off"])
+def test_panel_and_row_paths_equal_the_reference(panel_rows: str, rows: list[int]) -> None:
+    """INFERFLUX_QMM_PANEL_ROWS moves the switch between the two paths: the panel path at every M (its
+    8-row passes and their 1..7-row tails, the AVX2 signed dots of Q8_0/IQ4_XS) and the row path where the
+    panel would run by default give the reference's bits on every ISA."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "INFERFLUX_QMM_PANEL_ROWS": panel_rows}
+    done = subprocess.run([sys.executable, "-c", _PANEL_SCRIPT.format(root=root, rows=rows)], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 
 
 _THREADS_SCRIPT = """

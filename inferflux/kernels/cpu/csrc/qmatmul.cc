@@ -3,7 +3,12 @@
 // Work split: activation rows are quantized in parallel chunks of rows, then weight rows are dealt out in
 // chunks over XLA's intra-op pool (common.h, ParallelFor). One thread computes a whole output element, so
 // the result does not depend on the number of threads, on M or on a row's position in the batch.
+//
+// From kPanelMinRows activation rows on, weight rows go to the panel path (qmm_panel.inc: each weight block
+// decoded once per call, not once per 8 rows); it gives the same bits as the row path, so the switch at a
+// given M changes no result. INFERFLUX_QMM_PANEL_ROWS (read once) moves the switch, for tests.
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -15,6 +20,16 @@ namespace ffi = xla::ffi;
 
 namespace inferflux {
 namespace {
+
+constexpr int64_t kPanelMinRows = 16;
+
+int64_t PanelMinRows() {
+  static const int64_t rows = [] {
+    const char* v = std::getenv("INFERFLUX_QMM_PANEL_ROWS");
+    return v && *v ? std::atoll(v) : kPanelMinRows;
+  }();
+  return rows;
+}
 
 QmmKernels KernelsFor(Isa isa) {
   switch (isa) {
@@ -56,6 +71,16 @@ ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
 
   QmmArgs args{M, N, K, qtype, w.typed_data(), wd[1], qa.data(), da.data(), asum16.data(),
                 asum32.data(), y->typed_data()};
+  const int64_t panel_min = PanelMinRows();
+  if (kernels.panel != nullptr && panel_min > 0 && M >= panel_min) {
+    // Chunks of 32 weight rows (two tiles of 16 lanes, four of 8): each decoded once for all M rows.
+    const int64_t pchunk = 32;
+    ParallelFor(pool, (N + pchunk - 1) / pchunk, [&](int64_t c) {
+      const int64_t n0 = c * pchunk, n1 = n0 + pchunk < N ? n0 + pchunk : N;
+      kernels.panel(args, n0, n1);
+    });
+    return ffi::Error::Success();
+  }
   // Enough chunks to balance a busy pool, each at least a few rows so a chunk amortises its claim.
   const int64_t threads = pool.num_threads() > 0 ? pool.num_threads() : 1;
   int64_t nchunk = N / (8 * threads);

@@ -49,6 +49,9 @@ struct QmmKernels {
   void (*quantize)(const float* x, int64_t K, int64_t act_block, int64_t m0, int64_t m1, int8_t* qa,
                    float* da, int32_t* asum16, int32_t* asum32);
   void (*rows)(const QmmArgs& args, int64_t n0, int64_t n1);
+  // The large-M path (qmm_panel.inc): the same results as `rows`, bit for bit; nullptr in the scalar build.
+  // Weight rows [n0, n1) are decoded once into a panel reused by every activation row.
+  void (*panel)(const QmmArgs& args, int64_t n0, int64_t n1);
 };
 
 QmmKernels QmmScalar();

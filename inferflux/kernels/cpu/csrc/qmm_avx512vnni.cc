@@ -2,6 +2,7 @@
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 
 #include "qmm.h"  // before the pragma: its inline helpers must stay generic code
@@ -14,6 +15,6 @@
 #else
 #include "qmm.h"
 namespace inferflux {
-QmmKernels QmmAvx512Vnni() { return QmmKernels{nullptr, nullptr}; }
+QmmKernels QmmAvx512Vnni() { return QmmKernels{nullptr, nullptr, nullptr}; }
 }  // namespace inferflux
 #endif

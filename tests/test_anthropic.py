@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
-from types import SimpleNamespace
 
 import anthropic
 import httpx
@@ -24,6 +22,7 @@ import pytest
 from inferflux.formats.chat_template import ChatTemplate
 from inferflux.server.anthropic.bodies import CountTokensRequest
 from tests.fixtures.models import CHATML_TEMPLATE
+from tests.fixtures.replay_engine import replay_app
 from tests.fixtures.server import Server, private_home
 
 SYSTEM = "You answer briefly."
@@ -250,37 +249,6 @@ def test_keys_on_the_messages_routes(server) -> None:
 # --- a <tool_call> output, through the route, on an engine that replays it ---
 
 
-class _ReplayEngine:
-    """Gives every request the same output in the given pieces: what a model that calls a tool writes."""
-
-    def __init__(self, pieces: list[str]) -> None:
-        from inferflux.config import Config
-
-        self.pieces = pieces
-        self.core = SimpleNamespace(max_model_len=256, config=Config(), loras=SimpleNamespace(names=list))
-        self.is_running = True
-
-    async def submit(self, request):
-        return self._stream(request)
-
-    async def _stream(self, request):
-        from inferflux.engine.request import StreamOutput
-
-        for i, piece in enumerate(self.pieces):
-            now = time.monotonic()
-            yield StreamOutput(request.request_id, 0, [7], piece, None,
-                               "stop" if i == len(self.pieces) - 1 else None, len(request.prompt_ids), i + 1, 0,
-                               request.arrival_time, now, now)
-
-    def stats(self):
-        from inferflux.engine.request import EngineStats
-
-        return EngineStats()
-
-    def stop(self, timeout=None) -> None:
-        self.is_running = False
-
-
 CALL = ["Checking. <tool", '_call>{"name": "get_weather", ', '"arguments": {"city": "Paris"}}</tool_call>']
 # a template that reasons (it mentions <think>), so the generation layer splits the thinking out
 THINKING_TEMPLATE = CHATML_TEMPLATE + "{% if enable_thinking is false %}<think></think>{% endif %}"
@@ -288,15 +256,7 @@ THINKING_TEMPLATE = CHATML_TEMPLATE + "{% if enable_thinking is false %}<think><
 
 def _replay_app(tmp_path, pieces: list[str], template: str = CHATML_TEMPLATE):
     """The real app and generation layer over an engine that writes `pieces`; prompts count 9 tokens."""
-    from inferflux.config import Config
-    from inferflux.server.app import create_app
-    from inferflux.server.state import ModelHandle, ServerState
-
-    tokenizer = SimpleNamespace(encode=lambda text, add_special_tokens=True: [1] * 9)
-    model = SimpleNamespace(chat_template=ChatTemplate(template), format="gguf", tokenizer=tokenizer,
-                            config=SimpleNamespace(vocab_size=100), metadata={})
-    handle = ModelHandle(name="fake", aliases=(), path=tmp_path, model=model, engine=_ReplayEngine(pieces))
-    return create_app(ServerState(Config(home=str(tmp_path)), handle))
+    return replay_app(tmp_path, pieces, ChatTemplate(template), prompt_tokens=9)
 
 
 def _async_client(app) -> anthropic.AsyncAnthropic:

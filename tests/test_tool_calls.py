@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from types import SimpleNamespace
 
 import pytest
 
 from inferflux.server.tool_calls import ToolCall, ToolCallStream, parse_tool_calls, tool_names
+from tests.fixtures.replay_engine import replay_app
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}},
          {"type": "function", "function": {"name": "add"}}]
@@ -84,52 +84,13 @@ def test_shapes_for_clients() -> None:
 # --- the wiring: OpenAI's and Ollama's chat routes on an engine that answers with a script ---
 
 
-class _ScriptedEngine:
-    """Stands in for the engine: every request gets the same output, delivered in the given pieces."""
-
-    def __init__(self, pieces: list[str]) -> None:
-        from inferflux.config import Config
-
-        self.pieces = pieces
-        self.core = SimpleNamespace(max_model_len=256, config=Config(), loras=SimpleNamespace(names=list))
-        self.is_running = True
-
-    async def submit(self, request):
-        return self._stream(request)
-
-    async def _stream(self, request):
-        from inferflux.engine.request import StreamOutput
-
-        for i, piece in enumerate(self.pieces):
-            now = time.monotonic()
-            yield StreamOutput(request.request_id, 0, [7], piece, None,
-                               "stop" if i == len(self.pieces) - 1 else None, len(request.prompt_ids), i + 1, 0,
-                               request.arrival_time, now, now)
-
-    def stats(self):
-        from inferflux.engine.request import EngineStats
-
-        return EngineStats()
-
-    def stop(self, timeout=None) -> None:
-        self.is_running = False
-
-
 def _app(tmp_path, pieces: list[str], seen: list):
-    from inferflux.config import Config
-    from inferflux.server.app import create_app
-    from inferflux.server.state import ModelHandle, ServerState
-
+    """The real app over an engine that writes `pieces`; its chat template records the tools it is given."""
     def render(messages, add_generation_prompt=True, tools=None, **kwargs):
         seen.append(tools)
         return "prompt"
 
-    model = SimpleNamespace(chat_template=SimpleNamespace(render=render, source="{{ tools }}"), format="gguf",
-                            tokenizer=SimpleNamespace(encode=lambda text, add_special_tokens=True: [1, 2, 3]),
-                            config=SimpleNamespace(vocab_size=100), metadata={})
-    config = Config(home=str(tmp_path))
-    handle = ModelHandle(name="fake", aliases=(), path=tmp_path, model=model, engine=_ScriptedEngine(pieces))
-    return create_app(ServerState(config, handle))
+    return replay_app(tmp_path, pieces, SimpleNamespace(render=render, source="{{ tools }}"), prompt_tokens=3)
 
 
 CALL_PIECES = ["Sure. <tool", '_call>{"name": "get_weather", ', '"arguments": {"city": "Paris"}}</tool_call>']

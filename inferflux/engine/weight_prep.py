@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -23,7 +24,8 @@ def prepare_weights(weights: Mapping[str, Weight], dtype: jnp.dtype, layout: str
 
     Quantized matrices become `QTensor`s (GPU), `GGUFBlocks` (CPU kernels; `exact`: dequantized inside the
     step instead) or dense arrays in `dtype`. A type the CPU kernels lack falls back to dense, per tensor.
-    GGUF blocks are copied once, as stored: a quantized file takes about its own size in memory.
+    GGUF blocks are not copied where XLA:CPU can alias them (see `_blocks_array`): a quantized file takes
+    about its own size in memory, in the page cache it is mapped from.
     """
     out: dict[str, Any] = {}
     for name, weight in weights.items():
@@ -34,7 +36,7 @@ def prepare_weights(weights: Mapping[str, Weight], dtype: jnp.dtype, layout: str
             if layout == device.GGUF_BLOCKS and len(weight.shape) == 2 and (
                     qmatmul.supports(weight.qtype, weight.shape[1]) or exact and weight.qtype in QUANTIZED_TYPES):
                 raw = np.ascontiguousarray(weight.raw).view(np.uint8).reshape(weight.shape[0], -1)
-                out[name] = qmatmul.GGUFBlocks(jnp.asarray(raw), weight.qtype, (weight.shape[0], weight.shape[1]),
+                out[name] = qmatmul.GGUFBlocks(_blocks_array(raw), weight.qtype, (weight.shape[0], weight.shape[1]),
                                                mode="exact" if exact else "int8")
                 continue
             out[name] = dequantize_raw(weight.raw, weight.qtype, weight.shape, name=name).astype(dtype)
@@ -42,3 +44,16 @@ def prepare_weights(weights: Mapping[str, Weight], dtype: jnp.dtype, layout: str
             out[name] = jnp.asarray(np.asarray(weight, np.float32) if weight.dtype != np.float32 else weight,
                                     dtype=dtype)
     return out
+
+
+def _blocks_array(raw: np.ndarray) -> jax.Array:
+    """GGUF blocks as a CPU jax array that shares the memory-mapped file's pages when it can.
+
+    `jax.device_put` of a host array whose start is 64-byte aligned aliases it on XLA:CPU instead of copying
+    it (the array keeps the mapping alive); GGUF aligns tensor data to 32 bytes, and files whose data section
+    starts on 64 (ours, most others) have every tensor aligned. `jnp.asarray` would copy, and the copy plus
+    the mapped file pages a load touches made resident memory twice the file. Unaligned tensors are copied.
+    """
+    if raw.ctypes.data % 64 == 0:
+        return jax.device_put(raw)
+    return jnp.asarray(raw)

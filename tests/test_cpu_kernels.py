@@ -338,3 +338,22 @@ def test_layouts_by_mode() -> None:
     assert device.weight_layout("exact", "cpu") == device.GGUF_BLOCKS
     assert device.weight_layout("off", "cpu") == device.DENSE
     assert device.weight_layout("auto", "gpu") == device.QTENSOR
+
+
+def test_gguf_blocks_alias_the_mapped_file(tiny_gguf) -> None:
+    """On the kernel layout a quantized matrix is the file's mapped bytes, not a copy (resident memory about
+    the file's size): XLA:CPU aliases 64-byte aligned host buffers, and every tensor of our files is."""
+    from inferflux.engine import device
+    from inferflux.engine.weight_prep import prepare_weights
+    from inferflux.formats.loader import load_model
+    from inferflux.formats.weights import QuantizedWeight
+
+    weights = load_model(tiny_gguf("llama-q", "Q4_K")).weights
+    quantized = {n: w for n, w in weights.items() if isinstance(w, QuantizedWeight) and len(w.shape) == 2}
+    prepared = prepare_weights(quantized, jnp.float32, device.GGUF_BLOCKS)
+    aliased = [n for n, w in quantized.items() if isinstance(prepared[n], GGUFBlocks)
+               and prepared[n].raw.unsafe_buffer_pointer() == np.asarray(w.raw).ctypes.data]
+    assert aliased and len(aliased) == len([w for w in quantized.values() if np.asarray(w.raw).ctypes.data % 64 == 0])
+    name = aliased[0]  # and the aliased array holds the file's bytes
+    np.testing.assert_array_equal(np.asarray(prepared[name].raw).reshape(-1),
+                                  np.asarray(quantized[name].raw).view(np.uint8).reshape(-1))

@@ -19,7 +19,7 @@ from typing import Any
 from quart import Quart, Response, request, websocket
 from werkzeug.exceptions import HTTPException
 
-from inferflux.server import anthropic, lmstudio, ollama, openai, ops, record, rerank
+from inferflux.server import anthropic, lmstudio, lmstudio_sdk, ollama, openai, ops, record, rerank
 from inferflux.server import responses as openai_responses
 from inferflux.server.access import admin as access_admin
 from inferflux.server.access import audit_log, auth
@@ -33,10 +33,11 @@ ERROR_SHAPES: dict[str, ErrorShape] = {
     ops.admin_bp.name: ops.ERROR_SHAPE, ollama.bp.name: ollama.ERROR_SHAPE,
     access_admin.bp.name: access_admin.ERROR_SHAPE, openai_responses.bp.name: openai_responses.ERROR_SHAPE,
     anthropic.bp.name: anthropic.ERROR_SHAPE, rerank.bp.name: rerank.ERROR_SHAPE,
-    lmstudio_v1.bp.name: lmstudio_v1.ERROR_SHAPE,
+    lmstudio_v1.bp.name: lmstudio_v1.ERROR_SHAPE, lmstudio_sdk.bp.name: lmstudio_sdk.ERROR_SHAPE,
 }
 # Every blueprint: the dialects and operations, then /admin/* (with auth required, or server.admin_enabled).
-SERVED = (openai.bp, lmstudio.bp, ops.bp, ollama.bp, openai_responses.bp, anthropic.bp, rerank.bp, lmstudio_v1.bp)
+SERVED = (openai.bp, lmstudio.bp, ops.bp, ollama.bp, openai_responses.bp, anthropic.bp, rerank.bp, lmstudio_v1.bp,
+          lmstudio_sdk.bp)
 ADMIN = (ops.admin_bp, access_admin.bp)
 
 log = logging.getLogger(__name__)

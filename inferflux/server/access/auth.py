@@ -29,7 +29,7 @@ from inferflux.server.access.errors import AuthenticationError, PermissionDenied
 from inferflux.server.access.keys import KEY_PREFIX, Principal
 from inferflux.server.access.keys_redis import AnyKeyStore, open_key_store
 from inferflux.server.access.oidc import OidcVerifier
-from inferflux.server.access.scopes import PUBLIC, required_scope
+from inferflux.server.access.scopes import IN_BAND, PUBLIC, required_scope
 from inferflux.server.errors import APIError, to_api_error
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,8 @@ def install(app: Quart, public_metrics: bool) -> None:
         # refused with the same status and OpenAI's error body (the WebSocket route is OpenAI's).
         if websocket.url_rule is None:
             return None
+        if websocket.url_rule.endpoint in IN_BAND and presented_key(websocket.headers) is None:
+            return None  # the key comes in the protocol's handshake, checked by the route (scopes.IN_BAND)
         try:
             g.principal = await asyncio.to_thread(authorize, store, websocket.url_rule.endpoint,
                                                   websocket.headers, public_metrics, oidc)

@@ -70,6 +70,9 @@ ROUTE_SCOPES: Final[dict[str, str]] = {
     # LM Studio REST v1 (loading and unloading change what is loaded: models:write)
     "lmstudio_v1.chat": INFERENCE, "lmstudio_v1.list_models": MODELS_READ,
     "lmstudio_v1.load_model": MODELS_WRITE, "lmstudio_v1.unload_model": MODELS_WRITE,
+    # LM Studio's SDK: its probe, and one websocket per namespace (the key may be the handshake's clientPasskey)
+    "lmstudio_sdk.greeting": PUBLIC, "lmstudio_sdk.llm": INFERENCE, "lmstudio_sdk.embedding": EMBEDDINGS,
+    "lmstudio_sdk.system": MODELS_READ, "lmstudio_sdk.unserved": PUBLIC,  # unserved: every call is an error
     # /admin
     "admin.reload": ADMIN,
     "access.list_tenants": ADMIN, "access.create_tenant": ADMIN, "access.delete_tenant": ADMIN,
@@ -83,6 +86,11 @@ ROUTE_SCOPES: Final[dict[str, str]] = {
     "ui.asset": PUBLIC, "adminui.admin_page": PUBLIC, "debug.debug_page": PUBLIC,
     "debug.kv": ADMIN, "debug.requests": ADMIN, "debug.list_traces": ADMIN, "debug.get_trace": ADMIN,
 }
+
+# Websocket routes whose protocol carries the key in its first message (LM Studio's SDK sends no headers,
+# its handshake has a `clientPasskey`): opened without a key header, they check the key they get, with
+# the scope above, before serving anything (server/lmstudio_sdk/routes.py).
+IN_BAND: Final = frozenset({"lmstudio_sdk.llm", "lmstudio_sdk.embedding", "lmstudio_sdk.system"})
 
 
 def required_scope(endpoint: str, public_metrics: bool = False) -> str | None:

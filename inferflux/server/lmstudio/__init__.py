@@ -2,8 +2,8 @@
 
 LM Studio's OpenAI-compatible endpoints are our `/v1/*` as they are (its extras `top_k`, `repeat_penalty`,
 `max_tokens: -1` and `ttl`, the idle seconds before the model unloads, are accepted there). Stored models
-are listed with `state: "not-loaded"` until a request loads them. Its own SDKs speak a WebSocket protocol
-that is not served yet. Errors are OpenAI's error object, as LM Studio's are.
+are listed with `state: "not-loaded"` until a request loads them. Its own SDKs' websocket protocol is
+`server/lmstudio_sdk/`. Errors are OpenAI's error object, as LM Studio's are.
 """
 
 from __future__ import annotations

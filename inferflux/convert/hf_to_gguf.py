@@ -23,6 +23,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from inferflux.convert.bert_gguf import convert_bert_to_gguf, is_bert_folder
 from inferflux.convert.gguf_vocab import add_vocab
 from inferflux.convert.quantize import fallback_type, quantize
 from inferflux.errors import ModelFormatError
@@ -62,6 +63,8 @@ def convert_hf_to_gguf(
     if key not in OUTPUT_TYPES:
         raise ValueError(f"unsupported output type {out_type!r}; choose one of {', '.join(OUTPUT_TYPES)}")
     qtype, file_type = OUTPUT_TYPES[key]
+    if is_bert_folder(src):  # an embedding model or cross-encoder: llama.cpp's `bert` layout (convert/bert_gguf.py)
+        return convert_bert_to_gguf(src, dst, qtype, file_type, name or src.name, progress)
     config = ModelConfig.from_hf_dir(src)
     tensors = SafetensorsFolder(src)
     plan = _plan(config, tensors, qtype)

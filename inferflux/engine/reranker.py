@@ -4,7 +4,8 @@ The same encoder as the embedder (`models/bert.py`'s layers, float32), with two 
 cross-encoder needs: token type ids (0 for the query segment, 1 for the document, as the tokenizer's
 pair template assigns them; BERT's type embedding is how the model tells the two apart) and the
 classifier head instead of pooling (`formats/cross_encoder.py`): `[CLS]` -> pooler `tanh(Wh + b)` ->
-classifier -> the activation sentence-transformers applies (Sigmoid for a one-label model). Pairs
+classifier -> the activation sentence-transformers applies (Sigmoid for a one-label model); a `bert` GGUF
+reranker's head comes from `formats/gguf_rerank.py` (llama.cpp's rank pooling, `cls.*` tensors). Pairs
 are tokenized by the model's own tokenizer with `longest_first` truncation to the model's maximum
 length, exactly the call `CrossEncoder.predict` makes, so scores match it.
 
@@ -29,6 +30,7 @@ from flax import nnx
 from inferflux.engine.model_runner import pick_bucket, power_of_two_buckets
 from inferflux.formats.cross_encoder import Activation, ClassifierHead, load_classifier_head
 from inferflux.formats.encoder import EncoderModel
+from inferflux.formats.gguf_rerank import load_gguf_classifier_head
 from inferflux.models.bert import BertModel, layer_norm
 
 log = logging.getLogger(__name__)
@@ -132,15 +134,19 @@ def _make_score(graphdef: nnx.GraphDef, activation: Activation, eps: float):
         for layer in bert.layers:
             x = layer(x, mask)
         # The head is two tiny matmuls: full float32 on every backend (no TF32/bf16 passes), so scores track
-        # sentence-transformers' to 1e-4 wherever the encoder layers do.
-        pooled = jnp.tanh(jnp.dot(x[:, 0], head["pooler"].T, precision=HIGHEST) + head["pooler_bias"])
-        logits = jnp.dot(pooled, head["classifier"].T, precision=HIGHEST) + head["classifier_bias"]
+        # sentence-transformers' to 1e-4 wherever the encoder layers do. A GGUF head may lack either part
+        # (formats/gguf_rerank.py): it is skipped, as llama.cpp's rank pooling skips it.
+        logits = x[:, 0]
+        if "pooler" in head:
+            logits = jnp.tanh(jnp.dot(logits, head["pooler"].T, precision=HIGHEST) + head["pooler_bias"])
+        if "classifier" in head:
+            logits = jnp.dot(logits, head["classifier"].T, precision=HIGHEST) + head["classifier_bias"]
         return apply_activation(logits, activation)
 
     return score
 
 
 def load_reranker(path: str | Path, model: EncoderModel) -> Reranker | None:
-    """A `Reranker` for a cross-encoder folder (its classifier head read from `path`), else None."""
-    head = load_classifier_head(path)
+    """A `Reranker` for a cross-encoder folder or a rank-pooling `bert` GGUF (its head read from `path`), else None."""
+    head = load_classifier_head(path) or load_gguf_classifier_head(path)
     return None if head is None else Reranker(model, head)

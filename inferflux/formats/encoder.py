@@ -64,7 +64,7 @@ PoolingMode = Literal["mean", "cls", "lasttoken"]
 
 SUPPORTED_ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "silu", "swish")
 # llama.cpp's `enum llama_pooling_type` (gguf.PoolingType) -> our pooling mode.
-GGUF_POOLING = {1: "mean", 2: "cls", 3: "lasttoken"}
+GGUF_POOLING = {1: "mean", 2: "cls", 3: "lasttoken", 4: "cls"}  # 4 rank: a reranker's [CLS] (gguf_rerank.py)
 # sentence-transformers' legacy pooling flags -> our pooling mode (unsupported modes map to their own name).
 ST_POOLING_FLAGS = {
     "pooling_mode_cls_token": "cls",
@@ -305,7 +305,7 @@ def load_encoder_gguf(path: str | Path) -> EncoderModel:
     pooling_type = int(meta.get("bert.pooling_type", 1))
     if pooling_type not in GGUF_POOLING:
         raise ModelFormatError(file.path, f"unsupported bert.pooling_type {pooling_type} "
-                                          "(supported: 1 mean, 2 cls, 3 last)")
+                                          "(supported: 1 mean, 2 cls, 3 last, 4 rank)")
     return EncoderModel(
         path=file.path,
         format="gguf",

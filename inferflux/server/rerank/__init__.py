@@ -11,9 +11,9 @@ The shapes retrieval stacks already speak, so they point at InferFlux unchanged:
   `{data: [{index, object: "score", score}], usage}` in input order.
 
 Every route is one `score_pairs` call (`scoring.py`) on a cross-encoder (a `*ForSequenceClassification`
-folder, `formats/cross_encoder.py`); a relevance score is what sentence-transformers'
-`CrossEncoder.predict` gives for the pair (the logit through the model's activation, Sigmoid by
-default for one label). A model that is not a one-label cross-encoder is a 400 naming it.
+folder, `formats/cross_encoder.py`, or a `bert` GGUF reranker, `formats/gguf_rerank.py`); a relevance score is
+what sentence-transformers' `CrossEncoder.predict` gives for the pair (the logit through the model's
+activation, Sigmoid by default for one label). A model that is not a one-label cross-encoder is a 400 naming it.
 Errors are OpenAI's object, as vLLM answers on these routes; the `cohere` client raises by status.
 """
 

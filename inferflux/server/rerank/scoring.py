@@ -50,8 +50,8 @@ def _cross_encoder(handle: ModelHandle) -> Encoder:
     served = handle.served
     if not isinstance(served, Encoder) or served.reranker is None:
         raise bad_request(f"model {handle.name!r} is not a cross-encoder: rerank and score need a "
-                          "BERT-family *ForSequenceClassification (CrossEncoder) model", param="model",
-                          code="model_not_supported")
+                          "BERT-family *ForSequenceClassification (CrossEncoder) model or a bert GGUF reranker",
+                          param="model", code="model_not_supported")
     if served.reranker.num_labels != 1:
         raise bad_request(f"model {handle.name!r} has {served.reranker.num_labels} labels; rerank and score "
                           "need a one-label (relevance) cross-encoder", param="model", code="model_not_supported")

@@ -1,4 +1,5 @@
-"""LoRA adapters at run time: PEFT folders read into fixed device slots, hot-loaded without recompiling.
+"""LoRA adapters at run time: PEFT folders and GGUF LoRA files read into fixed device slots, hot-loaded without
+recompiling.
 
 The step computes every slot's delta weighted by a per-sequence coefficient row (models/lora.py says why);
 this module fills and empties those slots. Loading an adapter writes slot `s` of each layer's A and B arrays
@@ -14,17 +15,20 @@ import dataclasses
 import itertools
 import json
 import math
+import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import ml_dtypes  # noqa: F401  registers bfloat16 with numpy, which safetensors needs for bf16 adapters
 import numpy as np
+import safetensors.numpy
 from safetensors import SafetensorError, safe_open
 
 from inferflux.engine.sampling_params import SamplingParamsError
-from inferflux.errors import InferFluxError
+from inferflux.errors import InferFluxError, ModelFormatError
+from inferflux.formats.gguf_lora import AdapterFiles, is_gguf, read_gguf_lora
 from inferflux.formats.model_config import ModelConfig
 from inferflux.models.lora import ATTENTION_TARGETS, TARGETS, target_shapes
 
@@ -53,13 +57,48 @@ class LoraAdapter:
     tensors: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]]
 
 
-def read_peft(path: str | Path, config: ModelConfig, max_rank: int) -> LoraAdapter:
+def read_adapter(source: str | Path | AdapterFiles, config: ModelConfig, max_rank: int) -> LoraAdapter:
+    """Read a PEFT folder or a GGUF LoRA file (llama.cpp's format), on disk or held in memory (a decrypted
+    stored adapter, store/adapters.py), and check it against the base model."""
+    if isinstance(source, AdapterFiles):
+        data = source.gguf
+        if data is None:
+            return read_peft(source, config, max_rank)
+        # The GGUF reader memory-maps a path: an anonymous in-memory file, so the plaintext never hits a disk.
+        fd = os.memfd_create("inferflux-adapter", os.MFD_CLOEXEC)
+        try:
+            os.write(fd, data)
+            adapter = read_gguf(f"/proc/self/fd/{fd}", config, max_rank)
+        finally:
+            os.close(fd)
+        return dataclasses.replace(adapter, path=source.label)
+    if is_gguf(source):
+        return read_gguf(source, config, max_rank)
+    return read_peft(source, config, max_rank)
+
+
+def _peft_parts(source: str | Path | AdapterFiles) -> tuple[str, Any, Any]:
+    """A PEFT adapter's label, its adapter_config.json text and its tensors (name -> array), from disk or memory."""
+    if isinstance(source, AdapterFiles):
+        try:
+            text = source.files[CONFIG_FILE].decode()
+            tensors = safetensors.numpy.load(source.files[WEIGHTS_FILE])
+        except (KeyError, UnicodeError, SafetensorError) as exc:
+            raise LoraError(f"{source.label}: not a PEFT adapter ({exc})") from None
+        return source.label, text, tensors
+    folder = Path(source)
+    text = (folder / CONFIG_FILE).read_text()
+    return str(folder), text, None
+
+
+def read_peft(path: str | Path | AdapterFiles, config: ModelConfig, max_rank: int) -> LoraAdapter:
     """Read a PEFT adapter folder and check it against the base model; a mismatch is a `LoraError`."""
-    folder = Path(path)
+    folder = Path(path.label) if isinstance(path, AdapterFiles) else Path(path)
     try:
-        meta = json.loads((folder / CONFIG_FILE).read_text())
+        _, text, in_memory = _peft_parts(path)
+        meta = json.loads(text)
     except (OSError, ValueError) as exc:
-        raise LoraError(f"{folder}: not a PEFT adapter folder ({CONFIG_FILE}: {exc})") from None
+        raise LoraError(f"{folder}: not a PEFT adapter folder or GGUF LoRA file ({CONFIG_FILE}: {exc})") from None
     if meta.get("use_dora"):
         raise LoraError(f"{folder}: DoRA adapters are not supported")
     rank, alpha = int(meta.get("r", 0)), float(meta.get("lora_alpha", meta.get("r", 0)))
@@ -67,31 +106,66 @@ def read_peft(path: str | Path, config: ModelConfig, max_rank: int) -> LoraAdapt
         raise LoraError(f"{folder}: rank {rank} is outside 1..{max_rank} (runtime.max_lora_rank)")
     scaling = alpha / math.sqrt(rank) if meta.get("use_rslora") else alpha / rank
     pairs: dict[tuple[int, str], dict[str, np.ndarray]] = {}
+
+    def add(name: str, tensor: np.ndarray) -> None:
+        match = _KEY.match(name)
+        if match is None or match.group(2) not in HF_MODULES:
+            raise LoraError(f"{folder}: unsupported tensor {name!r} (only q/k/v/o/gate/up/down LoRA A/B)")
+        key = (int(match.group(1)), HF_MODULES[match.group(2)])
+        pairs.setdefault(key, {})[match.group(3)] = np.asarray(tensor, np.float32)
+
+    if in_memory is not None:
+        for name, tensor in in_memory.items():
+            add(name, tensor)
+    else:
+        try:
+            with safe_open(str(folder / WEIGHTS_FILE), framework="numpy") as f:
+                for name in f.keys():
+                    add(name, f.get_tensor(name))
+        except (OSError, SafetensorError) as exc:
+            raise LoraError(f"{folder}: cannot read {WEIGHTS_FILE} ({exc})") from None
+    raw = {key: (ab.get("A"), ab.get("B"), scaling) for key, ab in pairs.items()}
+    return _fitted(str(folder), raw, config, rank)
+
+
+def read_gguf(path: str | Path, config: ModelConfig, max_rank: int) -> LoraAdapter:
+    """Read a GGUF LoRA file (formats/gguf_lora.py) with llama.cpp's per-tensor scale `alpha / r`."""
     try:
-        with safe_open(str(folder / WEIGHTS_FILE), framework="numpy") as f:
-            for name in f.keys():
-                match = _KEY.match(name)
-                if match is None or match.group(2) not in HF_MODULES:
-                    raise LoraError(f"{folder}: unsupported tensor {name!r} (only q/k/v/o/gate/up/down LoRA A/B)")
-                key = (int(match.group(1)), HF_MODULES[match.group(2)])
-                pairs.setdefault(key, {})[match.group(3)] = np.asarray(f.get_tensor(name), np.float32)
-    except (OSError, SafetensorError) as exc:
-        raise LoraError(f"{folder}: cannot read {WEIGHTS_FILE} ({exc})") from None
+        lora = read_gguf_lora(path, config)
+    except ModelFormatError as exc:
+        raise LoraError(str(exc)) from None
+    if lora.architecture != config.architecture:
+        raise LoraError(f"{path}: the adapter is for `{lora.architecture}` models, the base model is "
+                        f"`{config.architecture}`: not an adapter of this base model")
+    raw = {}
+    for key, (a, b) in lora.tensors.items():
+        if not 0 < a.shape[0] <= max_rank:
+            raise LoraError(f"{path}: rank {a.shape[0]} is outside 1..{max_rank} (runtime.max_lora_rank)")
+        raw[key] = (a, b, lora.scaling(a.shape[0]))
+    rank = max((a.shape[0] for a, _ in lora.tensors.values()), default=0)
+    return _fitted(str(path), raw, config, rank)
+
+
+def _fitted(label: str, raw: Mapping[tuple[int, str], tuple[np.ndarray | None, np.ndarray | None, float]],
+            config: ModelConfig, rank: int) -> LoraAdapter:
+    """The adapter with each B scaled, after checking every pair's shapes against the base model."""
     shapes = target_shapes(config)
     tensors = {}
-    for (layer, target), ab in sorted(pairs.items()):
+    scaling = 0.0
+    for (layer, target), (a, b, scale) in sorted(raw.items()):
         fan_in, fan_out = shapes[target]
-        a, b = ab.get("A"), ab.get("B")
+        r = rank if a is None else a.shape[0]
         if layer >= config.num_layers:
-            raise LoraError(f"{folder}: layer {layer} does not exist (the base model has {config.num_layers})")
-        if a is None or b is None or a.shape != (rank, fan_in) or b.shape != (fan_out, rank):
-            raise LoraError(f"{folder}: layer {layer} {target}: expected A {(rank, fan_in)} and B "
-                            f"{(fan_out, rank)}, got {None if a is None else a.shape} and "
+            raise LoraError(f"{label}: layer {layer} does not exist (the base model has {config.num_layers})")
+        if a is None or b is None or a.shape != (r, fan_in) or b.shape != (fan_out, r):
+            raise LoraError(f"{label}: layer {layer} {target}: expected A {(r, fan_in)} and B "
+                            f"{(fan_out, r)}, got {None if a is None else a.shape} and "
                             f"{None if b is None else b.shape}: not an adapter of this base model")
-        tensors[layer, target] = (a, b * np.float32(scaling))
+        tensors[layer, target] = (a, b * np.float32(scale))
+        scaling = scale
     if not tensors:
-        raise LoraError(f"{folder}: the adapter has no LoRA tensors")
-    return LoraAdapter(str(folder), rank, scaling, tensors)
+        raise LoraError(f"{label}: the adapter has no LoRA tensors")
+    return LoraAdapter(label, rank, scaling, tensors)
 
 
 @dataclasses.dataclass
@@ -137,12 +211,14 @@ class LoraSlots:
             raise LoraError(f"all {runner.max_loras} adapter slots are in use (runtime.max_loras); unload one")
         return free[0]
 
-    def read(self, path: str | Path) -> LoraAdapter:
-        """Read and check the PEFT folder at `path` against this model (no device work: any thread)."""
-        return read_peft(path, self.runner.config, self.runner.max_lora_rank)
+    def read(self, path: str | Path | AdapterFiles) -> LoraAdapter:
+        """Read and check the adapter (PEFT folder or GGUF LoRA file) at `path` against this model (no device
+        work: any thread)."""
+        return read_adapter(path, self.runner.config, self.runner.max_lora_rank)
 
-    def load(self, name: str, source: str | Path | LoraAdapter) -> int:
-        """Write the adapter (a PEFT folder, or one `read` already) into a free slot under `name`; returns it.
+    def load(self, name: str, source: str | Path | AdapterFiles | LoraAdapter) -> int:
+        """Write the adapter (a PEFT folder or GGUF LoRA file, or one `read` already) into a free slot under
+        `name`; returns it.
 
         The server reads on a worker thread and only writes here, on the engine thread, between steps.
         """
@@ -164,6 +240,20 @@ class LoraSlots:
 
     def names(self) -> list[str]:
         return sorted(self.by_name)
+
+    def names_for(self, key: tuple[tuple[int, float], ...] | None) -> list[str]:
+        """The adapter names of an `AdapterSet.key` (a sequence's `adapter`), unloading ones included."""
+        if not key:
+            return []
+        by_load = {slot.load_id: slot.name for slot in self.slots.values()}
+        return [by_load[load_id] for load_id, _ in key if load_id in by_load]
+
+    def request_info(self, running: Iterable[Any], waiting: Iterable[Any]) -> tuple[list[str], list[str]]:
+        """The adapters of running and of waiting sequences, sorted (vLLM's `vllm:lora_requests_info`)."""
+        def names(seqs: Iterable[Any]) -> list[str]:
+            return sorted({name for seq in seqs for name in self.names_for(seq.adapter)})
+
+        return names(running), names(waiting)
 
     def resolve(self, lora: Sequence[tuple[str, float]] | None) -> AdapterSet:
         """A request's [(name, scale)] -> its AdapterSet; an unknown name is a `SamplingParamsError` (4xx)."""

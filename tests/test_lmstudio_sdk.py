@@ -157,6 +157,16 @@ def test_bad_model_name_and_unserved_calls(client) -> None:
     assert client.llm.model("tiny").respond(QUESTION, config=GREEDY).content
 
 
+def test_a_client_that_leaves_mid_stream(lms_server, client) -> None:
+    with lms.Client(lms_server.lms_host) as other:
+        stream = other.llm.model("tiny").respond_stream(QUESTION, config={"temperature": 0, "maxTokens": 200})
+        assert next(iter(stream)).content is not None
+    # Its socket closed under a running prediction: the server stops it and serves on, without a traceback.
+    assert client.llm.model("tiny").respond(QUESTION, config=GREEDY).content
+    assert httpx.get(lms_server.url + "/readyz", timeout=10).status_code == 200
+    assert "Traceback" not in lms_server.output(), lms_server.output()
+
+
 class KeyedClient(lms.Client):
     """The SDK with an API key as its handshake's passkey (its only credential: it sends no HTTP headers)."""
 
@@ -166,6 +176,7 @@ class KeyedClient(lms.Client):
         return self._format_auth_message(client_key=self.key)
 
 
+@pytest.mark.slow  # its own server, with security.auth required
 def test_auth_required_takes_the_passkey(tiny_model) -> None:
     from inferflux.server.access.keys import KeyStore
     from tests.fixtures.server import private_home

@@ -29,7 +29,7 @@ class InferCtl:
 
     def serve(self, model: str, host: str | None = None, port: int | None = None, config: str | None = None,
               served_model_name: str | None = None, ollama_port: int | None = None,
-              lmstudio_port: int | None = None) -> None:
+              lmstudio_port: int | None = None, lora_modules: str | None = None) -> None:
         """Serve a model over the OpenAI and Ollama APIs until SIGTERM or Ctrl-C.
 
         Stored models other than MODEL are served too, by name, loading on first use.
@@ -42,6 +42,8 @@ class InferCtl:
             served_model_name NAME: the model id clients send (default: the store name, or the file's name)
             ollama_port PORT: also listen on this port, e.g. 11434, Ollama's (default off)
             lmstudio_port PORT: also listen on this port, e.g. 1234, LM Studio's (default off)
+            lora_modules NAME=SOURCE,...: LoRA adapters to load at start (server.lora_modules; SOURCE a PEFT
+                folder, a GGUF LoRA file or a stored adapter; a bare NAME is the stored adapter NAME)
         """
         from inferflux.config import load_config
         from inferflux.store import open_store
@@ -55,6 +57,8 @@ class InferCtl:
             overrides["server.ollama_port"] = ollama_port
         if lmstudio_port is not None:
             overrides["server.lmstudio_port"] = lmstudio_port
+        if lora_modules is not None:
+            overrides["server.lora_modules"] = lora_modules
         if served_model_name is not None:
             overrides["server.served_model_name"] = served_model_name
         elif not Path(model).expanduser().exists():
@@ -267,6 +271,12 @@ class InferCtl:
 
         print(usage())
 
+    def adapter(self) -> None:
+        """LoRA adapters: adapter pull|list|show|rm|convert (the store), adapter load|unload (a server)."""
+        from inferctl.adapter_cmds import usage
+
+        print(usage())
+
     def bench(self) -> None:
         """Run a benchmark (serving, decode, side-by-side, ...); `inferctl bench --help` lists them."""
         from inferctl.bench_cmds import usage
@@ -292,6 +302,7 @@ COMMANDS = [
     Command.of("make-demo-model", InferCtl.make_demo_model),
     Command.of("admin", InferCtl.admin),
     Command.of("bench", InferCtl.bench),
+    Command.of("adapter", InferCtl.adapter),
 ]
 _BY_NAME = {c.name: c for c in COMMANDS}
 
@@ -334,6 +345,10 @@ def dispatch(argv: list[str]) -> int:
         from inferctl.admin_cmds import dispatch as admin
 
         return admin(rest)
+    if name == "adapter":  # adapter VERB: sub-commands of their own
+        from inferctl.adapter_cmds import dispatch as adapter
+
+        return adapter(rest)
     if name == "bench":  # argparse programs: they take their own flags, --set and --help included
         from inferctl.bench_cmds import bench
 

@@ -75,11 +75,15 @@ class LLM:
         return self.engine.allocator
 
     def load_lora(self, name: str, path: str | Path) -> None:
-        """Load the PEFT adapter folder at `path` as `name` (needs runtime.max_loras > 0); never recompiles.
+        """Load the PEFT adapter folder or GGUF LoRA file at `path` as `name` (needs runtime.max_loras > 0);
+        never recompiles.
 
         Requests then select it with `SamplingParams(lora=[(name, scale)])`, several to stack them.
         """
-        self.engine.loras.load(name, path)
+        from inferflux.store.adapters import open_adapter
+
+        # A path or a stored adapter's name; signed when security.require_signed_models, decrypted in memory.
+        self.engine.loras.load(name, open_adapter(path, self.config))
 
     def unload_lora(self, name: str) -> None:
         """Forget adapter `name`; its slot is emptied once no running request uses it."""

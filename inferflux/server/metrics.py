@@ -30,6 +30,7 @@ appends `_total` to counter names itself, so counters are declared without it:
     inferflux:queued_prompt_tokens             (gauge: prompt tokens not yet computed; autoscaling hint)
     inferflux:kv_page_pressure                 (gauge: (pages used + pages the queue needs) / pages)
     inferflux:adapter_requests_total{adapter}  (generation requests per LoRA adapter; "base" for none)
+    vllm:lora_requests_info{max_lora,running_lora_adapters,waiting_lora_adapters}  (gauge; LoRA on only)
     inferflux:policy_decisions_total{decision}
     inferflux:rate_limited_requests_total{dialect}  (429s from tenant limits; no tenant label)
 
@@ -212,6 +213,11 @@ class ServerMetrics:
 
     def observe_request(self, endpoint: str, status: int) -> None:
         """Count one HTTP response. Pass the route template so label cardinality stays bounded."""
+        # vLLM's exact name and labels (comma-separated adapter names; the value is the time of the update). Only
+        # the latest label set is kept, so old adapter combinations do not pile up as series.
+        self._lora_info = Gauge(
+            "vllm:lora_requests_info", "Running stats on LoRA requests (vLLM-compatible name and labels).",
+            ("max_lora", "running_lora_adapters", "waiting_lora_adapters"), registry=reg)
         self._requests.labels(self.model, self.backend, endpoint, str(status)).inc()
 
     def observe_finished(
@@ -261,6 +267,11 @@ class ServerMetrics:
 
     def set_models_loaded(self, count: int) -> None:
         self._models_loaded.set(count)
+
+    def set_lora_info(self, running: Sequence[str], waiting: Sequence[str], max_lora: int) -> None:
+        """`vllm:lora_requests_info`: the adapters of running and waiting requests, as one labelled series."""
+        self._lora_info.clear()
+        self._lora_info.labels(str(max_lora), ",".join(running), ",".join(waiting)).set_to_current_time()
 
     # --- engine state ------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from quart import Blueprint, Response, current_app
 
 from inferflux.config import load_config
 from inferflux.errors import InferFluxError
+from inferflux.server.adapter_load import refresh_lora_info
 from inferflux.server.errors import APIError, bad_request
 from inferflux.server.handle import load_handle
 from inferflux.server.http import read_body, server_state
@@ -55,6 +56,7 @@ async def metrics() -> Response:
     state = server_state()
     state.metrics.update_engine(state.pool.stats())
     state.metrics.set_models_loaded(len(state.pool.loaded()))
+    await refresh_lora_info(state)
     payload, content_type = state.metrics.render()
     return Response(payload, content_type=content_type)
 

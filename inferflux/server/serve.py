@@ -50,6 +50,11 @@ def serve(model: str, config: Config, config_path: str | None = None) -> int:
     try:
         # No reference to the handle here: the pool alone holds it, so unloading it frees its memory.
         state = ServerState(config, load_handle(config, model), config_path)
+        default = state.pool.default_handle()
+        if config.server.lora_modules and default is not None:  # before the first request: one line if refused
+            from inferflux.server.adapter_load import load_startup_adapters
+
+            load_startup_adapters(default, config)
     except BaseException:
         for sock in sockets:
             sock.close()

@@ -4,18 +4,19 @@ Adapters load into the default model's engine (engine/lora.py), on its engine th
 no step sees a half-written slot; nothing recompiles. A loaded adapter is then a model name of its own:
 `/v1/models` lists it with `parent` set to the base, `"model": "<adapter>"` selects it at scale 1, and the
 extension `"lora": [{"name": "a1", "scale": 1.0}, {"name": "a2", "scale": 0.5}]` stacks several (on any
-request to the base or to an adapter). Unloading lets the requests that use it finish first.
+request to the base or to an adapter). Unloading lets the requests that use it finish first. `lora_path` is a
+PEFT folder or GGUF LoRA file on the server, or a stored adapter's name (server/adapter_load.py: signatures,
+decryption).
 """
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 from quart import Response
 
-from inferflux.engine.lora import LoraError
+from inferflux.server.adapter_load import load_adapter
 from inferflux.server.adapters import adapter_names
 from inferflux.server.errors import bad_request, not_found
 from inferflux.server.http import read_body, server_state
@@ -27,7 +28,7 @@ class LoadLoraRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     lora_name: str = Field(min_length=1, max_length=256)
-    lora_path: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)  # a PEFT folder, a GGUF LoRA file, or a stored adapter's name
 
 
 class UnloadLoraRequest(BaseModel):
@@ -44,8 +45,8 @@ def adapter_cards(parent: str, created: int) -> list[dict[str, Any]]:
 
 
 @bp.post("/v1/load_lora_adapter")
-@documented(LoadLoraRequest, "Load a LoRA adapter (PEFT folder on the server) into the default model (vLLM)",
-            content="text/plain")
+@documented(LoadLoraRequest, "Load a LoRA adapter (a PEFT folder or GGUF LoRA file on the server) into the default "
+            "model (vLLM)", content="text/plain")
 async def load_lora_adapter() -> Any:
     req = await read_body(LoadLoraRequest, model_keys=())
     state = server_state()
@@ -53,17 +54,7 @@ async def load_lora_adapter() -> Any:
         raise bad_request(f"`{req.lora_name}` is already a model name", param="lora_name")
     handle = await state.acquire(None)
     try:
-        if handle.engine is None:
-            raise bad_request(f"the model `{handle.name}` is an embedding model; it takes no adapters",
-                              param="lora_name")
-        loras = handle.engine.core.loras
-        try:
-            loras.check(req.lora_name)  # LoRA off, a taken name, no free slot: before reading anything
-            adapter = await asyncio.to_thread(loras.read, req.lora_path)  # file reads off the engine thread
-            # Written on the engine thread between two steps (one `.at[slot].set` per array: milliseconds).
-            await handle.engine.inspect(lambda core: core.loras.load(req.lora_name, adapter))
-        except LoraError as exc:
-            raise bad_request(str(exc), param="lora_path") from None
+        await load_adapter(handle, req.lora_name, req.lora_path, state.config)
     finally:
         handle.release()
     return Response(f"Success: LoRA adapter '{req.lora_name}' added successfully.", content_type="text/plain")

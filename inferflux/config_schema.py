@@ -263,6 +263,9 @@ class PolicyConfig:
 
     # Extra hooks, comma-separated `module:Class` (subclasses of inferflux.server.policy.hooks.PolicyHook).
     hooks: str = key("")
+    # Seconds between checks of the stored policy_version (server/policy/watch.py): SQLite's only way to see a
+    # change made outside this server, Redis's safety net under pub/sub. 0 = never (Redis: pub/sub only).
+    poll_seconds: float = key(1.0, lo=0, hi=3600)
     opa: OpaConfig = dataclasses.field(default_factory=OpaConfig)
 
 

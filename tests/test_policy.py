@@ -41,13 +41,14 @@ def served(tiny_model, tmp_path_factory):
     home = private_home()
     store = KeyStore.at_home(home)
     keys = {}
-    for tenant in ("ops", "masked", "plain", "filtered", "blocked"):
+    for tenant in ("ops", "masked", "plain", "filtered", "blocked", "local"):
         store.create_tenant(tenant)
-        keys[tenant], _ = store.create_key(tenant, "admin,models:read" if tenant == "ops" else "inference")
+        keys[tenant], _ = store.create_key(tenant, "admin,models:read" if tenant == "ops" else "inference,embeddings")
     rego = tmp_path_factory.mktemp("rego") / "policy.rego"
     rego.write_text(REGO)
     server = Server(tiny_model("llama"), "tiny", home=home, extra=[
-        "security.auth=required", f"policy.opa.rego_file={rego}", "policy.opa.path=inferflux/decision"])
+        "security.auth=required", f"policy.opa.rego_file={rego}", "policy.opa.path=inferflux/decision",
+        "policy.poll_seconds=0.2", "runtime.max_model_len=512"])
     admin = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {keys['ops']}"}, timeout=60)
     for scope, document in (("masked", {"pii": {"EMAIL": "mask"}}), ("filtered", {"blocked_terms": ["@"]}),
                             ("filtered:tiny", {"blocked_patterns": ["forbidden\\s+word"]})):
@@ -198,38 +199,6 @@ def test_admin_versions_rollback_metric_and_cli(served) -> None:
     assert float(line.rsplit(" ", 1)[1]) == version + 2
 
 
-@pytest.mark.slow
-def test_two_servers_on_one_redis_share_policies(tiny_model, redis_base_url) -> None:
-    """A policy set through one server is enforced by the other from its next request (the per-request version read)."""
-    import concurrent.futures
-
-    from inferflux.server.access.keys_redis import RedisKeyStore
-    from tests.fixtures.redis_server import fresh_db
-    from tests.fixtures.server import Server
-
-    url = fresh_db(redis_base_url)
-    store = RedisKeyStore(url)
-    store.create_tenant("acme")
-    admin_key, _ = store.create_key("acme", "admin,inference")
-    shared = ["security.auth=required", "state.backend=redis", f"state.redis_url={url}"]
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        servers = list(pool.map(lambda _: Server(tiny_model("llama"), "tiny", extra=shared), range(2)))
-    try:
-        first, second = servers
-        prompt = "mail ann@example.org"
-        assert client(second, admin_key).completions.create(
-            model="tiny", prompt=prompt, max_tokens=1, echo=True).choices[0].text.startswith(prompt)
-        answer = httpx.put(first.url + "/admin/policies", headers={"Authorization": f"Bearer {admin_key}"},
-                           json={"scope": "acme", "document": {"pii": {"EMAIL": "mask"}}}, timeout=30)
-        assert answer.status_code == 200, answer.text
-        text = client(second, admin_key).completions.create(model="tiny", prompt=prompt, max_tokens=1,
-                                                           echo=True).choices[0].text
-        assert text.startswith("mail [EMAIL]"), text  # the very next request on the other server, no wait
-    finally:
-        statuses = [s.stop() for s in servers]
-    assert statuses == [0, 0]
-
-
 def test_remote_opa_protocol_cache_and_fail_closed(tmp_path: Path) -> None:
     """The REST client against a stand-in that speaks OPA's Data API (POST /v1/data/<path>) and evaluates
     the same Rego with regorus: there is no `opa` binary here. Cache per input; unreachable denies."""
@@ -299,3 +268,123 @@ def test_scrub_hook_rewrites_messages_and_tool_results() -> None:
     assert messages[2]["tool_calls"] == [{"id": "c1"}]
     assert messages[3] == {"role": "tool", "tool_call_id": "c1", "content": "found [EMAIL]"}
     assert ctx.found == ["US_SSN", "EMAIL", "EMAIL"]
+
+
+def _metric(server, key: str, name: str) -> float:
+    text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {key}"}, timeout=30).text
+    return sum(float(x.rsplit(" ", 1)[1]) for x in text.splitlines() if x.startswith(name + "{"))
+
+
+def test_a_content_filter_stop_aborts_the_engine_request(served) -> None:
+    """The stopped choice's engine request is aborted (the client-disconnect path): it does not run on to
+    max_tokens, its usage counts the tokens generated until then, and nothing is left running."""
+    server, keys, _, home, bias = served
+    seed, raw = _seed_with_email(server, keys, bias)
+    assert raw.index("@") < 120  # the stop comes long before max_tokens
+    kwargs = dict(model="tiny", prompt="x", max_tokens=240, temperature=1.0, seed=seed, logit_bias=bias,
+                  extra_body={"ignore_eos": True})
+    raw_answer = client(server, keys["filtered"]).completions.with_raw_response.create(**kwargs)
+    answer = raw_answer.parse()
+    assert answer.choices[0].finish_reason == "content_filter"
+    assert 0 < answer.usage.completion_tokens < 240, answer.usage  # the old path reported all 240
+    record = audit_records(home, raw_answer.headers["x-request-id"])[0]
+    assert record["completion_tokens"] == answer.usage.completion_tokens
+    usage = None
+    for chunk in client(server, keys["filtered"]).completions.create(
+            stream=True, stream_options={"include_usage": True}, **kwargs):
+        usage = chunk.usage or usage
+        if chunk.choices and chunk.choices[0].finish_reason:
+            assert chunk.choices[0].finish_reason == "content_filter"
+    assert usage is not None and 0 < usage.completion_tokens < 240, usage
+    deadline = time.monotonic() + 10  # the engine's gauges refresh after its next step
+    while _metric(server, keys["ops"], "vllm:num_requests_running") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _metric(server, keys["ops"], "vllm:num_requests_running") == 0
+    assert _metric(server, keys["ops"], "vllm:kv_cache_usage_perc") == 0
+
+
+def test_a_local_cli_change_is_applied_by_the_poll(served) -> None:
+    """`inferctl admin policy set` without --url writes state.db directly; the server's version poll
+    (policy.poll_seconds, 0.2 s here) picks it up: requests themselves never read the store."""
+    server, keys, _, home, _ = served
+    prompt = "mail ann@example.org"
+    talk = client(server, keys["local"])
+    assert talk.completions.create(model="tiny", prompt=prompt, max_tokens=1, echo=True).choices[0].text.startswith(
+        prompt)
+    policy_file = Path(home) / "local.json"
+    policy_file.write_text(json.dumps({"scope": "local", "document": {"pii": {"EMAIL": "mask"}}}))
+    env = {"INFERFLUX_HOME": str(home), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-m", "inferctl.cli", "admin", "policy", "set", str(policy_file)],
+                          env=env, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    deadline = time.monotonic() + 10
+    while True:
+        text = talk.completions.create(model="tiny", prompt=prompt, max_tokens=1, echo=True).choices[0].text
+        if text.startswith("mail [EMAIL]") or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert text.startswith("mail [EMAIL]"), text
+
+
+SEND = {"type": "function", "function": {"name": "send", "description": "Send a mail", "parameters": {
+    "type": "object", "properties": {"to": {"type": "string", "pattern": "[ab]{2,4}@[ab]{2,4}\\.com"}},
+    "required": ["to"]}}}
+
+
+def _send(server, key: str, stream: bool) -> tuple[list[dict], str | None]:
+    """(each call's parsed arguments, finish_reason) of a chat completion forced to call `send`."""
+    kwargs = dict(model="tiny", messages=[{"role": "user", "content": "mail it"}], tools=[SEND],
+                  tool_choice={"type": "function", "function": {"name": "send"}}, max_tokens=60, seed=3)
+    if not stream:
+        choice = client(server, key).chat.completions.create(**kwargs).choices[0]
+        calls = [json.loads(c.function.arguments) for c in choice.message.tool_calls or []]
+        return calls, choice.finish_reason
+    args, finish, names = "", None, 0
+    for chunk in client(server, key).chat.completions.create(stream=True, **kwargs):
+        if chunk.choices:
+            for call in chunk.choices[0].delta.tool_calls or []:
+                names += bool(call.function and call.function.name)
+                args += (call.function.arguments or "") if call.function else ""
+            finish = chunk.choices[0].finish_reason or finish
+    return ([json.loads(args)] if names else []), finish
+
+
+def test_tool_call_arguments_are_scrubbed_and_filtered(served) -> None:
+    server, keys, _, _, _ = served
+    (plain,), reason = _send(server, keys["plain"], stream=False)
+    assert reason == "tool_calls" and [e.kind for e in detect(plain["to"])] == ["EMAIL"], plain
+    for stream in (False, True):
+        calls, reason = _send(server, keys["masked"], stream)
+        assert calls == [{"to": "[EMAIL]"}] and reason == "tool_calls", (stream, calls)
+        calls, reason = _send(server, keys["filtered"], stream)  # "@" is a blocked term: the call is not sent
+        assert calls == [] and reason == "content_filter", (stream, calls, reason)
+
+
+def test_embedding_inputs_are_scrubbed_openai_and_ollama(served) -> None:
+    import numpy as np
+    import ollama
+
+    server, keys, _, home, _ = served
+    texts = ["contact bob.smith@example.com today", "nothing to hide"]
+    raw = client(server, keys["masked"]).embeddings.with_raw_response.create(model="tiny", input=texts)
+    masked = raw.parse()
+    as_seen = client(server, keys["plain"]).embeddings.create(model="tiny",
+                                                              input=["contact [EMAIL] today", texts[1]])
+    unscrubbed = client(server, keys["plain"]).embeddings.create(model="tiny", input=texts)
+    assert masked.usage.prompt_tokens == as_seen.usage.prompt_tokens != unscrubbed.usage.prompt_tokens
+    assert np.allclose(masked.data[0].embedding, as_seen.data[0].embedding, atol=1e-4)
+    assert not np.allclose(masked.data[0].embedding, unscrubbed.data[0].embedding, atol=1e-4)
+    record = audit_records(home, raw.headers["x-request-id"])[0]
+    assert record["policy"] == "scrubbed" and "bob.smith" not in json.dumps(record)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client(server, keys["filtered"]).embeddings.create(model="tiny", input=["write to a@b.com"])
+    assert caught.value.code == "content_policy_violation"
+
+    def ollama_client(tenant: str) -> ollama.Client:
+        return ollama.Client(host=server.url, headers={"Authorization": f"Bearer {keys[tenant]}"})
+
+    got = ollama_client("masked").embed(model="tiny", input=texts[0])
+    assert np.allclose(got.embeddings[0], as_seen.data[0].embedding, atol=1e-4)
+    with pytest.raises(ollama.ResponseError) as refused:
+        ollama_client("filtered").embed(model="tiny", input="write to a@b.com")
+    assert refused.value.status_code == 400 and "content policy" in refused.value.error

@@ -81,6 +81,10 @@ def create_app(state: ServerState) -> Quart:
     from inferflux.server.access import limits_http
 
     limits_http.install(app)
+    # The policy documents in memory, loaded at start and kept current by a watcher thread (pub/sub, poll).
+    from inferflux.server.policy import watch as policy_watch
+
+    policy_watch.install(app)
 
     @app.after_request
     async def cors_and_count(response: Response) -> Response:

@@ -20,6 +20,7 @@ from inferflux.server.access import limits_http
 from inferflux.server.errors import bad_request
 from inferflux.server.handle import ModelHandle
 from inferflux.server.http import server_state
+from inferflux.server.policy import guard as policy
 
 Inputs = str | list[str] | list[int] | list[list[int]]
 
@@ -51,6 +52,8 @@ async def embed(spec: EmbeddingSpec) -> Embeddings:
     if entry is not None:
         entry.model = handle.name
     try:
+        # The policy's pre-hooks on the text inputs (server/policy/): PII scrubbed, or a 400 for block/filters.
+        spec.inputs = policy.embedding_inputs(spec.inputs, handle.name)
         lists = input_ids(spec, handle)
         limits_http.admit_tokens(sum(len(ids) for ids in lists))  # the tenant's tokens per minute, or 429
         vectors = await compute(handle, lists)

@@ -162,6 +162,7 @@ class Generation:
         self.prompt_ids = prompt_ids
         self._streams = streams
         self._released = False
+        self._stopped: set[int] = set()  # choices a post-hook stopped (`stop_choice`)
         # Taken now, in the request's context: a streamed body runs after that context is gone.
         self._metrics = server_state().metrics
         self._times: dict[int, list[float]] = {}
@@ -227,13 +228,25 @@ class Generation:
             raise
         generation = cls(spec, handle, prompt_ids, streams, rendered)
         generation.guard = guard
+        generation.request_ids = [r.request_id for r in requests]
         return generation
 
     guard: policy.Guard = policy.NO_GUARD
+    request_ids: list[str] = []  # the engine request of each prompt (its n samples are one request)
+
+    def stop_choice(self, choice: int) -> None:
+        """A post-hook stopped this choice (content filter): once every sample of its prompt is stopped,
+        abort that engine request, the path a client disconnect takes (`Engine._stream`'s abort), so it
+        stops generating and frees its pages now instead of running on to max_tokens unseen. Its final
+        output then comes back as an abort, which `_events` turns into the choice's end."""
+        self._stopped.add(choice)
+        prompt = choice // self.n
+        if prompt < len(self.request_ids) and all(prompt * self.n + i in self._stopped for i in range(self.n)):
+            _llm(self.handle)[1].abort(self.request_ids[prompt])
 
     async def events(self) -> AsyncIterator[Event]:
         """Every choice's events, through the policy's post-hooks (which may rewrite or stop the text)."""
-        stream = self.guard.after(self._events())
+        stream = self.guard.after(self._events(), self.stop_choice)
         try:
             async for event in stream:
                 yield event
@@ -251,7 +264,9 @@ class Generation:
         try:
             async for pi, out in merged(self._streams):
                 choice = pi * self.n + out.index
-                if out.finish_reason == "abort":  # the engine stopped under us (shutdown past the drain deadline)
+                if out.finish_reason == "abort" and choice not in self._stopped:
+                    # the engine stopped under us (shutdown past the drain deadline); a choice the policy
+                    # stopped (`stop_choice`) ends here normally, with the tokens generated so far
                     raise unavailable("the server shut down before this request finished")
                 if choice not in started:
                     started.add(choice)

@@ -3,9 +3,10 @@
 A hook (`PolicyHook`) sees a generation request after auth and limits: `pre` may rewrite the prompts
 (text, messages, tool results) in place or deny by raising an `APIError`; `post` may return an
 `OutputHook` per choice that rewrites the text as it streams or stops it (`stopped`: the choice
-then finishes with `finish_reason: "content_filter"`). The built-in guardrail (`ScrubHook`: PII
-and content filters from the policy documents) is the first hook; `policy.hooks` adds others by
-`module:Class`. Requests outside an HTTP request (tests, `LLM`) pass through untouched.
+then finishes with `finish_reason: "content_filter"`); `tool_call` may rewrite or stop each tool call
+the model writes. The built-in guardrail (`ScrubHook`: PII and content filters from the policy
+documents) is the first hook; `policy.hooks` adds others by `module:Class`. Requests outside an
+HTTP request (tests, `LLM`) pass through untouched.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from quart import current_app
 
 from inferflux.server.policy.document import PolicyDocument, merge, scopes_for
 from inferflux.server.policy.scrub import Filters, OutputScrubber, scrub_input
+from inferflux.server.policy.watch import Watcher
+from inferflux.server.tool_calls import ToolCall
 
 log = logging.getLogger(__name__)
 _EXTENSION = "inferflux.policy"
@@ -57,6 +60,11 @@ class PolicyHook:
         """A filter for one choice's text, or None to leave it alone."""
         return None
 
+    def tool_call(self, ctx: PolicyContext, call: ToolCall) -> ToolCall | None:
+        """A tool call the model wrote (parsed by server/tool_calls/): the call to send, or None to stop the
+        choice (it finishes with `content_filter`, the call is not sent)."""
+        return call
+
 
 class ScrubHook(PolicyHook):
     """The built-in guardrail: the merged policy document's PII actions and content filters."""
@@ -84,6 +92,36 @@ class ScrubHook(PolicyHook):
         scrubber.found = ctx.found
         return scrubber
 
+    def tool_call(self, ctx: PolicyContext, call: ToolCall) -> ToolCall | None:
+        """The output rules on each string in the call's arguments (keys and the tool's name are left alone)."""
+        doc = ctx.document
+        if not (doc.pii and doc.pii_output) and not (doc.blocked_terms or doc.blocked_patterns):
+            return call
+        filters = Filters(doc)
+
+        def clean(value: Any) -> Any:
+            if isinstance(value, str):
+                scrubber = OutputScrubber(doc, filters, ctx.salt)
+                scrubber.found = ctx.found
+                text = scrubber.feed(value, True)
+                if scrubber.stopped:  # a blocked term, pattern or `block` entity
+                    raise _Stop
+                return text
+            if isinstance(value, list):
+                return [clean(v) for v in value]
+            if isinstance(value, dict):
+                return {k: clean(v) for k, v in value.items()}
+            return value
+
+        try:
+            return dataclasses.replace(call, arguments=clean(call.arguments))
+        except _Stop:
+            return None
+
+
+class _Stop(Exception):
+    """A tool call's arguments hit a stop rule."""
+
 
 def _clean_message(message: dict[str, Any], clean: Any) -> dict[str, Any]:
     content = message.get("content")
@@ -97,7 +135,12 @@ def _clean_message(message: dict[str, Any], clean: Any) -> dict[str, Any]:
 
 
 class Runtime:
-    """One app's hooks, store and OPA client, and the documents of the newest policy_version."""
+    """One app's hooks, store and OPA client, and the documents of the newest policy_version.
+
+    Requests read the documents held here (`snapshot`, no store access); the watcher thread
+    (`watch.py`: Redis pub/sub plus a `policy.poll_seconds` version poll) and this server's own
+    `/admin/policies` changes call `refresh` to move them.
+    """
 
     def __init__(self, app: Any) -> None:
         from inferflux.server.policy.opa import Opa
@@ -110,19 +153,39 @@ class Runtime:
         opa = config.policy.opa
         self.opa = Opa(opa) if opa.url or opa.rego_file else None
         self._lock = threading.Lock()
-        self.version = -1
-        self.documents: dict[str, PolicyDocument] = {}
+        self._current: tuple[int, dict[str, PolicyDocument]] = (-1, {})  # swapped whole: readers take no lock
         self._salt: bytes | None = None
+        self.refresh()
+        self.watcher: Watcher | None = None
+        if config.policy.poll_seconds or config.state.backend == "redis":
+            self.watcher = Watcher(self, config.policy.poll_seconds,
+                                   config.state.redis_url if config.state.backend == "redis" else None)
+            self.watcher.start()
+
+    @property
+    def version(self) -> int:
+        return self._current[0]
+
+    @property
+    def documents(self) -> dict[str, PolicyDocument]:
+        return self._current[1]
+
+    def snapshot(self) -> tuple[int, dict[str, PolicyDocument]]:
+        """The policy_version and documents in memory: what a request applies (no store read)."""
+        return self._current
 
     def refresh(self) -> int:
-        """Reload the documents if policy_version moved (one read when it did not)."""
-        version = self.store.version()
-        if version != self.version:
-            rows = self.store.current()
-            with self._lock:
-                self.documents = {scope: PolicyDocument.model_validate(row["document"]) for scope, row in rows.items()}
-                self.version = version
-        return version
+        """Reload the documents if the stored policy_version moved (one read when it did not).
+
+        Called from the watcher thread and from admin requests: serialized, and a reload never
+        replaces newer documents with older ones."""
+        with self._lock:
+            version = self.store.version()
+            if version != self._current[0]:
+                rows = self.store.current()
+                documents = {scope: PolicyDocument.model_validate(row["document"]) for scope, row in rows.items()}
+                self._current = (max(version, max((r["version"] for r in rows.values()), default=0)), documents)
+            return self._current[0]
 
     def salt(self) -> bytes:
         if self._salt is None:

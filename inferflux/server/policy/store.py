@@ -3,9 +3,10 @@
 Every change (a `set`, a `rollback`) is a new row with the next number of ONE global sequence, the
 `policy_version`: a scope's document is its newest row. Rolling back to version N writes N's
 document again as a new version, so history is never rewritten and `policy_version` only grows.
-That single number is what a server compares on each request (one indexed read): when it moved,
-the server reloads the documents, so a change made by `inferctl admin policy` on this host, or by
-any replica on the same Redis, applies from the next request.
+That single number is what a server's watcher compares (`watch.py`: on each message published on
+`CHANNEL`, and every `policy.poll_seconds`): when it moved, the server reloads the documents it
+holds in memory for its requests, so a change made by `inferctl admin policy` on this host, or by
+any replica on the same Redis, applies without a store read per request.
 
 The salt of the `hash` action lives beside the documents (32 random bytes, made once), so hashes
 are stable across restarts and equal on every replica, and are not reversible by hashing guesses

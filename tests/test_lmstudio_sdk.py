@@ -107,6 +107,23 @@ def test_stop_strings_and_cancel(client) -> None:
     assert stream.result().stats.stop_reason == "userStopped"
 
 
+def test_async_client_runs_predictions_side_by_side(lms_server) -> None:
+    """The async SDK multiplexes channels on one socket: two predictions and a listLoaded run at once."""
+    import asyncio
+
+    async def main() -> tuple[list[str], list[str]]:
+        async with lms.AsyncClient(lms_server.lms_host) as sdk:
+            model = await sdk.llm.model("tiny")
+            first, second, loaded = await asyncio.gather(
+                model.respond(QUESTION, config=GREEDY), model.respond("Hello.", config=GREEDY), sdk.llm.list_loaded())
+            return [first.content, second.content], [m.identifier for m in loaded]
+
+    answers, loaded = asyncio.run(main())
+    assert loaded == ["tiny"]
+    assert answers == [openai_chat(lms_server, [{"role": "user", "content": q}])["choices"][0]["message"]["content"]
+                       for q in (QUESTION, "Hello.")]
+
+
 def test_list_loaded_and_model_info(client, lms_server) -> None:
     assert [m.identifier for m in client.llm.list_loaded()] == ["tiny"]
     model = client.llm.model("tiny")

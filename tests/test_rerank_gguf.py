@@ -24,6 +24,7 @@ import pytest
 from inferflux.convert.hf_to_gguf import convert_hf_to_gguf
 from inferflux.engine.reranker import Reranker, load_reranker
 from inferflux.errors import ModelFormatError
+from inferflux.formats.describe import describe_model
 from inferflux.formats.encoder import load_encoder
 from inferflux.formats.gguf_file import GGUFFile
 from inferflux.formats.gguf_rerank import load_gguf_classifier_head
@@ -90,6 +91,8 @@ def test_store_pull_and_serve_gguf_reranker(cross_encoder: Path, expected: np.nd
     assert store.pull(str(cross_encoder), name="tiny-gguf-reranker", quantize="F32") == "tiny-gguf-reranker:latest"
     stored = store.path("tiny-gguf-reranker")
     assert stored.is_file() and GGUFFile(stored).metadata["bert.pooling_type"] == gguf.PoolingType.RANK
+    for described in (describe_model(stored), describe_model(cross_encoder)):  # what `inferctl show` prints
+        assert described["kind"] == "encoder" and described["note"].startswith("cross-encoder: served on /v1/rerank")
     server = Server(Path("tiny-gguf-reranker"), "tiny-gguf-reranker", home=home)  # served by its store name
     try:
         r = httpx.post(server.url + "/v1/rerank", json={"model": "tiny-gguf-reranker", "query": QUERY,

@@ -148,8 +148,18 @@ def _describe_encoder(path: Path, file: GGUFFile | None = None) -> dict[str, Any
         "vocab_size": config.vocab_size, "quantization": quantization, "tensor_types": {}, "size_bytes": size,
         "license": file.metadata.get("general.license") if file is not None else None,
         "kind": "encoder", "capabilities": list(capabilities(True, None)),
-        "note": "embedding model: served on /v1/embeddings and /api/embed, not for chat",
+        "note": _encoder_note(path, file),
     }
+
+
+def _encoder_note(path: Path, file: GGUFFile | None) -> str:
+    """What an encoder is served for: a cross-encoder (folder head or GGUF rank pooling) also reranks."""
+    from inferflux.formats.cross_encoder import is_cross_encoder
+    from inferflux.formats.gguf_rerank import is_gguf_reranker
+
+    if is_gguf_reranker(file) if file is not None else is_cross_encoder(path):
+        return "cross-encoder: served on /v1/rerank, /v2/rerank and /v1/score (and /v1/embeddings), not for chat"
+    return "embedding model: served on /v1/embeddings and /api/embed, not for chat"
 
 
 def _tensor_types(file: GGUFFile) -> dict[str, int]:

@@ -54,6 +54,36 @@ def write_peft(folder: Path, config: Any, rank: int, seed: int) -> Path:
     return folder
 
 
+def load_by_form(slots: Any, model: Path, folder: Path, tmp: Path, free_slot: int) -> dict[str, float]:
+    """Median load time (5 loads, after unloading) of one adapter as a PEFT folder, a GGUF LoRA file (F32, F16)
+    and an encrypted stored adapter (decryption included): `open_adapter` + `LoraSlots.load`."""
+    from inferflux.config import load_config
+    from inferflux.formats.gguf_lora import convert_peft_to_gguf
+    from inferflux.server.access.crypto import generate_master_key, parse_master_key
+    from inferflux.store.adapters import AdapterStore, open_adapter
+
+    key_text = generate_master_key()
+    (tmp / "master.key").write_text(key_text)
+    home = tmp / "home"
+    config = load_config(overrides={"security.master_key_file": str(tmp / "master.key"), "home": str(home)})
+    AdapterStore(home).pull(folder, "enc", key=parse_master_key(key_text, "bench"))
+    sources = {"gguf F32": str(convert_peft_to_gguf(folder, model, tmp / "a32.gguf", "F32")),
+               "gguf F16": str(convert_peft_to_gguf(folder, model, tmp / "a16.gguf", "F16")),
+               "encrypted PEFT": "enc", "peft": str(folder)}
+    if free_slot <= len(slots.by_name):
+        slots.unload(max(slots.by_name))
+    out = {}
+    for form, source in sources.items():
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            slots.load("bench", open_adapter(source, config))
+            times.append(time.perf_counter() - start)
+            slots.unload("bench")
+        out[f"load s, {form} (median)"] = statistics.median(times)
+    return out
+
+
 def decode_tokens_per_s(runner: Any, batch: int, context: int, lora_rows: list[np.ndarray | None],
                         steps: int) -> float:
     from inferflux.engine.model_runner import Chunk
@@ -118,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             slots.load(f"a{i}", folder)
             load_times.append(time.perf_counter() - start)
-    result["adapter load s (median)"] = statistics.median(load_times) if load_times else None
+        result["adapter load s (median)"] = statistics.median(load_times) if load_times else None
+        result.update(load_by_form(slots, model, folders[0], Path(tmp), args.slots))
 
     def one_hot(slot: int) -> np.ndarray:
         row = np.zeros(args.slots, np.float32)

@@ -240,7 +240,11 @@ def open_adapter(source: str | Path, config: Any) -> Path | AdapterFiles:
     """What to load for `source`: an existing adapter file or folder (its own signature checked when
     `security.require_signed_models` is on), else a stored adapter by that name (`AdapterStore.open`)."""
     path = Path(str(source)).expanduser()
-    if path.exists() or path.is_symlink():
+    try:
+        on_disk = path.exists() or path.is_symlink()
+    except (OSError, ValueError):  # a NUL byte, a name too long: not a path, maybe not a name either
+        on_disk = False
+    if on_disk:
         verifier = verifier_from_config(config)
         if verifier is not None:
             verifier.verify(path)
@@ -248,6 +252,6 @@ def open_adapter(source: str | Path, config: Any) -> Path | AdapterFiles:
     store = AdapterStore(config.home_path)
     if store.has(str(source)):
         return store.open(str(source), config)
-    raise AdapterNotFoundError(f"{source}: no such PEFT adapter folder, GGUF LoRA file or stored adapter "
+    raise AdapterNotFoundError(f"{str(source)[:200]!r}: no such PEFT adapter folder, GGUF LoRA file or stored adapter "
                                "(`inferctl adapter list`)")
 

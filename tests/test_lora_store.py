@@ -6,6 +6,8 @@ Real `inferctl` processes, real servers on loopback, real EC key pairs, a real m
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -33,6 +35,23 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def inferctl(*args: str, home: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """`inferctl ARGS` through its real entry point (`main`), in this process: the same parsing, output and
+    exit status as the console script without a Python start per call (serve, below, runs as a process)."""
+    from inferctl.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = dict(os.environ)
+    os.environ.update({"INFERFLUX_HOME": str(home), **env})
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            status = main(list(args))
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return subprocess.CompletedProcess(list(args), status, out.getvalue(), err.getvalue())
+
+
+def inferctl_process(*args: str, home: Path, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "inferctl.cli", *args], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "INFERFLUX_HOME": str(home), **env}, timeout=300)
 
@@ -184,7 +203,7 @@ def test_signatures_gate_adapter_loads(env, signed_server) -> None:
     r = load(server, "g", gguf)
     assert r.status_code == 403 and "does not verify" in r.json()["error"]["message"], r.text
     # The store: an unsigned pull is refused (nothing stored); a signed one, plain or encrypted, loads by name.
-    one_line_error(inferctl("adapter", "pull", str(unsigned), home=home, **required), "not signed")
+    one_line_error(inferctl_process("adapter", "pull", str(unsigned), home=home, **required), "not signed")
     assert not AdapterStore(home).has("unsigned")
     for args in (("adapter", "pull", str(signed), "--name", "s-plain"),
                  ("adapter", "pull", str(signed), "--name", "s-enc", "--encrypt")):
@@ -218,3 +237,18 @@ def test_signatures_gate_adapter_loads(env, signed_server) -> None:
     assert r.status_code == 403 and "does not verify" in r.json()["error"]["message"], r.text
     one_line_error(inferctl("adapter", "load", "u", "--source", str(unsigned), "--url", server.url, home=home),
                    "not signed")
+
+
+def test_serve_refuses_an_unsigned_startup_adapter(env, signed_server) -> None:
+    """`serve --lora-modules` with signatures required: an unsigned adapter stops the start with one line."""
+    from tests.fixtures.server import free_port
+
+    _, root, home, required = signed_server
+    unsigned = root / "unsigned-start"
+    if not unsigned.exists():
+        shutil.copytree(env.a1, unsigned)
+    done = inferctl_process("serve", str(root / "base"), "--port", str(free_port()), "--lora-modules", f"u={unsigned}",
+                    "--set", "runtime.max_loras=2", "--set", "runtime.max_lora_rank=8", home=home, **required)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("inferctl: error: server.lora_modules u=") and "not signed" in last, last

@@ -70,14 +70,17 @@ def load_startup_adapters(handle: ModelHandle, config: Any) -> list[str]:
 
 async def refresh_lora_info(state: Any) -> None:
     """Before a /metrics scrape: `vllm:lora_requests_info` from the default engine's scheduler (read on its
-    thread between two steps). Absent when LoRA is off (max_loras 0), as in vLLM."""
+    thread between two steps, waiting 1 s at most). Absent when LoRA is off (max_loras 0), as in vLLM."""
     handle = state.pool.default_handle()
     engine = getattr(handle, "engine", None)
     loras = getattr(getattr(engine, "core", None), "loras", None)
     if engine is None or loras is None or not loras.runner.max_loras:
         return
-    running, waiting = await engine.inspect(
-        lambda core: core.loras.request_info(core.scheduler.running, core.scheduler.waiting))
+    try:  # a step that compiles can take long: a scrape must not wait for it; the last values stay
+        running, waiting = await engine.inspect(
+            lambda core: core.loras.request_info(core.scheduler.running, core.scheduler.waiting), timeout=1.0)
+    except TimeoutError:
+        return
     state.metrics.set_lora_info(running, waiting, loras.runner.max_loras)
 
 

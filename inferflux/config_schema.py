@@ -110,6 +110,10 @@ class RuntimeConfig:
     # the process holds over half of vm.max_map_count memory maps (XLA:CPU maps every kernel), the least
     # recently used program is dropped and compiled again when needed. Warm-up never compiles more.
     max_compiled_programs: int = key(128, lo=1, hi=100_000)
+    # Keep compiled step programs whole on disk next to the XLA cache, so a warm restart deserializes them
+    # instead of tracing and lowering every bucket again (engine/executable_cache.py). XLA's cache is then kept
+    # per code version, so a code change means a cold start: on in the images and the chart, off for development.
+    cache_executables: bool = key(False)
     # Compile every bucket at start-up (at most max_compiled_programs), in a thread pool.
     warmup: bool = key(False)
     warmup_threads: int = key(4, lo=1, hi=256)

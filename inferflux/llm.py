@@ -59,7 +59,7 @@ class LLM:
 
     def __init__(self, model: str | Path, config: Config | None = None, **runtime: Any) -> None:
         self.config = config or load_config(overrides={f"runtime.{k}": v for k, v in runtime.items()})
-        enable_persistent_cache(self.config.home_path / "xla-cache")
+        enable_persistent_cache(self.config.home_path / "xla-cache", self.config.runtime.cache_executables)
         check_model(Path(model), self.config, self.config.home_path)  # security.require_signed_models
         self.model: LoadedModel = load_model(model)
         self.tokenizer = self.model.tokenizer

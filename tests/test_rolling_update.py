@@ -35,6 +35,8 @@ NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if Path(p
 # so a replica's warm-up stays short on two shared cores.
 REPLICA = ["runtime.warmup=true", "server.drain_seconds=30", "runtime.max_num_batched_tokens=32",
            "runtime.min_token_bucket=8"]
+# The rolling update restarts with the stored executables too, as the chart does (runtime.cache_executables).
+ROLLING = [*REPLICA, "runtime.cache_executables=true"]
 COMPILING = re.compile(r"^Compiling ", re.M)
 
 
@@ -190,7 +192,7 @@ class StreamingClients:
 @pytest.mark.skipif(NGINX is None, reason="nginx (Debian's package; .ci/run installs it) is not installed")
 def test_rolling_update_without_errors(tiny_model):
     model = tiny_model("llama")
-    replicas = [Server(model, "tiny", REPLICA), Server(model, "tiny", REPLICA)]
+    replicas = [Server(model, "tiny", ROLLING), Server(model, "tiny", ROLLING)]
     nginx = Nginx([r.port for r in replicas])
     clients = None
     try:

@@ -7,11 +7,22 @@ warning, on every later start. `enable_persistent_cache` therefore first drops
 entries that are not complete (each is a zlib or zstd stream, whose end and
 checksum say whether it is whole). JAX's cache key already includes the jax,
 jaxlib and backend versions, so entries of another version are never loaded.
+
+With `per_code` (runtime.cache_executables) the cache lives in a subdirectory named by a hash of the
+package's code, `code-<hash>/`, and only the two newest such directories are kept. Why: on XLA:CPU an
+executable JAX loaded from this cache cannot be serialized again whole (the copy fails at run time,
+"Function bitcast_gather_fusion not found"), so engine/executable_cache.py stores only programs really
+compiled; if a new version found the old version's entries, every step would be a cache hit and its
+executables would never be stored. Per code version, a new version's first start compiles for real and
+stores both.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
+import shutil
 import zlib
 from pathlib import Path
 
@@ -21,9 +32,27 @@ log = logging.getLogger(__name__)
 
 _enabled: Path | None = None
 _CACHE_SUFFIX = "-cache"  # jax/_src/lru_cache.py names entries <key>-cache
+_PACKAGE = Path(__file__).resolve().parents[1]  # inferflux/
+KEEP_CODE_VERSIONS = 2
 
 
-def enable_persistent_cache(directory: str | Path) -> Path:
+@functools.lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """A hash of every file of the inferflux package that can shape a program (.py and built libraries)."""
+    digest = hashlib.sha256()
+    for path in sorted(_PACKAGE.rglob("*")):
+        if path.suffix in (".py", ".so") and "__pycache__" not in path.parts and path.is_file():
+            digest.update(str(path.relative_to(_PACKAGE)).encode())
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def enabled_directory() -> Path | None:
+    """The directory `enable_persistent_cache` turned on in this process, or None."""
+    return _enabled
+
+
+def enable_persistent_cache(directory: str | Path, per_code: bool = False) -> Path:
     """Store compiled XLA programs under `directory` (e.g. $INFERFLUX_HOME/xla-cache).
 
     Every program is cached, however quick to compile: a server compiles
@@ -34,7 +63,11 @@ def enable_persistent_cache(directory: str | Path) -> Path:
     if _enabled is not None:
         return _enabled
     path = Path(directory).expanduser()
+    if per_code:
+        path = path / f"code-{code_fingerprint()[:16]}"
     path.mkdir(parents=True, exist_ok=True)
+    if per_code:
+        _prune_code_versions(path.parent, keep=path)
     dropped = drop_incomplete_entries(path)
     if dropped:
         log.warning("removed %d incomplete XLA cache entries from %s (a process stopped while writing them)",
@@ -44,6 +77,15 @@ def enable_persistent_cache(directory: str | Path) -> Path:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     _enabled = path
     return path
+
+
+def _prune_code_versions(root: Path, keep: Path) -> None:
+    """Remove all but the newest KEEP_CODE_VERSIONS `code-*` directories (`keep` always stays)."""
+    versions = sorted((d for d in root.glob("code-*") if d.is_dir() and d != keep),
+                      key=lambda d: d.stat().st_mtime, reverse=True)
+    for old in versions[KEEP_CODE_VERSIONS - 1:]:
+        shutil.rmtree(old, ignore_errors=True)
+        log.info("removed the XLA cache of an older code version: %s", old.name)
 
 
 def drop_incomplete_entries(directory: str | Path) -> list[Path]:

@@ -33,6 +33,7 @@ from flax import nnx
 
 from inferflux.config import RuntimeConfig
 from inferflux.engine import device, tensor_parallel
+from inferflux.engine.executable_cache import ExecutableCache, tree_fingerprint
 from inferflux.engine.program_cache import FreshJit, ProgramCache
 from inferflux.engine.sampler import sample, token_logprobs
 from inferflux.engine.sampling_params import RESERVED_BIAS_SLOTS
@@ -151,6 +152,10 @@ class ModelRunner:
             decode: FreshJit(_make_step(graphdef, self.num_logprobs, decode), donate_argnums=(1,))
             for decode in (False, True)
         }
+        # Step programs kept whole on disk, so a warm restart skips tracing and lowering (executable_cache.py).
+        identity = (model.config, dataclasses.asdict(runtime), self.num_logprobs, self.num_bias_slots,
+                    tree_fingerprint((self.state, self.kv_cache)))
+        self._stored = ExecutableCache.for_home(repr(identity), runtime.cache_executables)
         # Every compiled program (all kinds) lives in one LRU bounded by runtime.max_compiled_programs and by
         # the process's memory-map budget; FreshJit makes an eviction free the program (program_cache.py).
         self.programs = ProgramCache(runtime.max_compiled_programs)
@@ -242,7 +247,8 @@ class ModelRunner:
 
     def _compile(self, bucket: Bucket) -> Any:
         step_fn = self._step_fns[bucket[3]]
-        return step_fn.lower(self.state, self.kv_cache, *_abstract_inputs(bucket, self)).compile()
+        return self._stored.get(("step", bucket), lambda: step_fn.lower(self.state, self.kv_cache,
+                                                                         *_abstract_inputs(bucket, self)))
 
     @property
     def compiled_buckets(self) -> set[Bucket]:

@@ -232,7 +232,7 @@ def load_handle(config: Config, path: str | Path, served_name: str | None = None
 
     Names default to the served model's (`server.served_model_name`, `server.model_aliases`).
     """
-    enable_persistent_cache(config.home_path / "xla-cache")
+    enable_persistent_cache(config.home_path / "xla-cache", config.runtime.cache_executables)
     check_model(Path(path), config, config.home_path)  # security.require_signed_models (store/signing.py)
     name = served_name or config.server.served_model_name or Path(path).name
     aliases = config_aliases(config) if aliases is None else aliases

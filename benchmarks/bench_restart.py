@@ -170,7 +170,9 @@ def main() -> None:
             for run in ("cold", "warm"):
                 results[run] = one_start(args.model, home, args.set, home / f"{run}.log")
                 print(run, json.dumps(results[run]), flush=True)
-            results["xla_cache_files"] = len(list((home / "xla-cache").glob("*")))
+            cache = home / "xla-cache"  # with runtime.cache_executables: code-<hash>/ and its executables/
+            results["xla_cache_files"] = sum(1 for f in cache.rglob("*") if f.is_file() and f.suffix != ".exe")
+            results["stored_executables"] = sum(1 for _ in cache.rglob("*.exe"))
         finally:
             shutil.rmtree(home, ignore_errors=True)
     if args.orbax:

@@ -1,7 +1,7 @@
 """LM Studio's native REST v1 (`/api/v1/*`) against a real server, on its own port too (`--lmstudio-port`).
 
-httpx speaks the REST API as LM Studio documents it (0.4). The `lmstudio` Python SDK is not covered:
-it speaks LM Studio's WebSocket protocol, which this server does not serve.
+httpx speaks the REST API as LM Studio documents it (0.4). The `lmstudio` Python SDK speaks LM Studio's
+websocket protocol instead: tests/test_lmstudio_sdk.py.
 """
 
 from __future__ import annotations

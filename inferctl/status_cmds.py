@@ -85,6 +85,8 @@ def collect_status(url: str, window: float = 1.0) -> dict[str, Any]:
         "generation_tokens_per_s": None, "window_s": None,
         "prefix_cache_hit_rate": None, "prefix_cache_hits_total": None, "prefix_cache_queries_total": None,
         "preemptions_total": None,
+        "spec_draft_tokens_total": None, "spec_accepted_tokens_total": None, "spec_acceptance_rate": None,
+        "spec_mean_accepted_length": None,
     }
     if metrics is None:
         return result
@@ -106,7 +108,16 @@ def collect_status(url: str, window: float = 1.0) -> dict[str, Any]:
         prefix_cache_hits_total=as_int(hits), prefix_cache_queries_total=as_int(queries),
         prefix_cache_hit_rate=round(hits / queries, 4) if hits is not None and queries else None,
         preemptions_total=as_int(get("inferflux:num_preemptions_total")),
+        spec_draft_tokens_total=as_int(get("vllm:spec_decode_num_draft_tokens_total")),
+        spec_accepted_tokens_total=as_int(get("vllm:spec_decode_num_accepted_tokens_total")),
     )
+    # From the counters (summed over models), not the per-model gauges, which do not add up.
+    drafted = get("vllm:spec_decode_num_draft_tokens_total")
+    accepted = get("vllm:spec_decode_num_accepted_tokens_total")
+    drafts = get("vllm:spec_decode_num_drafts_total")
+    if drafted and accepted is not None and drafts:
+        result.update(spec_acceptance_rate=round(accepted / drafted, 4),
+                      spec_mean_accepted_length=round(1 + accepted / drafts, 3))
     before = first.get("inferflux:generation_tokens_total") if first else None
     after = second.get("inferflux:generation_tokens_total") if second else None
     if before is not None and after is not None and elapsed > 0:
@@ -151,7 +162,17 @@ def status(url: str, as_json: bool = False, window: float = 1.0) -> None:
         ("generated tokens", generated),
         ("prefix cache", prefix),
         ("preemptions", num(info["preemptions_total"])),
+        ("speculative", _speculative_row(info)),
     ]
     width = max(len(key) for key, _ in rows)
     for key, value in rows:
         print(f"  {key:<{width}}  {value}")
+
+
+def _speculative_row(info: dict) -> str:
+    """Proposed tokens accepted, and tokens per verification step; "off" when nothing was proposed."""
+    drafted, accepted = info.get("spec_draft_tokens_total"), info.get("spec_accepted_tokens_total")
+    if not drafted:
+        return "n/a" if drafted is None else "nothing proposed"
+    return (f"{accepted:,} of {drafted:,} proposed tokens accepted ({(accepted or 0) / drafted * 100:.1f}%), "
+            f"{info.get('spec_mean_accepted_length') or 0:.2f} tokens per verification")

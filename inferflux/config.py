@@ -34,6 +34,7 @@ from inferflux.config_schema import (  # noqa: F401  (re-exported: the keys are 
     RuntimeConfig,
     SecurityConfig,
     ServerConfig,
+    SpeculativeConfig,
     StateConfig,
     TelemetryConfig,
 )
@@ -97,6 +98,9 @@ CROSS_RULES: list[tuple[tuple[str, ...], Callable[[Config], bool], str]] = [
     (("runtime.max_num_seqs", "runtime.max_num_batched_tokens"),
      lambda c: c.runtime.max_num_seqs <= c.runtime.max_num_batched_tokens,
      "runtime.max_num_seqs must be <= runtime.max_num_batched_tokens (each sequence in a step has a token)"),
+    (("speculative.prompt_lookup_min", "speculative.prompt_lookup_max"),
+     lambda c: c.speculative.prompt_lookup_min <= c.speculative.prompt_lookup_max,
+     "speculative.prompt_lookup_min must be <= speculative.prompt_lookup_max"),
     (("server.ollama_port", "server.port"),
      lambda c: c.server.ollama_port == 0 or c.server.ollama_port != c.server.port,
      "server.ollama_port must differ from server.port"),

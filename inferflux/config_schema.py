@@ -300,8 +300,21 @@ class TelemetryConfig:
 
 
 @dataclasses.dataclass
+class SpeculativeConfig:
+    """Speculative decoding (docs/speculative.md): proposals verified in one step, output unchanged."""
+
+    # off, or ngram: propose the tokens that followed the latest earlier occurrence of the sequence's last
+    # n tokens (prompt lookup), for n from prompt_lookup_max down to prompt_lookup_min.
+    method: str = key("off", choices=("off", "ngram"))
+    num_speculative_tokens: int = key(4, lo=1, hi=64)
+    prompt_lookup_min: int = key(2, lo=1, hi=64)
+    prompt_lookup_max: int = key(4, lo=1, hi=64)
+
+
+@dataclasses.dataclass
 class Config:
     runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
+    speculative: SpeculativeConfig = dataclasses.field(default_factory=SpeculativeConfig)
     server: ServerConfig = dataclasses.field(default_factory=ServerConfig)
     security: SecurityConfig = dataclasses.field(default_factory=SecurityConfig)
     state: StateConfig = dataclasses.field(default_factory=StateConfig)

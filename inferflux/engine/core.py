@@ -33,6 +33,7 @@ from inferflux.engine.request import POOLINGS, EngineStats, Request, StreamOutpu
 from inferflux.engine.sampling_params import SamplingParamsError
 from inferflux.engine.scheduler import ScheduledChunk, Scheduler
 from inferflux.engine.sequence import Sequence, TokenLogprobs
+from inferflux.engine.speculative import Speculation
 from inferflux.engine.token_trace import TokenTrace
 from inferflux.formats.loader import LoadedModel
 
@@ -72,6 +73,10 @@ class EngineCore:
         # The /debug page's token trace (engine/token_trace.py); None (no cost) unless the server serves /debug.
         self.token_trace: TokenTrace | None = None
         self.loras = LoraSlots(self.runner)  # LoRA adapter names -> device slots (engine/lora.py)
+        # Speculative decoding (engine/speculative.py): the scheduler asks it for proposals, the step verifies.
+        self.speculation = Speculation(config.speculative, self.runner)
+        if self.speculation.enabled:
+            self.scheduler.propose = self.speculation.propose
         if runtime.warmup:
             self.runner.warmup()
 
@@ -152,6 +157,7 @@ class EngineCore:
             self._by_seq.pop(seq.seq_id, None)
             if not seq.finished:
                 self.scheduler.remove(seq)
+                self.speculation.forget(seq)
                 seq.finish_reason = "abort"
                 outputs.append(self._output(live, i, [], "", None))
         return outputs
@@ -175,8 +181,13 @@ class EngineCore:
         generating = [c for c in chunks if not c.seq.is_embedding]
         embedding = [c for c in chunks if c.seq.is_embedding]
         step_chunks = [self._chunk(c) for c in generating]
+        results: list
         if any(c.score for c in step_chunks):
+            for c in generating:  # a scoring step verifies nothing (its extra pages stay for the next tokens)
+                c.draft = []
             results, scores = self.runner.step_with_scores(step_chunks)
+        elif any(c.draft for c in generating):
+            results, scores = self.speculation.run(generating, step_chunks), [None] * len(step_chunks)
         else:
             results, scores = self.runner.step(step_chunks), [None] * len(step_chunks)
         hidden = []
@@ -191,6 +202,9 @@ class EngineCore:
             seq = scheduled.seq
             if score is not None:
                 _collect_prompt_logprobs(seq, score)
+            if scheduled.draft:
+                outputs.append(self.speculation.accept(self, scheduled, result, now))
+                continue
             self._computed(scheduled)
             if result is not None:
                 live = self._by_seq[seq.seq_id]
@@ -286,6 +300,7 @@ class EngineCore:
         """A finished sample leaves the scheduler (its pages are freed); the request goes with its last one."""
         live = self._by_seq.pop(seq.seq_id)
         self.scheduler.remove(seq)
+        self.speculation.forget(seq)
         if self.token_trace is not None:
             self.token_trace.finish(live.request.request_id, seq.index, seq.finish_reason)
         if all(s.finished for s in live.seqs):
@@ -319,6 +334,9 @@ class EngineCore:
         s.prefix_hits = self.allocator.stats.hits
         s.num_preemptions = self.scheduler.num_preemptions
         s.queued_prompt_tokens, s.kv_pages_wanted = self.scheduler.queued_demand()
+        spec = self.speculation.stats
+        s.spec_draft_tokens, s.spec_accepted_tokens, s.spec_num_drafts = (spec.draft_tokens, spec.accepted_tokens,
+                                                                          spec.num_drafts)
         return dataclasses.replace(s)
 
 

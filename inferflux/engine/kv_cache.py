@@ -225,6 +225,18 @@ class KVCacheManager:
         if not seq.is_embedding:
             self.allocator.register(seq.pages, seq.all_ids, seq.num_computed, seq.page_hashes, seq.adapter)
 
+    def rollback(self, seq: Seq, num_computed: int) -> None:
+        """Take back computed positions (speculative tokens that were rejected): the sequence's K/V now ends
+        at `num_computed`, and pages wholly past it are released. Those pages were never registered (only
+        full, computed pages are), and stale K/V left in the kept last page is overwritten before it counts."""
+        if num_computed > seq.num_computed:
+            raise ValueError(f"rollback to {num_computed} is past the {seq.num_computed} tokens computed")
+        seq.num_computed = num_computed
+        keep = -(-num_computed // self.page_size)
+        if len(seq.pages) > keep:
+            self.allocator.release(seq.pages[keep:])
+            seq.pages = seq.pages[:keep]
+
     def free(self, seq: Seq) -> None:
         """Drop the sequence's references (full registered pages stay cached) and reset it to uncomputed,
         so a preempted sequence is later recomputed from its first token."""

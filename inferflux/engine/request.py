@@ -84,6 +84,10 @@ class EngineStats:
     # the pages the waiting requests would need on top of the pages in use.
     queued_prompt_tokens: int = 0
     kv_pages_wanted: int = 0
+    # Speculative decoding (engine/speculative.py): tokens proposed and verified, those accepted, verifications.
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
+    spec_num_drafts: int = 0
 
     @property
     def kv_cache_usage(self) -> float:

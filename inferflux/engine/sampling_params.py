@@ -112,6 +112,9 @@ class SamplingParams(SamplingKnobs):
     # LoRA adapters by name with their scales, e.g. [("a1", 1.0), ("a2", 0.5)]: the scaled deltas are summed
     # in the step (engine/lora.py). Names are resolved (and unknown ones refused) by the engine at submission.
     lora: Sequence[tuple[str, float]] | None = None
+    # Speculative decoding for this request (docs/speculative.md): None follows the server's
+    # `speculative.method`, False opts out. Output is the same either way; only the speed differs.
+    speculative: bool | None = None
 
     def validate(self, vocab_size: int | None = None, max_logprobs: int = 20,
                  max_logit_bias: int | None = None) -> SamplingParams:

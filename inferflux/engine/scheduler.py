@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import deque
+from collections.abc import Callable
 
 from inferflux.engine.kv_cache import KVCacheManager
 from inferflux.engine.sequence import Sequence
@@ -32,6 +33,9 @@ from inferflux.engine.sequence import Sequence
 class ScheduledChunk:
     seq: Sequence
     tokens: list[int]
+    # Speculative decoding: proposed tokens run after `tokens` and verified (engine/speculative.py); their
+    # pages are allocated and their tokens counted in the budget like any other.
+    draft: list[int] = dataclasses.field(default_factory=list)
 
     @property
     def samples(self) -> bool:
@@ -47,6 +51,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        # Speculative decoding's proposer (engine/speculative.py): (decoding sequence, budget) -> proposals.
+        self.propose: Callable[[Sequence, int], list[int]] | None = None
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -84,18 +90,28 @@ class Scheduler:
             if len(chunks) == self.max_num_seqs or budget == 0:
                 break
             tokens = seq.next_chunk(budget)
-            while not self.kv.allocate(seq, len(tokens)):
+            draft = self._draft(seq, tokens, budget)
+            while not self.kv.allocate(seq, len(tokens) + len(draft)):
+                if draft:  # short of pages: drop the proposals before preempting anyone
+                    draft = []
+                    continue
                 victim = self.running[-1]
                 self._preempt(victim)
                 preempted = True
                 if victim is seq:
                     break
             else:
-                chunks.append(ScheduledChunk(seq, tokens))
-                budget -= len(tokens)
+                chunks.append(ScheduledChunk(seq, tokens, draft))
+                budget -= len(tokens) + len(draft)
         if not preempted:
             self._admit(chunks, budget)
         return chunks
+
+    def _draft(self, seq: Sequence, tokens: list[int], budget: int) -> list[int]:
+        """Proposals for a decoding sequence (its one new token is its last), within what the budget leaves."""
+        if self.propose is None or len(tokens) != 1 or seq.num_computed + 1 != len(seq.all_ids):
+            return []
+        return self.propose(seq, budget - 1)
 
     def _admit(self, chunks: list[ScheduledChunk], budget: int) -> None:
         for seq in list(self.waiting):

@@ -80,13 +80,15 @@ class Sequence:
         tokens = self.all_ids
         return tokens[self.num_computed:self.num_computed + budget]
 
-    def row_params(self) -> RowParams:
-        """This sequence's sampling knobs for the next token, as the sampler's row."""
+    def row_params(self, ahead: int = 0) -> RowParams:
+        """This sequence's sampling knobs for the next token, as the sampler's row; `ahead` > 0: for the token
+        that many positions later, as if the tokens before it had been generated (speculative verification)."""
         p = self.params
+        step = len(self.output_ids) + ahead
         bias = {int(k): float(v) for k, v in (p.logit_bias or {}).items()}
-        if len(self.output_ids) < p.min_tokens:  # min_tokens: stop tokens cannot be sampled yet
+        if step < p.min_tokens:  # min_tokens: stop tokens cannot be sampled yet
             bias.update({t: float("-inf") for t in self._stop_ids()})
-        row = RowParams.from_sampling_params(p, step=len(self.output_ids))
+        row = RowParams.from_sampling_params(p, step=step)
         return dataclasses.replace(row, seed=self.seed, logit_bias=bias)
 
     def _stop_ids(self) -> set[int]:

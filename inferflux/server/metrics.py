@@ -33,6 +33,11 @@ appends `_total` to counter names itself, so counters are declared without it:
     vllm:lora_requests_info{max_lora,running_lora_adapters,waiting_lora_adapters}  (gauge; LoRA on only)
     inferflux:policy_decisions_total{decision}
     inferflux:rate_limited_requests_total{dialect}  (429s from tenant limits; no tenant label)
+    vllm:spec_decode_num_drafts_total          (speculative verifications: one sequence's proposals in a step)
+    vllm:spec_decode_num_draft_tokens_total    (tokens proposed and verified)
+    vllm:spec_decode_num_accepted_tokens_total (of those, accepted)
+    inferflux:spec_decode_acceptance_rate      (gauge: accepted / proposed, since start)
+    inferflux:spec_decode_mean_accepted_length (gauge: tokens emitted per verification, accepted + 1)
 
 The `vllm:` gauges exist because KEDA, llm-d and the Gateway API inference
 extension read exactly those names to autoscale and route. Every series carries
@@ -85,6 +90,9 @@ _ENGINE_TOTALS = {
     "num_preemptions": "_preemptions",
     "prefix_queries": "_prefix_queries",
     "prefix_hits": "_prefix_hits",
+    "spec_num_drafts": "_spec_drafts",
+    "spec_draft_tokens": "_spec_draft_tokens",
+    "spec_accepted_tokens": "_spec_accepted_tokens",
 }
 
 
@@ -173,6 +181,17 @@ class ServerMetrics:
         self._prefix_hits = counter(
             "inferflux:prefix_cache_hits", "Full prompt pages found in the prefix cache."
         )
+
+        # Speculative decoding (engine/speculative.py), under vLLM's names.
+        self._spec_drafts = counter("vllm:spec_decode_num_drafts",
+                                    "Speculative verifications (one sequence's proposals in one step).")
+        self._spec_draft_tokens = counter("vllm:spec_decode_num_draft_tokens", "Tokens proposed and verified.")
+        self._spec_accepted_tokens = counter("vllm:spec_decode_num_accepted_tokens",
+                                             "Proposed tokens accepted (equal to the token the target sampled).")
+        self._spec_acceptance = gauge("inferflux:spec_decode_acceptance_rate",
+                                      "Accepted / proposed tokens since the engine started (0 when none).")
+        self._spec_mean_length = gauge("inferflux:spec_decode_mean_accepted_length",
+                                       "Tokens emitted per verification (accepted proposals + 1) since start.")
 
         self._backend_info = Gauge(
             "inferflux:backend_info", "What runs the model: device kind, compute dtype, kernels (value 1).",
@@ -291,6 +310,9 @@ class ServerMetrics:
         self._vllm_kv_usage.set(stats.kv_cache_usage)
         self._queued_prompt_tokens.set(stats.queued_prompt_tokens)
         self._kv_pressure.set(stats.kv_page_pressure)
+        drafted, accepted, drafts = stats.spec_draft_tokens, stats.spec_accepted_tokens, stats.spec_num_drafts
+        self._spec_acceptance.set(accepted / drafted if drafted else 0.0)
+        self._spec_mean_length.set(1 + accepted / drafts if drafts else 0.0)
         with self._lock:
             for field, attr in _ENGINE_TOTALS.items():
                 value = int(getattr(stats, field))

@@ -49,7 +49,7 @@ from inferflux.store import ModelEntry, ModelNotFoundError, ModelStore, StoreErr
 log = logging.getLogger(__name__)
 
 _TOTALS = ("prompt_tokens", "generation_tokens", "num_preemptions", "prefix_queries", "prefix_hits", "num_steps",
-           "total_step_seconds")
+           "total_step_seconds", "spec_draft_tokens", "spec_accepted_tokens", "spec_num_drafts")
 
 
 @dataclasses.dataclass(frozen=True)

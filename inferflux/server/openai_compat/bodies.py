@@ -97,6 +97,8 @@ class _Sampling(_Request):
     skip_special_tokens: bool = True
     # LoRA adapters to stack, with scales (server/openai/lora.py); an unknown name is a 400.
     lora: list[LoraRef] | None = None
+    # Speculative decoding (docs/speculative.md): false opts this request out; absent follows the server.
+    speculative: bool | None = None
     # Structured output (server/structured.py): OpenAI / LM Studio, vLLM, llama.cpp; at most one per request.
     response_format: dict[str, Any] | None = None
     structured_outputs: dict[str, Any] | None = None
@@ -127,6 +129,7 @@ class _Sampling(_Request):
             seed=self.seed, stop=stop or None, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
             logprobs=logprobs, n=self.n, skip_special_tokens=self.skip_special_tokens, prompt_logprobs=prompt_logprobs,
             lora=[(ref.name, ref.scale) for ref in self.lora] if self.lora else None,
+            speculative=self.speculative,
         )
 
     @property

@@ -245,7 +245,7 @@ def test_row_alone_equals_row_in_batch() -> None:
 
 
 def test_row_alone_equals_row_in_a_prompt_sized_batch() -> None:
-    """Batch invariance across the switch to the panel path (M >= 16): a row alone (the row path) equals the
+    """Batch invariance across the switch to the panel path (M >= 24): a row alone (the row path) equals the
     same row at any position of 64 (the panel path), on a matrix whose last tile is partial (N = 40)."""
     for qtype in TYPES:
         raw, x = _inputs(qtype, 64, seed=4)

@@ -4,7 +4,7 @@
 // chunks over XLA's intra-op pool (common.h, ParallelFor). One thread computes a whole output element, so
 // the result does not depend on the number of threads, on M or on a row's position in the batch.
 //
-// From kPanelMinRows activation rows on, weight rows go to the panel path (qmm_panel.inc: each weight block
+// From kPanelMinRows (24) activation rows on, weight rows go to the panel path (qmm_panel.inc: each weight block
 // decoded once per call, not once per 8 rows); it gives the same bits as the row path, so the switch at a
 // given M changes no result. INFERFLUX_QMM_PANEL_ROWS (read once) moves the switch, for tests.
 #include <cstdint>
@@ -21,7 +21,7 @@ namespace ffi = xla::ffi;
 namespace inferflux {
 namespace {
 
-constexpr int64_t kPanelMinRows = 16;
+constexpr int64_t kPanelMinRows = 24;
 
 int64_t PanelMinRows() {
   static const int64_t rows = [] {

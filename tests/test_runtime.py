@@ -41,8 +41,10 @@ OUR_TYPES = ["Q8_0", "Q4_0", "Q4_K", "Q6_K"]
 # Q5_K .844 (ours is closer to transformers than llama.cpp is for K-quants, so further from llama.cpp).
 AGREEMENT_FLOOR = {"Q8_0": 0.9, "Q4_0": 0.85, "Q4_K": 0.85, "Q6_K": 0.8, "Q4_1": 0.9, "Q5_0": 0.9, "Q5_1": 0.9,
                    "Q2_K": 0.85, "Q3_K": 0.9, "Q5_K": 0.8, "IQ4_NL": 0.85, "IQ4_XS": 0.85}
-# How far our agreement with transformers may fall below llama.cpp's (10 of 512 tokens): see test_quantized_types.
-AGREEMENT_NOISE = 0.02
+# How far our agreement with transformers may fall below llama.cpp's, in standard deviations of the paired
+# difference (McNemar: tokens only ours misses minus tokens only llama.cpp misses, against the square root of
+# their sum): see test_quantized_types.
+AGREEMENT_SIGMAS = 2.0
 
 
 def make_llm(path: Path, **overrides) -> LLM:
@@ -156,14 +158,16 @@ def _agreements(llm: LLM, hf_model: torch.nn.Module, path: Path, sequences: int 
     """Teacher-forced top-1 agreement over `sequences` x 128 random tokens: ours vs llama.cpp, and each vs
     transformers on the file's dequantized weights."""
     rng = np.random.default_rng(1)
-    hits = np.zeros(3)
+    hits = np.zeros(5)
     for _ in range(sequences):
         tokens = [int(t) for t in rng.integers(1, llm.model.config.vocab_size - 10, size=128)]
         ours, llama = _teacher_forced_top1_ours(llm, tokens), _teacher_forced_top1_llama_cpp(path, tokens)
         hf = _teacher_forced_top1_hf(hf_model, tokens)
-        hits += [np.sum(ours == llama), np.sum(ours == hf), np.sum(llama == hf)]
+        hits += [np.sum(ours == llama), np.sum(ours == hf), np.sum(llama == hf),
+                 np.sum((ours != hf) & (llama == hf)), np.sum((ours == hf) & (llama != hf))]
     total = 128 * sequences
-    return dict(zip(("ours_llama", "ours_hf", "llama_hf"), (float(h) / total for h in hits)))
+    rates = dict(zip(("ours_llama", "ours_hf", "llama_hf"), (float(h) / total for h in hits[:3])))
+    return {**rates, "only_ours_misses": int(hits[3]), "only_llama_misses": int(hits[4])}
 
 
 @pytest.mark.parametrize("qtype", OUR_TYPES + sorted(LLAMA_CPP_TYPES))
@@ -186,8 +190,15 @@ def test_quantized_types(tiny_model, quantized_gguf, qtype: str) -> None:
     # Both quantize activations to int8 before quantized matmuls (ours where the type has a CPU kernel); ours
     # must lose no more to it than llama.cpp does. Measured over these 512 tokens, ours minus llama.cpp's:
     # Q4_K +3.5%, Q5_K +3.1%, Q6_K +3.1%, IQ4_XS +4.3% (our activation blocks are 32 values, ggml's 256),
-    # Q4_0 +0.4%, Q8_0 -1.2% (the same arithmetic as ggml's: different near-ties flip, noise).
-    assert rates["ours_hf"] >= rates["llama_hf"] - AGREEMENT_NOISE, f"{qtype}: {rates}"
+    # Q4_0 +0.4%, Q8_0 -1.2%. For Q8_0 and Q4_0 the arithmetic is ggml's own (activation blocks of 32; ggml
+    # rounds their scales to f16 and keeps an f16 KV cache, we do neither), so which near-ties flip is chance:
+    # over 2,048 tokens (16 sequences) Q8_0 was .918 vs llama.cpp's .922 (ours ahead in 6 sequences, behind
+    # in 8) and Q4_0 .922 vs .921, and the misses of both sit at the same near-ties (median top-2 logit gap
+    # 0.025 vs 0.027 logit standard deviations, 0.21 over all tokens). A strict ">=" would be a coin toss on
+    # these types; the bound is the paired difference's noise (McNemar), not a fixed share.
+    excess = rates["only_ours_misses"] - rates["only_llama_misses"]
+    noise = AGREEMENT_SIGMAS * np.sqrt(rates["only_ours_misses"] + rates["only_llama_misses"])
+    assert excess <= noise, f"{qtype}: {rates}"
 
 
 def test_batch_invariance(tiny_model) -> None:

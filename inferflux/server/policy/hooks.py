@@ -177,14 +177,15 @@ class Runtime:
     def refresh(self) -> int:
         """Reload the documents if the stored policy_version moved (one read when it did not).
 
-        Called from the watcher thread and from admin requests: serialized, and a reload never
-        replaces newer documents with older ones."""
+        Called from the watcher thread and from admin requests, serialized. The version kept is that of
+        the newest document actually loaded, not the sequence's: Redis bumps the sequence just before it
+        writes the document (and publishes), so a reload in between must not mark the new version as
+        applied, or the message that follows would find nothing to do."""
         with self._lock:
-            version = self.store.version()
-            if version != self._current[0]:
+            if self.store.version() != self._current[0]:
                 rows = self.store.current()
                 documents = {scope: PolicyDocument.model_validate(row["document"]) for scope, row in rows.items()}
-                self._current = (max(version, max((r["version"] for r in rows.values()), default=0)), documents)
+                self._current = (max((r["version"] for r in rows.values()), default=0), documents)
             return self._current[0]
 
     def salt(self) -> bytes:

@@ -38,9 +38,9 @@ from inferflux.store.signing import (
     FOLDER_SIGNATURE,
     SignatureError,
     Verifier,
+    default_signature,
     signed_name,
     verifier_from_config,
-    verify_source,
 )
 
 DIR = "adapters"
@@ -143,10 +143,9 @@ class AdapterStore:
         if target.exists() and not replace:
             raise StoreError(f"an adapter named '{name}' is stored; `inferctl adapter rm {name}` first")
         files = _source_files(src)
-        signature = verify_source(src, verifier, None)  # before anything is stored
-        signer = None
-        if signature is not None:
-            assert verifier is not None
+        signature, signer = None, None
+        if verifier is not None:  # before anything is stored; the key that verified it is bound to the copy
+            signature = default_signature(src)
             signer = key_fingerprint(verifier.verify(src, signature))
         try:
             facts = _facts(src)

@@ -24,9 +24,10 @@ from inferflux.engine.sampling_rows import RowParams
 from inferflux.formats.loader import load_model
 
 
-def _rss_gb() -> float:
+def _rss_gb(field: str = "VmRSS") -> float:
+    """Resident set size now (VmRSS) or its peak so far (VmHWM), GB."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 2**20
     return float("nan")
 
@@ -54,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batch.split(",")]
-    print("| mode | layout | RSS after load GB | step | wall ms (min) | CPU ms (mean) |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| mode | layout | RSS after load GB | RSS after the steps GB | step | wall ms (min) | CPU ms (mean) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for mode in args.modes.split(","):
         overrides = {"runtime.cpu_kernels": mode, "runtime.num_pages": 80, "runtime.max_model_len": 512,
                      "runtime.max_num_seqs": max(batches), "runtime.max_num_batched_tokens": max(64, args.prefill)}
@@ -71,8 +72,10 @@ def main(argv: list[str] | None = None) -> int:
             chunk = [Chunk(tokens=[5] * n, start_pos=0, pages=list(range(1, 1 + -(-n // runner.page_size))),
                            history=[5] * n, num_prompt=n, sampling=RowParams(temperature=0.0))]
             rows.append((f"prefill {n} tokens", *_time(runner, chunk, args.steps)))
+        after = _rss_gb()
         for name, wall, cpu in rows:
-            print(f"| {mode} | {runner.weight_layout} | {rss:.2f} | {name} | {wall:.1f} | {cpu:.1f} |", flush=True)
+            print(f"| {mode} | {runner.weight_layout} | {rss:.2f} | {after:.2f} | {name} | {wall:.1f} | {cpu:.1f} |",
+                  flush=True)
         del runner
         gc.collect()
     return 0

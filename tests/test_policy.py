@@ -296,6 +296,9 @@ def test_a_content_filter_stop_aborts_the_engine_request(served) -> None:
         if chunk.choices and chunk.choices[0].finish_reason:
             assert chunk.choices[0].finish_reason == "content_filter"
     assert usage is not None and 0 < usage.completion_tokens < 240, usage
+    both = client(server, keys["filtered"]).completions.create(**{**kwargs, "n": 2})  # one engine request, 2 samples
+    assert [c.finish_reason for c in both.choices] == ["content_filter"] * 2
+    assert both.usage.completion_tokens < 2 * 240, both.usage  # aborted once both samples stopped
     deadline = time.monotonic() + 10  # the engine's gauges refresh after its next step
     while _metric(server, keys["ops"], "vllm:num_requests_running") and time.monotonic() < deadline:
         time.sleep(0.1)

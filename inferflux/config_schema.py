@@ -303,12 +303,15 @@ class TelemetryConfig:
 class SpeculativeConfig:
     """Speculative decoding (docs/speculative.md): proposals verified in one step, output unchanged."""
 
-    # off, or ngram: propose the tokens that followed the latest earlier occurrence of the sequence's last
-    # n tokens (prompt lookup), for n from prompt_lookup_max down to prompt_lookup_min.
-    method: str = key("off", choices=("off", "ngram"))
+    # off; ngram: propose the tokens that followed the latest earlier occurrence of the sequence's last
+    # n tokens (prompt lookup), for n from prompt_lookup_max down to prompt_lookup_min; draft: draft_model
+    # proposes greedily (same vocabulary; its own KV cache and programs on the engine thread).
+    method: str = key("off", choices=("off", "ngram", "draft"))
     num_speculative_tokens: int = key(4, lo=1, hi=64)
     prompt_lookup_min: int = key(2, lo=1, hi=64)
     prompt_lookup_max: int = key(4, lo=1, hi=64)
+    # method=draft: a model file or folder, or a stored model's name (e.g. a smaller or more quantized GGUF).
+    draft_model: str = key("")
 
 
 @dataclasses.dataclass

@@ -247,3 +247,60 @@ def test_server_opt_out_metrics_and_status(model_dir) -> None:
         assert bad.status_code == 400
     finally:
         assert srv.stop() == 0, srv.output()
+
+
+def test_back_off_pauses_a_sequence_whose_proposals_fail(spec) -> None:
+    """Eight verifications with nothing accepted pause proposing for 16 decode steps, then it probes again;
+    a second bad window pauses twice as long."""
+    from inferflux.engine.sequence import Sequence
+    from inferflux.engine.speculative import PAUSE_START, WINDOW
+
+    speculation = spec.engine.speculation
+    seq = Sequence([1, 2, 3, 1, 2, 3, 1, 2], SamplingParams(max_tokens=100), seed=0, max_model_len=512)
+    assert speculation.propose(seq, 8) == [3, 1, 2]
+    for _ in range(WINDOW):
+        speculation._record(seq, 4, 0)
+    assert [speculation.propose(seq, 8) for _ in range(PAUSE_START)] == [[]] * PAUSE_START
+    assert speculation.propose(seq, 8) == [3, 1, 2]
+    for _ in range(WINDOW):
+        speculation._record(seq, 4, 0)
+    assert all(speculation.propose(seq, 8) == [] for _ in range(2 * PAUSE_START))
+    assert speculation.propose(seq, 8) == [3, 1, 2]
+    assert speculation.propose(seq, 2) == [3, 1]  # the budget caps it
+    speculation.forget(seq)
+    assert seq.seq_id not in speculation._backoff
+    opted_out = Sequence([1, 2, 1, 2], SamplingParams(max_tokens=100, speculative=False), seed=0, max_model_len=512)
+    assert speculation.propose(opted_out, 8) == []
+    short = Sequence([1, 2, 1, 2], SamplingParams(max_tokens=2), seed=0, max_model_len=512)
+    assert speculation.propose(short, 8) == [1]  # one proposal + the token after it = max_tokens
+
+
+def test_draft_model_quantized_copy_is_token_identical(model_dir, tiny_gguf, plain) -> None:
+    """`method: draft` with a Q8_0 copy of the same model: greedy output equals the target's alone, and the
+    draft's proposals are often accepted."""
+    cfg = config()
+    cfg.speculative.method = "draft"
+    cfg.speculative.draft_model = str(tiny_gguf("llama", "Q8_0"))
+    llm = LLM(model_dir, cfg)
+    prompts = repetitive_prompts(4, seed=9) + [[5, 77, 301, 12]]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    expected = generate(plain, prompts, params)
+    assert [generate(llm, [p], params)[0] for p in prompts] == expected
+    assert generate(llm, prompts, params) == expected  # batched
+    stats = llm.engine.stats()
+    assert stats.spec_accepted_tokens > 0.3 * stats.spec_draft_tokens > 0
+    seeded = SamplingParams(temperature=0.8, max_tokens=24, ignore_eos=True, seed=3)
+    assert generate(llm, prompts, seeded) == generate(plain, prompts, seeded)
+    drafter = llm.engine.speculation.drafter
+    assert drafter is not None and drafter.allocator.num_free == drafter.allocator.num_usable  # all released
+
+
+def test_draft_model_of_another_vocabulary_is_a_clear_error(model_dir, tiny_model) -> None:
+    from inferflux.engine.speculative_draft import DraftModelError
+
+    other = tiny_model("qwen2")
+    cfg = config()
+    cfg.speculative.method = "draft"
+    cfg.speculative.draft_model = str(other)
+    with pytest.raises(DraftModelError, match="vocabulary"):
+        LLM(model_dir, cfg)

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from inferflux.config import SpeculativeConfig
+from inferflux.config import Config
 from inferflux.engine.model_runner import Chunk, ModelRunner, Sampled
 from inferflux.engine.request import StreamOutput
 from inferflux.engine.sequence import Sequence
@@ -45,6 +45,7 @@ from inferflux.engine.speculative_verify import Verifier
 if TYPE_CHECKING:
     from inferflux.engine.core import EngineCore
     from inferflux.engine.scheduler import ScheduledChunk
+    from inferflux.engine.speculative_draft import DraftProposer
 
 WINDOW = 8  # verified proposal steps per acceptance check
 MIN_ACCEPTANCE = 0.25  # accepted / proposed over a window below this pauses proposing
@@ -86,10 +87,15 @@ class SpecStats:
 class Speculation:
     """The engine's speculative decoding: proposing (the scheduler calls `propose`), verifying, accepting."""
 
-    def __init__(self, config: SpeculativeConfig, runner: ModelRunner) -> None:
-        self.config = config
-        self.enabled = config.method != "off"
+    def __init__(self, config: Config, runner: ModelRunner) -> None:
+        self.config = config.speculative
+        self.enabled = self.config.method != "off"
         self.verifier = Verifier(runner)
+        self.drafter: DraftProposer | None = None
+        if self.config.method == "draft":
+            from inferflux.engine.speculative_draft import DraftProposer
+
+            self.drafter = DraftProposer(config, runner.config)
         self.stats = SpecStats()
         self._backoff: dict[int, _Backoff] = {}  # seq id -> its back-off state
 
@@ -114,10 +120,14 @@ class Speculation:
             k = min(k, seq.params.max_tokens - len(seq.output_ids) - 1)
         if k <= 0:
             return []
+        if self.drafter is not None:
+            return self.drafter.propose(seq, k)
         return ngram_propose(seq.all_ids, self.config.prompt_lookup_min, self.config.prompt_lookup_max, k)
 
     def forget(self, seq: Sequence) -> None:
         self._backoff.pop(seq.seq_id, None)
+        if self.drafter is not None:
+            self.drafter.forget(seq)
 
     def _record(self, seq: Sequence, proposed: int, accepted: int) -> None:
         self.stats.draft_tokens += proposed

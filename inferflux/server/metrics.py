@@ -213,6 +213,11 @@ class ServerMetrics:
         self._adapter_requests = Counter(
             "inferflux:adapter_requests", "Generation requests by LoRA adapter (\"base\": none).",
             (*_BASE_LABELS, "adapter"), registry=reg)
+        # vLLM's exact name and labels (comma-separated adapter names; the value is the time of the update). Only
+        # the latest label set is kept, so old adapter combinations do not pile up as series.
+        self._lora_info = Gauge(
+            "vllm:lora_requests_info", "Running stats on LoRA requests (vLLM-compatible name and labels).",
+            ("max_lora", "running_lora_adapters", "waiting_lora_adapters"), registry=reg)
         self._policy_decisions = Counter(
             "inferflux:policy_decisions", "Policy decisions on requests (allow, deny:<rule>, ...).",
             (*_BASE_LABELS, "decision"), registry=reg)
@@ -232,11 +237,6 @@ class ServerMetrics:
 
     def observe_request(self, endpoint: str, status: int) -> None:
         """Count one HTTP response. Pass the route template so label cardinality stays bounded."""
-        # vLLM's exact name and labels (comma-separated adapter names; the value is the time of the update). Only
-        # the latest label set is kept, so old adapter combinations do not pile up as series.
-        self._lora_info = Gauge(
-            "vllm:lora_requests_info", "Running stats on LoRA requests (vLLM-compatible name and labels).",
-            ("max_lora", "running_lora_adapters", "waiting_lora_adapters"), registry=reg)
         self._requests.labels(self.model, self.backend, endpoint, str(status)).inc()
 
     def observe_finished(
@@ -268,6 +268,11 @@ class ServerMetrics:
     def observe_adapter(self, adapter: str | None) -> None:
         self._adapter_requests.labels(self.model, self.backend, adapter or "base").inc()
 
+    def set_lora_info(self, running: Sequence[str], waiting: Sequence[str], max_lora: int) -> None:
+        """`vllm:lora_requests_info`: the adapters of running and waiting requests, as one labelled series."""
+        self._lora_info.clear()
+        self._lora_info.labels(str(max_lora), ",".join(running), ",".join(waiting)).set_to_current_time()
+
     def observe_policy(self, decision: str) -> None:
         self._policy_decisions.labels(self.model, self.backend, decision).inc()
 
@@ -286,11 +291,6 @@ class ServerMetrics:
 
     def set_models_loaded(self, count: int) -> None:
         self._models_loaded.set(count)
-
-    def set_lora_info(self, running: Sequence[str], waiting: Sequence[str], max_lora: int) -> None:
-        """`vllm:lora_requests_info`: the adapters of running and waiting requests, as one labelled series."""
-        self._lora_info.clear()
-        self._lora_info.labels(str(max_lora), ",".join(running), ",".join(waiting)).set_to_current_time()
 
     # --- engine state ------------------------------------------------------------
 

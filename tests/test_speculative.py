@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from inferflux import LLM, SamplingParams
-from inferflux.config import RuntimeConfig, load_config
+from inferflux.config import load_config
 from inferflux.engine.engine import Engine
 from inferflux.engine.request import Request
 from inferflux.engine.speculative import ngram_propose
@@ -19,10 +19,6 @@ from inferflux.formats.loader import load_model
 
 RUNTIME = dict(page_size=16, max_num_seqs=16, max_num_batched_tokens=128, max_model_len=512, num_pages=400,
                max_logprobs=5)
-if "cache_executables" in RuntimeConfig.__dataclass_fields__:
-    # Two engines of one model in one process: programs loaded back from the on-disk executable cache failed
-    # to run here ("Function ... not found") while that cache was new; these tests compare engines, not it.
-    RUNTIME["cache_executables"] = False
 SPEC = dict(method="ngram", num_speculative_tokens=4, prompt_lookup_min=1, prompt_lookup_max=3)
 
 

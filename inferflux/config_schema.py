@@ -150,13 +150,13 @@ class ServerConfig:
     model_aliases: str = key("")
     # Accept any model id in requests (single-model servers behind tools that send fixed names).
     accept_any_model: bool = key(False)
+    # LoRA adapters loaded into the model at start (needs runtime.max_loras): comma-separated NAME=SOURCE, SOURCE a
+    # PEFT folder, a GGUF LoRA file or a stored adapter's name; a bare NAME is the stored adapter of that name.
+    lora_modules: str = key("")
     # On SIGTERM/SIGINT: stop accepting, let running streams finish for this long, then abort the rest.
     drain_seconds: float = key(30.0, lo=0, hi=86400)
     max_body_bytes: int = key(4_194_304, lo=1, hi=1 << 40)
     # Requests waiting for the engine beyond this get 503 (0: any request that would have to wait).
-    # LoRA adapters loaded into the model at start (needs runtime.max_loras): comma-separated NAME=SOURCE, SOURCE a
-    # PEFT folder, a GGUF LoRA file or a stored adapter's name; a bare NAME is the stored adapter of that name.
-    lora_modules: str = key("")
     max_queued_requests: int = key(1024, lo=0, hi=_MAX)
     # Browser origins allowed to call the server, comma-separated, any port; "*" allows any. Requests from
     # other origins get 403 (as Ollama does). OLLAMA_ORIGINS, if set, adds to the list.

@@ -132,3 +132,23 @@ def test_manager_every_position_sequences_bypass_the_cache() -> None:
         busy = seq(prompt)
         kv.allocate(busy, 1)
         kv.attach_prefix(busy)
+
+
+def test_pages_from_memory_keep_their_shape_across_small_changes() -> None:
+    """A KV cache sized from free memory is rounded to 4 leading bits (engine/device.py coarse_count), so a
+    restart with a little more or less free memory compiles the same programs (the caches then hit)."""
+    import os
+    import random
+
+    from inferflux.engine import device
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        n = rng.randrange(1, 1 << 20)
+        c = device.coarse_count(n)
+        assert 0.875 * n <= c <= n
+        assert len(bin(c)[2:].rstrip("0")) <= 4  # 4 leading binary digits, zeros after
+    assert device.coarse_count(12_300) == device.coarse_count(13_300) == 12_288  # 8% apart: one shape
+    assert [device.coarse_count(n) for n in (1, 7, 15, 16, 17, 31, 33)] == [1, 7, 15, 16, 16, 30, 32]
+    # Available memory counts reclaimable page cache, so it is at least the plain free pages.
+    assert device.free_memory_bytes() >= os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * 0.9

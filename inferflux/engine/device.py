@@ -77,9 +77,30 @@ def compute_dtype(requested: str = "auto", name: str | None = None) -> jnp.dtype
 
 
 def free_memory_bytes() -> int:
-    """Free memory of the default device (host RAM on CPU)."""
+    """Free memory of the default device (host RAM on CPU: Linux's MemAvailable, which counts the page cache
+    the kernel can reclaim; plain free pages shrink as soon as a model file has been read once)."""
     device = jax.devices()[0]
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if stats and "bytes_limit" in stats:
         return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def coarse_count(n: int, bits: int = 4) -> int:
+    """`n` rounded down to its `bits` leading binary digits (less than 1/2**(bits-1) less: 12.5% for 4).
+
+    Why: a KV cache sized from free memory changes shape whenever free memory moves a little, and a new shape
+    is a new program for every bucket, so a restart would find nothing in the compilation caches (measured:
+    3 of 24 programs hit on a warm start of the 1.1B file). Coarse steps keep the shape across restarts.
+    """
+    if n < 1 << bits:
+        return n
+    step = 1 << (n.bit_length() - bits)
+    return n // step * step

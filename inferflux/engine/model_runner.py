@@ -190,7 +190,7 @@ class ModelRunner:
             return self.runtime.num_pages
         per_page = kv_bytes_per_page(self.config, self.page_size, self.dtype)
         budget = int(device.free_memory_bytes() * self.runtime.memory_fraction)
-        pages = min(budget // per_page, self.runtime.max_pages_from_memory)
+        pages = min(device.coarse_count(budget // per_page), self.runtime.max_pages_from_memory)  # stable shapes
         return max(int(pages), self.pages_per_seq + 1)
 
     def all_buckets(self) -> list[Bucket]:

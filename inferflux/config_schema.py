@@ -86,6 +86,9 @@ class RuntimeConfig:
     prefix_caching: bool = key(True)
     # Fraction of free device memory (after weights) given to the KV cache when num_pages is 0.
     memory_fraction: float = key(0.5, lo=0.0, lo_open=True, hi=1.0)
+    # On CPU, the most host memory a derived KV cache takes (GiB): RAM is shared with the weights, the page cache
+    # and other processes, and zero-filling a larger cache at start costs seconds (vLLM's CPU default is 4 GiB).
+    kv_cache_cpu_gib: float = key(4.0, lo=0.0, lo_open=True, hi=1 << 20)
     # Hard cap on pages when derived from memory (CPU hosts report little about free memory).
     max_pages_from_memory: int = key(16384, lo=2, hi=_MAX)
     # Longest sequence (prompt + output) in tokens; 0 = the model's context length.

@@ -186,3 +186,24 @@ def test_corrupt_safetensors_and_bad_config(tiny_model, tmp_path: Path) -> None:
 def test_missing_path(tmp_path: Path) -> None:
     with pytest.raises(ModelFormatError, match="no such file"):
         load_model(tmp_path / "nope.gguf")
+
+
+def test_open_gguf_parses_a_file_once_until_it_changes(tiny_gguf, tmp_path: Path) -> None:
+    """describe and load share one parse of an unchanged file (formats/gguf_file.py open_gguf); a rewritten
+    file (a new size or mtime) is parsed again, so nothing stale is served."""
+    import os
+    import shutil
+
+    from inferflux.formats.gguf_file import open_gguf
+
+    path = tmp_path / "m.gguf"
+    shutil.copy(tiny_gguf("llama", "F32"), path)
+    first = open_gguf(path)
+    assert open_gguf(str(path)) is first
+    shutil.copy(tiny_gguf("llama", "Q8_0"), path)
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000))
+    second = open_gguf(path)
+    assert second is not first
+    assert {int(t.tensor_type) for t in second.reader.tensors} != {int(t.tensor_type) for t in first.reader.tensors}
+    with pytest.raises(ModelFormatError):
+        open_gguf(tmp_path / "missing.gguf")

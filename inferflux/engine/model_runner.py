@@ -190,6 +190,8 @@ class ModelRunner:
             return self.runtime.num_pages
         per_page = kv_bytes_per_page(self.config, self.page_size, self.dtype)
         budget = int(device.free_memory_bytes() * self.runtime.memory_fraction)
+        if self.backend == "cpu":  # host RAM is shared with everything else (vLLM's CPU default is 4 GiB too)
+            budget = min(budget, int(self.runtime.kv_cache_cpu_gib * 2**30))
         pages = min(device.coarse_count(budget // per_page), self.runtime.max_pages_from_memory)  # stable shapes
         return max(int(pages), self.pages_per_seq + 1)
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from inferflux.errors import ModelFormatError
 from inferflux.formats.chat_template import template_from_hf_dir
-from inferflux.formats.gguf_file import GGUFFile
+from inferflux.formats.gguf_file import GGUFFile, open_gguf
 from inferflux.formats.hf_folder import SafetensorsFolder, is_hf_folder
 from inferflux.formats.json_file import read_json_object
 from inferflux.formats.model_config import ModelConfig
@@ -109,7 +109,7 @@ def describe_model(path: str | Path) -> dict[str, Any]:
     """
     path = Path(path).expanduser()
     if path.is_file():
-        file = GGUFFile(path)
+        file = open_gguf(path)
         if file.metadata.get("general.architecture") == "bert":
             return _describe_encoder(path, file)
         return _describe_gguf(path, file)

@@ -14,7 +14,7 @@ from typing import Any
 
 from inferflux.errors import ModelFormatError
 from inferflux.formats.chat_template import ChatTemplate, special_tokens_from_hf_dir, template_from_hf_dir
-from inferflux.formats.gguf_file import GGUFFile, load_gguf_weights
+from inferflux.formats.gguf_file import load_gguf_weights, open_gguf
 from inferflux.formats.hf_folder import is_hf_folder, load_hf_weights
 from inferflux.formats.model_config import ModelConfig
 from inferflux.formats.tokenizer import Tokenizer
@@ -45,7 +45,7 @@ def load_model(path: str | Path) -> LoadedModel:
 
 
 def _load_gguf(path: Path) -> LoadedModel:
-    file = GGUFFile(path)
+    file = open_gguf(path)
     config = file.model_config()
     tokenizer = Tokenizer.from_gguf(file.reader, path)
     meta = file.metadata

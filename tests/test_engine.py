@@ -14,6 +14,7 @@ from inferflux.engine.engine import Engine
 from inferflux.engine.request import Request
 from inferflux.engine.sampling_params import SamplingParamsError
 from inferflux.formats.loader import load_model
+from tests.fixtures.abort_cycles import run_abort_cycles
 
 RUNTIME = dict(page_size=16, max_num_seqs=16, max_num_batched_tokens=128, max_model_len=512, num_pages=400,
                max_logprobs=5)
@@ -138,36 +139,11 @@ def test_aborts_never_leak_pages(model) -> None:
     prompts = random_prompts(200, 5, 120, seed=5)
     rng = random.Random(6)
 
+    def make_request(i: int, prompt: list[int]) -> Request:
+        return Request(prompt, SamplingParams(temperature=0.8, max_tokens=rng.randint(1, 30), seed=i))
+
     async def main(engine):
-        start_free = engine.core.allocator.num_free
-
-        async def one(i: int, prompt: list[int]) -> None:
-            request = Request(prompt, SamplingParams(temperature=0.8, max_tokens=rng.randint(1, 30), seed=i))
-            mode = rng.choice(["break", "cancel", "abort", "finish"])
-            stop_after = rng.randint(0, 3)
-            if mode == "cancel":
-                task = asyncio.create_task(collect(engine, request))
-                await asyncio.sleep(rng.random() * 0.02)
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-                return
-            seen = 0
-            async for _ in await engine.submit(request):
-                seen += 1
-                if mode == "break" and seen > stop_after:
-                    break
-                if mode == "abort" and seen > stop_after:
-                    engine.abort(request.request_id)
-
-        for batch in range(0, 200, 20):
-            await asyncio.gather(*[one(i, p) for i, p in enumerate(prompts[batch:batch + 20], start=batch)])
-        for _ in range(200):  # aborts land at the next step
-            stats = engine.stats()
-            if stats.num_running == 0 and stats.num_waiting == 0:
-                break
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.05)
-        return start_free, engine.core.allocator.num_free
+        return await run_abort_cycles(engine, prompts, make_request, rng)
 
     (start_free, end_free), engine = run_engine(model, config(), main)
     assert end_free == start_free

@@ -16,6 +16,7 @@ from inferflux.engine.engine import Engine
 from inferflux.engine.request import Request
 from inferflux.engine.speculative import ngram_propose
 from inferflux.formats.loader import load_model
+from tests.fixtures.abort_cycles import run_abort_cycles
 
 RUNTIME = dict(page_size=16, max_num_seqs=16, max_num_batched_tokens=128, max_model_len=512, num_pages=400,
                max_logprobs=5)
@@ -160,39 +161,12 @@ def test_no_page_leaks_after_200_speculative_requests_with_aborts(model_dir) -> 
     prompts = repetitive_prompts(200, seed=5)
     engine = Engine(load_model(model_dir), config()).start()
 
-    async def one(i: int, prompt: list[int]) -> None:
-        request = Request(prompt, SamplingParams(temperature=rng.choice([0.0, 0.8]), max_tokens=rng.randint(1, 30),
-                                                 seed=i, ignore_eos=True))
-        mode = rng.choice(["break", "cancel", "abort", "finish"])
-        stop_after = rng.randint(0, 3)
-        if mode == "cancel":
-            async def drain() -> None:
-                async for _ in await engine.submit(request):
-                    pass
-            task = asyncio.create_task(drain())
-            await asyncio.sleep(rng.random() * 0.02)
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            return
-        seen = 0
-        async for _ in await engine.submit(request):
-            seen += 1
-            if mode == "break" and seen > stop_after:
-                break
-            if mode == "abort" and seen > stop_after:
-                engine.abort(request.request_id)
+    def make_request(i: int, prompt: list[int]) -> Request:
+        return Request(prompt, SamplingParams(temperature=rng.choice([0.0, 0.8]), max_tokens=rng.randint(1, 30),
+                                              seed=i, ignore_eos=True))
 
     async def main() -> tuple[int, int]:
-        start_free = engine.core.allocator.num_free
-        for batch in range(0, 200, 20):
-            await asyncio.gather(*[one(i, p) for i, p in enumerate(prompts[batch:batch + 20], start=batch)])
-        for _ in range(200):  # aborts land at the next step
-            stats = engine.stats()
-            if stats.num_running == 0 and stats.num_waiting == 0:
-                break
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.05)
-        return start_free, engine.core.allocator.num_free
+        return await run_abort_cycles(engine, prompts, make_request, rng)
 
     try:
         start_free, end_free = asyncio.run(main())

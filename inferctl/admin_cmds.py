@@ -12,13 +12,16 @@ import json as jsonlib
 import os
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from inferctl.cli_args import Command, UsageError, closest, command_help, parse
 from inferctl.limits_cmds import LIMIT_VERBS, LimitsAdmin
 from inferctl.policy_cmds import POLICY_VERBS, PolicyAdmin
 from inferctl.secrets_cmds import SECRET_VERBS, SecretsAdmin
 from inferflux.errors import InferFluxError
+
+if TYPE_CHECKING:
+    from inferflux.server.access.audit_chain import Verdict
 
 
 class _Local:
@@ -68,7 +71,8 @@ class _Remote:
                   "keys.create": ("POST", "/admin/keys", {k: v for k, v in args.items() if v is not None}),
                   "keys.list": ("GET", "/admin/keys", None),
                   "keys.revoke": ("POST", f"/admin/keys/{args.get('key_id')}/revoke", None),
-                  "audit.tail": ("GET", "/admin/audit", None)}
+                  "audit.tail": ("GET", "/admin/audit", None),
+                  "audit.verify": ("GET", "/admin/audit/verify", None)}
         method, path, body = routes[action]
         params: dict[str, Any] | None = None
         if action in ("keys.list", "audit.tail") and args.get("tenant"):
@@ -195,14 +199,23 @@ class Admin(SecretsAdmin, LimitsAdmin, PolicyAdmin):
         _backend(url, api_key).call("keys.revoke", key_id=key_id)
         print(f"revoked {key_id}")
 
-    def audit_verify(self, dir: str | None = None) -> None:  # noqa: A002
+    def audit_verify(self, dir: str | None = None, url: str | None = None,  # noqa: A002
+                     api_key: str | None = None) -> None:
         """Check the audit log's hash chain; exits 1 naming the first bad file:line and why.
 
         Args:
             dir DIR: the audit directory (default $INFERFLUX_HOME/audit), e.g. a copy shipped off the machine
+            url URL: verify a running server's own log through GET /admin/audit/verify (default INFERFLUX_URL)
+            api_key KEY: an admin-scoped key for --url (default INFERFLUX_API_KEY)
         """
         from inferflux.server.access.audit_chain import verify
 
+        if dir is None and (url or os.environ.get("INFERFLUX_URL")):
+            verdict = _remote_verdict(_backend(url, api_key).call("audit.verify"))
+            if not verdict.ok:
+                raise InferFluxError(verdict.summary())
+            print(verdict.summary())
+            return
         directory = _audit_dir(dir)
         if not os.path.isdir(directory):
             raise InferFluxError(f"no audit log at {directory} (audit.enabled writes it there)")
@@ -238,6 +251,18 @@ class Admin(SecretsAdmin, LimitsAdmin, PolicyAdmin):
                  str(r.get("status", "")), f"{r.get('prompt_tokens', 0)}+{r.get('completion_tokens', 0)}",
                  str(r.get("request_id") or "-")] for r in records]
         _table(rows, ["TIME", "TENANT", "KEY ID", "METHOD", "ROUTE", "MODEL", "STATUS", "TOKENS", "REQUEST"])
+
+
+def _remote_verdict(answer: dict[str, Any]) -> Verdict:
+    """GET /admin/audit/verify's answer as the local check's `Verdict`, so both forms print the same line."""
+    from inferflux.server.access.audit_chain import GENESIS, Problem, Verdict
+
+    def problem(found: dict[str, Any] | None) -> Problem | None:
+        return None if not found else Problem(str(found["file"]), int(found["line"]), str(found["reason"]))
+
+    return Verdict(records=int(answer["records"]), files=int(answer["files"]),
+                   last_hash=str(answer.get("last_hash") or GENESIS), torn=problem(answer.get("torn")),
+                   problem=problem(answer.get("first_bad")))
 
 
 def _audit_dir(directory: str | None) -> str:

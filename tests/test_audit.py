@@ -285,6 +285,52 @@ def test_cli_tail_through_a_server(audited, tmp_path: Path) -> None:
     assert denied.returncode == 1 and "403" in denied.stderr and len(denied.stderr.strip().splitlines()) == 1
 
 
+def test_cli_verify_through_a_server(audited, tmp_path: Path) -> None:
+    """`inferctl admin audit verify --url` checks the server's own chain (GET /admin/audit/verify): exit 0
+    while intact, 1 naming the line after a one-byte edit of the server's file, 0 again once it is undone."""
+    server, store, keys = audited
+    auth = {"Authorization": f"Bearer {keys['inference']}"}
+    for _ in range(12):  # enough records that the server has rotated past its first 4 KiB file
+        assert httpx.get(server.url + "/v1/models", headers=auth).status_code == 200
+
+    def cli() -> subprocess.CompletedProcess[str]:  # an empty home: the answer can only come from the server
+        return _cli(tmp_path, "audit", "verify", "--url", server.url, "--api-key", keys["admin"])
+
+    intact = cli()
+    assert intact.returncode == 0 and "audit chain intact" in intact.stdout, intact
+    answer = httpx.get(server.url + "/admin/audit/verify", headers={"Authorization": f"Bearer {keys['admin']}"},
+                       timeout=30).json()
+    counted = int(intact.stdout.split("intact: ")[1].split()[0])
+    assert answer["ok"] and answer["first_bad"] is None and answer["files"] >= 2, answer
+    assert answer["records"] >= counted >= 12, (answer, intact.stdout)  # each request since adds one
+    # One byte of line 3 of the first (rotated, no longer written) file: a digit of its time stamp.
+    first = log_files(server.home / "audit")[0]
+    data = bytearray(first.read_bytes())
+    start = sum(len(line) for line in _lines(first)[:2])
+    at = data.index(b'"time":"', start) + len('"time":"') + len("2026-12-02T04:40:00.12")  # the last ms digit
+    assert start < at < start + len(_lines(first)[2]) and chr(data[at]).isdigit()
+    original = data[at]
+    data[at] = ord("0") if original != ord("0") else ord("1")
+    first.write_bytes(bytes(data))
+    try:
+        broken = cli()
+        assert broken.returncode == 1, broken
+        assert f"{first.name}:3: hash mismatch" in broken.stderr and len(broken.stderr.strip().splitlines()) == 1
+        answer = httpx.get(server.url + "/admin/audit/verify", timeout=30,
+                           headers={"Authorization": f"Bearer {keys['admin']}"}).json()
+        assert not answer["ok"] and answer["records"] == 2, answer
+        assert answer["first_bad"]["file"] == first.name and answer["first_bad"]["line"] == 3
+        assert "hash mismatch" in answer["first_bad"]["reason"]
+    finally:
+        data[at] = original
+        first.write_bytes(bytes(data))
+    assert cli().returncode == 0
+    denied = _cli(tmp_path, "audit", "verify", "--url", server.url, "--api-key", keys["inference"])
+    assert denied.returncode == 1 and "403" in denied.stderr and len(denied.stderr.strip().splitlines()) == 1
+    document = httpx.get(server.url + "/openapi.json").json()
+    assert "`admin`" in document["paths"]["/admin/audit/verify"]["get"]["description"]
+
+
 def test_no_key_on_disk_or_in_the_log_and_shutdown_flushes(audited) -> None:
     server, store, keys = audited
     last = httpx.get(server.url + "/v1/models", headers={"Authorization": f"Bearer {keys['inference']}"})

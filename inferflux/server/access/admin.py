@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 from quart import Blueprint, request
 
-from inferflux.server.access.audit_api import list_audit
+from inferflux.server.access.audit_api import list_audit, verify_audit
 from inferflux.server.access.auth import key_store
 from inferflux.server.access.keys import parse_duration
 from inferflux.server.errors import APIError
@@ -21,6 +21,7 @@ from inferflux.server.openapi import documented
 
 bp = Blueprint("access", __name__)
 bp.add_url_rule("/admin/audit", view_func=list_audit, methods=["GET"])  # access.list_audit
+bp.add_url_rule("/admin/audit/verify", view_func=verify_audit, methods=["GET"])  # access.verify_audit
 ERROR_SHAPE = APIError.body
 log = logging.getLogger(__name__)
 

@@ -77,7 +77,7 @@ ROUTE_SCOPES: Final[dict[str, str]] = {
     "admin.reload": ADMIN,
     "access.list_tenants": ADMIN, "access.create_tenant": ADMIN, "access.delete_tenant": ADMIN,
     "access.list_keys": ADMIN, "access.create_key": ADMIN, "access.revoke_key": ADMIN,
-    "access.list_audit": ADMIN,
+    "access.list_audit": ADMIN, "access.verify_audit": ADMIN,
     "access.list_policies": ADMIN, "access.get_policy": ADMIN, "access.set_policy": ADMIN,
     "access.rollback_policy": ADMIN,
     "access.list_limits": ADMIN, "access.get_limits": ADMIN, "access.set_limits": ADMIN,

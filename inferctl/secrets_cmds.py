@@ -16,7 +16,6 @@ import time
 from typing import TYPE_CHECKING
 
 from inferctl.cli_args import UsageError
-from inferflux.errors import InferFluxError
 
 if TYPE_CHECKING:
     from inferflux.server.access.secrets_store import SecretStore
@@ -87,12 +86,17 @@ class SecretsAdmin:
         print(generate_master_key())
 
     def rotate_master_key(self, new_key_file: str | None = None) -> None:
-        """Re-encrypt every stored secret with a new master key, in one transaction (all or none).
+        """Re-encrypt every stored secret and encrypted adapter file with a new master key.
+
+        The configured key opens them; adapter files are replaced one by one (atomic renames), then the
+        secrets table in one transaction. After a crash, the same command with the same keys finishes it.
 
         Args:
             new_key_file FILE: the new key (32 bytes, base64 or hex); default: the INFERFLUX_NEW_MASTER_KEY variable
         """
+        from inferflux.config import load_config
         from inferflux.server.access.crypto import load_master_key, parse_master_key
+        from inferflux.server.access.secrets_store import rotate_master_key
 
         if new_key_file:
             new_key = load_master_key(new_key_file, environ={})
@@ -101,12 +105,11 @@ class SecretsAdmin:
         else:
             raise UsageError(f"admin rotate-master-key: give --new-key-file FILE or set {NEW_KEY_ENV}")
         assert new_key is not None
-        store = _store()
-        if store.master_key is not None and store.master_key.kid == new_key.kid:
-            raise InferFluxError(f"the new master key is the configured one ({new_key.kid}): nothing to rotate")
-        count = store.rotate(new_key)
-        print(f"re-encrypted {count} secret(s) with master key {new_key.kid}; configure it now "
-              "(INFERFLUX_MASTER_KEY or security.master_key_file): the old key no longer opens them")
+        done = rotate_master_key(load_config(), new_key)
+        resumed = f" ({done['already_new']} already under it)" if done["already_new"] else ""
+        print(f"re-encrypted {done['secrets']} secret(s) and {done['adapter_files']} adapter file(s) with master key "
+              f"{new_key.kid}{resumed}; configure it now (INFERFLUX_MASTER_KEY or security.master_key_file): "
+              "the old key no longer opens them")
 
 
 SECRET_VERBS = ("set", "list", "delete", "genkey")

@@ -7,6 +7,7 @@ Real parts only: a real state.db file (its bytes are searched for the plaintext)
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
 import sqlite3
 import subprocess
@@ -218,9 +219,14 @@ def test_cli_secrets_and_rotate_master_key(tmp_path: Path) -> None:
     assert rotated.returncode == 0 and "re-encrypted 1 secret" in rotated.stdout, rotated.stderr
     new_kid = parse_master_key(new_file.read_text(), "t").kid
     assert new_kid in _cli(tmp_path, "admin", "secrets", "list", key=new_file.read_text()).stdout
+    # Run again with the same two keys (as after a crash): what is under the new key is proven and kept.
     again = _cli(tmp_path, "admin", "rotate-master-key", "--new-key-file", str(new_file), key=key)
-    assert again.returncode == 1 and again.stderr.count("\n") == 1
-    assert f"was encrypted with master key {new_kid}" in again.stderr
+    assert again.returncode == 0 and "re-encrypted 0 secret(s)" in again.stdout, again.stderr
+    assert "(1 already under it)" in again.stdout
+    stranger = _cli(tmp_path, "admin", "rotate-master-key", key=generate_master_key(),
+                    INFERFLUX_NEW_MASTER_KEY=generate_master_key())
+    assert stranger.returncode == 1 and stranger.stderr.count("\n") == 1
+    assert f"was encrypted with master key {new_kid}" in stranger.stderr
     env_rotated = _cli(tmp_path, "admin", "rotate-master-key", key=new_file.read_text(),
                        INFERFLUX_NEW_MASTER_KEY=generate_master_key())
     assert env_rotated.returncode == 0, env_rotated.stderr
@@ -237,3 +243,69 @@ def test_server_refuses_to_start_with_the_wrong_master_key(tmp_path: Path, tiny_
     assert done.returncode == 1, done.stderr
     assert "was encrypted with master key" in done.stderr and done.stderr.strip().count("\n") == 0, done.stderr
     assert PLAIN not in done.stderr
+
+
+def _peft_folder(path: Path) -> dict[str, bytes]:
+    """A PEFT adapter folder as the store sees it (the manifest reads adapter_config.json; the weights are
+    carried as bytes): returns its files' contents."""
+    import numpy as np
+    from safetensors.numpy import save
+
+    path.mkdir()
+    files = {"adapter_config.json": b'{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}',
+             "adapter_model.safetensors": save({"base_model.model.layers.0.q_proj.lora_A.weight":
+                                                np.random.default_rng(0).standard_normal((4, 64), np.float32)})}
+    for name, data in files.items():
+        (path / name).write_bytes(data)
+    return files
+
+
+def test_rotation_re_seals_encrypted_adapters(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`adapter pull --encrypt`, rotate, load: the files move to the new key (atomically, resumably), the
+    secrets table too; the old key no longer opens either."""
+    from inferflux.store.adapters import AdapterStore, open_adapter
+
+    home, old, new = tmp_path / "home", generate_master_key(), generate_master_key()
+    files = _peft_folder(tmp_path / "lora")
+    pulled = _cli(home, "adapter", "pull", str(tmp_path / "lora"), "--name", "enc", "--encrypt", key=old)
+    assert pulled.returncode == 0, pulled.stderr
+    SecretStore(home / "state.db", _key(old)).set("hf_token", PLAIN)
+    AdapterStore(home).pull(tmp_path / "lora", "plain")  # not encrypted: rotation leaves it alone
+    stored = {p.name: p.read_bytes() for p in (home / "adapters" / "enc" / "files").iterdir()}
+    assert all(key_id_of(b) == _key(old).kid for b in stored.values()) and files["adapter_model.safetensors"] \
+        not in b"".join(stored.values())
+
+    def load(key: str):
+        monkeypatch.setenv("INFERFLUX_MASTER_KEY", key)
+        monkeypatch.setenv("INFERFLUX_HOME", str(home))
+        return open_adapter("enc", load_config(environ={}))
+
+    # A rotation cut short: one file already re-sealed under the new key, the other not, the table untouched.
+    first = home / "adapters" / "enc" / "files" / "adapter_config.json"
+    name = f"adapter:enc/adapter_config.json:sha256:{hashlib.sha256(files['adapter_config.json']).hexdigest()}:" \
+        "signed-by:-"
+    first.write_bytes(encrypt_bytes(_key(new), decrypt_bytes(_key(old), first.read_bytes(), name), name))
+    with pytest.raises(SecretError, match="was encrypted with master key"):
+        load(old)  # mixed keys: a clear one-line refusal, never half an adapter
+    rotated = _cli(home, "admin", "rotate-master-key", key=old, INFERFLUX_NEW_MASTER_KEY=new)
+    assert rotated.returncode == 0, rotated.stderr
+    assert "re-encrypted 1 secret(s) and 1 adapter file(s)" in rotated.stdout and "(1 already under it)" in \
+        rotated.stdout, rotated.stdout
+    assert load(new).files == files
+    assert AdapterStore(home).manifest("enc")["encrypted"] == _key(new).kid
+    assert AdapterStore(home).manifest("plain")["encrypted"] is None
+    assert not [p for p in (home / "adapters" / "enc" / "files").iterdir() if p.name not in files]  # no temp files
+    with pytest.raises(SecretError, match=f"was encrypted with master key {_key(new).kid}, the configured key is "
+                                          f"{_key(old).kid}") as err:
+        load(old)
+    assert "\n" not in str(err.value)
+    assert SecretStore(home / "state.db", _key(new)).get("hf_token") == PLAIN
+    # A tampered adapter file stops the rotation before the secrets table moves.
+    newer = generate_master_key()
+    target = home / "adapters" / "enc" / "files" / "adapter_model.safetensors"
+    blob = bytearray(target.read_bytes())
+    blob[-1] ^= 1
+    target.write_bytes(bytes(blob))
+    broken = _cli(home, "admin", "rotate-master-key", key=new, INFERFLUX_NEW_MASTER_KEY=newer)
+    assert broken.returncode == 1 and "fails authentication" in broken.stderr, broken.stderr
+    assert {r["kid"] for r in SecretStore(home / "state.db", _key(new)).listing()} == {_key(new).kid}

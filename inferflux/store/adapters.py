@@ -17,7 +17,8 @@ cannot be re-verified by model-signing (it hashes files on disk, and the plainte
 check is moved to pull time and bound to the bytes: each file's associated data names the adapter, the file,
 its plaintext SHA-256 and the fingerprint of the key that verified the signature. A changed byte, a file moved
 to another adapter, or an edited manifest claiming a signature fails authentication; at load the recorded key
-must still be trusted (removing it from `trusted_keys` revokes its adapters too).
+must still be trusted (removing it from `trusted_keys` revokes its adapters too). `inferctl admin
+rotate-master-key` re-seals every encrypted file under the new key with the same associated data (`reseal`).
 """
 
 from __future__ import annotations
@@ -174,6 +175,38 @@ class AdapterStore:
                 remove_path(target)
             publish_folder(tmp, target)
         return manifest
+
+    def reseal(self, old: Any, new: Any) -> tuple[int, int]:
+        """Re-encrypt every encrypted adapter's files from master key `old` to `new` (`MasterKey`s), for
+        `inferctl admin rotate-master-key`; returns (files re-sealed, files already under `new`).
+
+        Each file keeps its associated data (adapter, file, digest, signer) and is replaced by an atomic
+        rename, so a crash leaves every file whole, sealed under one key or the other; the manifest's
+        `encrypted` moves to the new key id only after all its files did. A file already under `new` is
+        opened with it (authenticated, not just its header believed) and left alone, so running the
+        rotation again with the same two keys finishes a rotation that was cut short.
+        """
+        from inferflux.server.access.crypto import decrypt_bytes, encrypt_bytes, key_id_of
+
+        moved = kept = 0
+        for manifest in self.list():
+            if not manifest.get("encrypted"):
+                continue
+            name, signer = manifest["name"], manifest.get("signed_by")
+            for row in manifest["files"]:
+                path = self._dir(name) / FILES / row["name"]
+                blob = path.read_bytes()
+                bound = _bound_name(name, row["name"], row["sha256"], signer)
+                if key_id_of(blob) == new.kid:
+                    decrypt_bytes(new, blob, bound)
+                    kept += 1
+                    continue
+                data = decrypt_bytes(old, blob, bound)
+                atomic_write(path, encrypt_bytes(new, data, bound))
+                moved += 1
+            if manifest["encrypted"] != new.kid:
+                atomic_write(self._dir(name) / MANIFEST, json.dumps({**manifest, "encrypted": new.kid}, indent=2))
+        return moved, kept
 
     def list(self) -> list[dict[str, Any]]:
         """Every stored adapter's manifest, sorted by name."""

@@ -4,8 +4,9 @@ What lives here: credentials the server must be able to *use* (so they cannot be
 keys): the Hugging Face token the model store pulls with (`hf_token`), OIDC client secrets, and
 later adapter and policy secrets. Each value is sealed with the master key (`crypto.py`), bound to
 its name; the table never holds a plaintext, and `inferctl admin secrets list` shows names and key
-ids only. Rotating the master key re-encrypts every row in one transaction: either all rows move to
-the new key or none do.
+ids only. Rotating the master key (`rotate_master_key`) re-seals the encrypted adapter files first (one
+atomic file at a time, store/adapters.py), then every row in one transaction: either all rows move to the
+new key or none do; run again with the same keys, it finishes a rotation a crash cut short.
 
 Config values may refer to a stored secret as `secret:NAME` (`resolve`), so a YAML file never has
 to hold the credential itself.
@@ -114,22 +115,29 @@ class SecretStore:
         return len(rows)
 
     def rotate(self, new_key: MasterKey) -> int:
-        """Re-encrypt every secret under `new_key` in one transaction; the count. The old key is needed to read."""
+        """Re-encrypt every secret under `new_key` in one transaction; the count moved. The old key is needed
+        to read. A row already under `new_key` (a rotation cut short after this table, then run again) is
+        opened with it to prove it, and left as it is; a row under any third key stops it, nothing moved."""
         old = self._key("rotating the master key")
+        moved = 0
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 rows = self._db.execute("SELECT name, value FROM secrets").fetchall()
                 for name, token in rows:
+                    if key_id_of(token) == new_key.kid:
+                        decrypt_text(new_key, token, name)
+                        continue
                     plain = decrypt_text(old, token, name)
                     self._db.execute("UPDATE secrets SET value = ?, kid = ?, updated = ? WHERE name = ?",
                                      (encrypt_text(new_key, plain, name), new_key.kid, time.time(), name))
+                    moved += 1
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
         self.master_key = new_key
-        return len(rows)
+        return moved
 
     def resolve(self, value: str) -> str:
         """A config value as used: `secret:NAME` is the stored secret NAME (an error if absent), else `value`."""
@@ -146,6 +154,30 @@ class SecretStore:
 def open_secret_store(config: Config) -> SecretStore:
     """The secret store of `config`'s home, with the configured master key (or None)."""
     return SecretStore(state_db_path(config.home_path), load_master_key(config.security.master_key_file))
+
+
+def rotate_master_key(config: Config, new_key: MasterKey) -> dict[str, int]:
+    """Move everything the master key seals to `new_key`: encrypted adapter files, then the `secrets` table.
+
+    The configured key (INFERFLUX_MASTER_KEY / security.master_key_file) is the old one and stays the one to
+    configure until this returns. Adapters go first, one atomic file at a time, then the table in one
+    transaction; each step skips what is already under `new_key`, so after a crash the same command with the
+    same two keys completes the rotation (every file and row opens with one of the two keys meanwhile).
+    Returns the counts: secrets and adapter files moved, and items found already under the new key.
+    """
+    from inferflux.store.adapters import AdapterStore
+
+    store = open_secret_store(config)
+    try:
+        old = store._key("rotating the master key")
+        if old.kid == new_key.kid:
+            raise SecretError(f"the new master key is the configured one ({new_key.kid}): nothing to rotate")
+        files, files_kept = AdapterStore(config.home_path).reseal(old, new_key)
+        before = len([r for r in store.listing() if r["kid"] == new_key.kid])
+        secrets = store.rotate(new_key)
+    finally:
+        store.close()
+    return {"secrets": secrets, "adapter_files": files, "already_new": files_kept + before}
 
 
 def check_secrets(config: Config) -> int:

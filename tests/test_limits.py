@@ -231,16 +231,26 @@ def test_tpm_is_exact_under_32_concurrent_requests(limited) -> None:
     assert caught.value.status_code == 429 and "limit of 5 tokens per minute" in caught.value.error
 
 
+def check_rpm_burst(servers: list, key: str, limiter, tenant: str) -> None:
+    """32 simultaneous requests (spread over `servers`) against an RPM of 7: exactly 7 answers, 25 429s."""
+    limiter.set(tenant, {"rpm": 7})
+    window = fresh_window(15)
+    answers, refused = burst([lambda i=i: chat(servers[i % len(servers)], key, 2) for i in range(32)])
+    assert len(answers) == 7 and len(refused) == 25, (len(answers), len(refused))
+    assert all(a.usage.completion_tokens == 2 for a in answers)
+    for exc in refused:
+        headers = exc.response.headers
+        assert exc.status_code == 429 and exc.body["code"] == "rate_limit_exceeded"
+        assert headers["x-ratelimit-limit-requests"] == "7" and headers["x-ratelimit-remaining-requests"] == "0"
+        assert "7 requests per minute" in exc.message and 1 <= int(headers["retry-after"]) <= WINDOW
+    if same_window(window):
+        assert limiter.usage(tenant)["requests"] == 7  # the 25 refused were not counted
+    assert limiter.usage(tenant)["in_flight"] == 0
+
+
 def test_rpm_is_exact_under_32_concurrent_requests(limited) -> None:
     server, tenants, limiter, _ = limited
-    limiter.set("rpm", {"rpm": 7})
-    key = tenants.key("rpm")
-    fresh_window(15)
-    answers, refused = burst([lambda: chat(server, key, 2)] * 32)
-    assert len(answers) == 7 and len(refused) == 25
-    headers = refused[0].response.headers
-    assert headers["x-ratelimit-limit-requests"] == "7" and headers["x-ratelimit-remaining-requests"] == "0"
-    assert "7 requests per minute" in refused[0].message and int(headers["retry-after"]) >= 1
+    check_rpm_burst([server], tenants.key("rpm"), limiter, "rpm")
 
 
 def test_concurrency_limit(limited) -> None:
@@ -331,7 +341,8 @@ def test_inferctl_admin_limits_against_a_running_server(limited) -> None:
 
 
 @pytest.mark.slow
-def test_two_servers_on_one_redis_share_a_tpm_limit(tiny_model, redis_base_url, limited) -> None:
+def test_two_servers_on_one_redis_share_tpm_and_rpm_limits(tiny_model, redis_base_url, limited) -> None:
+    """Two servers, one Redis (keys and limits): one tenant's TPM, then another's RPM, each exact across both."""
     from inferflux.server.access.keys_redis import RedisKeyStore
     from tests.fixtures.redis_server import fresh_db
     from tests.fixtures.server import Server
@@ -344,6 +355,7 @@ def test_two_servers_on_one_redis_share_a_tpm_limit(tiny_model, redis_base_url, 
     limiter = RedisLimiter(url)
     try:
         check_tpm_burst(servers, [tenants.key("shared")], limiter, "shared", limited[3])
+        check_rpm_burst(servers, tenants.key("shared-rpm"), limiter, "shared-rpm")
     finally:
         statuses = [s.stop() for s in servers]
         limiter.close()

@@ -305,6 +305,44 @@ def test_admin_api_and_cli(secured) -> None:
                                                            "keys": 5}]
 
 
+def test_admin_latency_through_a_server(secured, tmp_path: Path, capsys) -> None:
+    """Create a key, set a limit, revoke the key: each one `inferctl admin ... --url --api-key` process, end to
+    end (interpreter start included), each in force at the server's next request. The times go to the test
+    run's own output (the issue's bar is < 5 s each, measured, not asserted: no timed assertions)."""
+    server, keys = secured
+    admin = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {keys.all}"}, timeout=30)
+    assert admin.post("/admin/tenants", json={"name": "team-c"}).status_code == 200
+    env = {"INFERFLUX_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}  # an empty home: only the server can act
+    times: dict[str, float] = {}
+
+    def cli(what: str, *args: str) -> subprocess.CompletedProcess[str]:
+        started = time.monotonic()
+        done = subprocess.run([sys.executable, "-m", "inferctl.cli", "admin", *args, "--url", server.url,
+                               "--api-key", keys.all], capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
+        times[what] = time.monotonic() - started
+        assert done.returncode == 0, (what, done.stderr)
+        return done
+
+    def chat(secret: str, max_tokens: int) -> openai.types.chat.ChatCompletion:
+        return _openai(server, secret).chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=max_tokens,
+                                                               extra_body={"ignore_eos": True})
+
+    created = json.loads(cli("keys create", "keys", "create", "--tenant", "team-c", "--scopes", "inference",
+                             "--json").stdout)
+    secret, key_id = created["key"], created["id"]
+    keys.secrets.append(secret)
+    assert chat(secret, 3).usage.completion_tokens == 3  # the new key works at once
+    shown = cli("limits set", "limits", "set", "team-c", "--max-tokens", "1")
+    assert "max_tokens=1" in shown.stdout
+    assert chat(secret, 3).usage.completion_tokens == 1  # the cap is in force at the next request
+    cli("keys revoke", "keys", "revoke", key_id)
+    with pytest.raises(openai.AuthenticationError, match="revoked"):
+        chat(secret, 1)
+    assert admin.delete("/admin/tenants/team-c").status_code == 200
+    with capsys.disabled():  # shown in a passing run's output, not only in a failure's captured stdout
+        print("\nadmin latency (inferctl --url): " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()))
+
+
 def test_cli_clients_send_inferflux_api_key(secured) -> None:
     server, keys = secured
 

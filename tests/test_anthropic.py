@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import anthropic
 import httpx
@@ -43,17 +44,28 @@ TOOL_TURNS = [
 
 @pytest.fixture(scope="module")
 def server(tiny_model):
-    """One server with security.auth=required (each start costs seconds): `inference` and `reader` keys."""
+    """One server with security.auth=required (each start costs seconds): `inference` and `reader` keys, a
+    revoked and an expired one, and `limited`, the key of a tenant allowed one request per minute."""
     from inferflux.server.access.keys import KeyStore
+    from inferflux.server.access.limits import SqliteLimiter
 
     home = private_home()
     store = KeyStore.at_home(home)
     store.create_tenant("acme")
     inference, _ = store.create_key("acme", "inference")
     reader, _ = store.create_key("acme", "models:read")
+    revoked, record = store.create_key("acme", "inference")
+    store.revoke(record.id)
+    expired, _ = store.create_key("acme", "inference", expires_at=time.time() - 1)
+    store.create_tenant("slow")
+    limited, _ = store.create_key("slow", "inference")
     store.close()
+    limiter = SqliteLimiter.at_home(home)  # the server's state.db, as `inferctl admin limits set` writes it
+    limiter.set("slow", {"rpm": 1})
+    limiter.close()
     srv = Server(tiny_model("qwen2"), "tiny", extra=["security.auth=required"], home=home)
     srv.inference, srv.reader = inference, reader  # type: ignore[attr-defined]
+    srv.revoked, srv.expired, srv.limited = revoked, expired, limited  # type: ignore[attr-defined]
     yield srv
     assert srv.stop() == 0, srv.output()
 
@@ -244,6 +256,33 @@ def test_keys_on_the_messages_routes(server) -> None:
             getattr(_client(server, server.reader).messages, route)(model="tiny", messages=USER, **extra)
         assert denied.value.body["error"]["type"] == "permission_error"
         assert "inference" in denied.value.body["error"]["message"]
+        for key, why in ((server.revoked, "revoked"), (server.expired, "expired")):
+            with pytest.raises(anthropic.AuthenticationError) as refused:
+                getattr(_client(server, key).messages, route)(model="tiny", messages=USER, **extra)
+            assert refused.value.status_code == 401 and refused.value.body == {"type": "error", "error": {
+                "type": "authentication_error", "message": refused.value.body["error"]["message"]}}
+            assert why in refused.value.body["error"]["message"]
+
+
+def test_rate_limit_in_anthropics_shape(server) -> None:
+    """Tenant `slow` may make one request a minute: the next is the client's RateLimitError, Anthropic's body
+    (`rate_limit_error`) with Retry-After, streamed or not; the limit is the tenant's, not the server's."""
+    from inferflux.server.access.limits import WINDOW
+
+    left = WINDOW - time.time() % WINDOW
+    if left < 10:  # both requests in one window, or the second would rightly be admitted
+        time.sleep(left + 0.05)
+    client = _client(server, server.limited)
+    assert client.messages.create(model="tiny", messages=USER, max_tokens=2).usage.output_tokens == 2
+    for stream in (False, True):
+        with pytest.raises(anthropic.RateLimitError) as caught:
+            client.messages.create(model="tiny", messages=USER, max_tokens=2, stream=stream)
+        error = caught.value
+        assert error.status_code == 429 and error.body == {"type": "error", "error": {
+            "type": "rate_limit_error", "message": error.body["error"]["message"]}}, error.body
+        assert "1 requests per minute" in error.body["error"]["message"]
+        assert 1 <= int(error.response.headers["retry-after"]) <= WINDOW
+    assert _client(server).messages.create(model="tiny", messages=USER, max_tokens=1).usage.output_tokens == 1
 
 
 # --- a <tool_call> output, through the route, on an engine that replays it ---

@@ -117,6 +117,14 @@ CROSS_RULES: list[tuple[tuple[str, ...], Callable[[Config], bool], str]] = [
      lambda c: all(secure_url(u) for u in (c.security.oidc.issuer, c.security.oidc.jwks_url) if u),
      "security.oidc.issuer and security.oidc.jwks_url must be https:// (http:// only on a loopback host): "
      "keys fetched in clear text could be swapped by anyone on the path"),
+    (("security.oidc.client_id", "security.oidc.client_secret"),
+     lambda c: bool(c.security.oidc.client_id) == bool(c.security.oidc.client_secret),
+     "security.oidc.client_id and security.oidc.client_secret (secret:NAME) must be given together"),
+    (("security.oidc.client_id", "security.oidc.issuer", "security.oidc.introspection_url"),
+     lambda c: not c.security.oidc.client_id or (bool(c.security.oidc.issuer) and (
+         not c.security.oidc.introspection_url or secure_url(c.security.oidc.introspection_url))),
+     "security.oidc.client_id needs security.oidc.issuer, and security.oidc.introspection_url must be https:// "
+     "(http:// only on a loopback host): the client secret and tokens travel in that request"),
     (("security.oidc.issuer", "security.auth"),
      lambda c: not c.security.oidc.issuer or c.security.auth == "required",
      "security.oidc.issuer needs security.auth=required (with auth off no credential is checked)"),

@@ -213,6 +213,18 @@ class OidcConfig:
     # At most one fetch per this many seconds for tokens naming an unknown key id (garbage must not
     # hammer the provider).
     jwks_min_refresh_seconds: int = key(10, lo=1, hi=3600)
+    # This server's client id at the provider: with client_secret, opaque (non-JWT) bearer tokens are checked by
+    # RFC 7662 token introspection, authenticated with HTTP Basic client_id:client_secret. Empty: JWTs only.
+    client_id: str = key("")
+    # The client secret, as a reference to a stored secret (`secret:NAME`, set with `inferctl admin secrets set
+    # NAME`): never the value itself, so no config file or log holds it.
+    client_secret: str = key("", pattern=r"(secret:[A-Za-z0-9][A-Za-z0-9._:/-]{0,127})?",
+                             what="empty or secret:NAME (a stored secret, never the value itself)")
+    # The introspection endpoint; empty = `introspection_endpoint` of the discovery document.
+    introspection_url: str = key("", pattern=r"(https?://\S+)?", what="empty or an http(s):// URL")
+    # An introspection answer is reused this long (bounded by the token's exp): a revoked token works at most
+    # this much longer; 0 = ask the provider on every request.
+    introspection_cache_seconds: int = key(30, lo=0, hi=3600)
 
 
 @dataclasses.dataclass

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
 import ollama
 import openai
@@ -36,6 +37,8 @@ from inferflux.server.access.keys import KeyStore
 from inferflux.server.access.oidc import OidcUnavailable, OidcVerifier
 
 AUDIENCE = "inferflux-test"
+CLIENT_ID = "inferflux-rs"
+CLIENT_SECRET = "cl1ent-S3cret-for-introspection-4f9a"
 MESSAGES = [{"role": "user", "content": "hi"}]
 
 
@@ -76,6 +79,12 @@ class Provider:
         self.fetches = {"discovery": 0, "jwks": 0}
         self.broken = False
         self.issuer_in_discovery: str | None = None
+        # RFC 7662 introspection: opaque token -> its answer (absent: {"active": false}); calls counted,
+        # and only this client's HTTP Basic credentials are answered (401 otherwise, as providers do).
+        self.opaque: dict[str, dict[str, Any]] = {}
+        self.introspections = 0
+        self.client = (CLIENT_ID, CLIENT_SECRET)
+        self.seen_auth: list[str] = []
         provider = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -85,11 +94,25 @@ class Provider:
                 if self.path == "/.well-known/openid-configuration":
                     provider.fetches["discovery"] += 1
                     return self._send(200, {"issuer": provider.issuer_in_discovery or provider.issuer,
-                                            "jwks_uri": provider.issuer + "/jwks"})
+                                            "jwks_uri": provider.issuer + "/jwks",
+                                            "introspection_endpoint": provider.issuer + "/introspect"})
                 if self.path == "/jwks":
                     provider.fetches["jwks"] += 1
                     return self._send(200, {"keys": provider.keys})
                 return self._send(404, {})
+
+            def do_POST(self) -> None:  # noqa: N802
+                form = parse_qs(self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode())
+                if provider.broken or self.path != "/introspect":
+                    return self._send(500 if provider.broken else 404, {"error": "no"})
+                provider.introspections += 1
+                auth = self.headers.get("Authorization") or ""
+                provider.seen_auth.append(auth)
+                expected = "Basic " + base64.b64encode(":".join(provider.client).encode()).decode()
+                if not hmac.compare_digest(auth, expected):
+                    return self._send(401, {"error": "invalid_client"})
+                token = form.get("token", [""])[0]
+                return self._send(200, provider.opaque.get(token, {"active": False}))
 
             def _send(self, status: int, body: dict[str, Any]) -> None:
                 data = json.dumps(body).encode()
@@ -363,14 +386,142 @@ def test_authorize_routes_keys_and_tokens(tmp_path: Path, provider: Provider, rs
 # --- against a server ---
 
 
+# --- opaque tokens: RFC 7662 introspection with the stored client secret ---
+
+
+def _answer(provider: Provider, **claims: Any) -> dict[str, Any]:
+    now = int(time.time())
+    body = {"active": True, "iss": provider.issuer, "aud": AUDIENCE, "sub": "svc-batch", "exp": now + 300,
+            "iat": now, "tenant": "acme", "scope": "inference models:read", "client_id": "batch", **claims}
+    return {k: v for k, v in body.items() if v is not None}
+
+
+def _introspector(provider: Provider, clock: Clock, secret: str = CLIENT_SECRET, **settings: Any):
+    from inferflux.server.access.introspection import TokenIntrospector
+
+    config = OidcConfig(issuer=provider.issuer, audience=AUDIENCE, client_id=CLIENT_ID,
+                        client_secret="secret:oidc-client", **settings)
+    return TokenIntrospector(config, secret, OidcVerifier(config, clock=clock), clock=clock, timeout=2.0)
+
+
+def test_introspection_active_inactive_and_cached(provider: Provider) -> None:
+    clock = Clock()
+    check = _introspector(provider, clock, introspection_cache_seconds=30)
+    provider.opaque["opaque-good"] = _answer(provider)
+    principal = check("opaque-good")
+    assert (principal.tenant, principal.key_id, principal.scopes) == ("acme", "oidc:svc-batch",
+                                                                      frozenset({"inference", "models:read"}))
+    assert provider.seen_auth[-1] == "Basic " + base64.b64encode(f"{CLIENT_ID}:{CLIENT_SECRET}".encode()).decode()
+    assert check("opaque-good") == principal and provider.introspections == 1  # cached
+    provider.opaque["opaque-good"] = {"active": False}  # revoked at the provider
+    clock.now += 29
+    assert check("opaque-good") == principal and provider.introspections == 1
+    clock.now += 2
+    with pytest.raises(AuthenticationError, match="not active"):
+        check("opaque-good")
+    assert provider.introspections == 2
+    with pytest.raises(AuthenticationError, match="not active"):
+        check("never-issued")
+    # An active answer is held to the JWT rules: audience, issuer, exp, tenant.
+    for token, claims, message in [("other-aud", {"aud": "another-api"}, "audience"),
+                                   ("other-iss", {"iss": "https://evil.example"}, "was not issued by"),
+                                   ("expired", {"exp": int(time.time()) - 3600}, "expired"),
+                                   ("no-tenant", {"tenant": None}, "no `tenant` claim")]:
+        provider.opaque[token] = _answer(provider, **claims)
+        with pytest.raises(AuthenticationError, match=message):
+            check(token)
+    # The cache never outlives the token: exp in 5 s -> asked again after 5 s, not 30.
+    provider.opaque["short"] = _answer(provider, exp=int(time.time()) + 5)
+    check("short")
+    calls = provider.introspections
+    clock.now += 6
+    provider.opaque["short"] = {"active": False}
+    with pytest.raises(AuthenticationError, match="not active"):
+        check("short")
+    assert provider.introspections == calls + 1
+
+
+def test_introspection_failures_are_503_and_not_cached(provider: Provider) -> None:
+    clock = Clock()
+    provider.opaque["t"] = _answer(provider)
+    with pytest.raises(OidcUnavailable, match="refused this server's client credentials") as err:
+        _introspector(provider, clock, secret="wrong-secret")("t")
+    assert "wrong-secret" not in str(err.value) and err.value.status == 503
+    check = _introspector(provider, clock)
+    provider.broken = True
+    with pytest.raises(OidcUnavailable, match="token introspection failed"):
+        check("t")
+    provider.broken = False
+    assert check("t").tenant == "acme"  # the failure was not cached
+    dead = _introspector(provider, clock, introspection_url="http://127.0.0.1:9/introspect")
+    with pytest.raises(OidcUnavailable, match="ConnectError"):
+        dead("t")
+
+
+def test_opaque_tokens_go_to_introspection_jwts_do_not(tmp_path: Path, provider: Provider,
+                                                       rsa_signer: Signer) -> None:
+    clock = Clock()
+    check = _introspector(provider, clock)
+    verifier = OidcVerifier(check.settings, clock=clock)
+    verifier.introspector = check
+    store = KeyStore.at_home(tmp_path)
+    provider.opaque["opaque-1"] = _answer(provider)
+    assert authorize(store, "openai.chat_completions", {"Authorization": "Bearer opaque-1"}, False,
+                     verifier).key_id == "oidc:svc-batch"
+    jwt_principal = authorize(store, "openai.chat_completions",
+                              {"Authorization": f"Bearer {rsa_signer.token(provider.issuer)}"}, False, verifier)
+    assert jwt_principal.key_id == "oidc:alice@example.com" and provider.introspections == 1
+    store.close()
+
+
+def test_client_secret_config_is_a_reference_to_a_stored_secret(tmp_path: Path, provider: Provider,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from inferflux.server.access.crypto import SecretError, generate_master_key, parse_master_key
+    from inferflux.server.access.introspection import build_verifier
+    from inferflux.server.access.secrets_store import SecretStore, check_secrets
+
+    base = {"security.auth": "required", "security.oidc.issuer": provider.issuer,
+            "security.oidc.audience": AUDIENCE, "security.oidc.client_id": CLIENT_ID}
+    with pytest.raises(ConfigError, match="secret:NAME"):
+        load_config(overrides={**base, "security.oidc.client_secret": CLIENT_SECRET}, environ={})
+    with pytest.raises(ConfigError, match="together"):
+        load_config(overrides=base, environ={})
+    with pytest.raises(ConfigError, match="must be https"):
+        load_config(overrides={**base, "security.oidc.client_secret": "secret:oidc-client",
+                               "security.oidc.introspection_url": "http://idp.example/introspect"}, environ={})
+    key = generate_master_key()
+    monkeypatch.setenv("INFERFLUX_HOME", str(tmp_path))
+    monkeypatch.setenv("INFERFLUX_MASTER_KEY", key)
+    config = load_config(overrides={**base, "security.oidc.client_secret": "secret:oidc-client"}, environ={})
+    with pytest.raises(SecretError, match="refers to secret 'oidc-client', which is not stored"):
+        check_secrets(config)  # at start-up, before the model loads
+    SecretStore(tmp_path / "state.db", parse_master_key(key, "t")).set("oidc-client", CLIENT_SECRET)
+    assert check_secrets(config) == 1
+    verifier = build_verifier(config)
+    assert verifier is not None and verifier.introspector is not None
+    provider.opaque["x"] = _answer(provider)
+    assert verifier.verify("x").tenant == "acme"  # the stored secret authenticated the call
+    monkeypatch.setenv("INFERFLUX_MASTER_KEY", generate_master_key())
+    with pytest.raises(SecretError, match="'oidc-client' was encrypted with master key"):
+        build_verifier(config)
+
+
 @pytest.fixture(scope="module")
-def secured(tiny_model, rsa_signer: Signer, ec_signer: Signer):
+def secured(tiny_model, rsa_signer: Signer, ec_signer: Signer, tmp_path_factory):
+    from inferflux.server.access.crypto import generate_master_key, parse_master_key
+    from inferflux.server.access.secrets_store import SecretStore
     from tests.fixtures.server import Server
 
     idp = Provider(rsa_signer, ec_signer)
-    server = Server(tiny_model("llama"), "tiny", extra=[
+    home = tmp_path_factory.mktemp("oidc-home")
+    key_file = home.parent / f"{home.name}.key"
+    key_file.write_text(generate_master_key())
+    SecretStore(home / "state.db", parse_master_key(key_file.read_text(), "t")).set("oidc-client", CLIENT_SECRET)
+    server = Server(tiny_model("llama"), "tiny", home=home, extra=[
         "security.auth=required", f"security.oidc.issuer={idp.issuer}", f"security.oidc.audience={AUDIENCE}",
-        "security.oidc.jwks_min_refresh_seconds=1"])
+        "security.oidc.jwks_min_refresh_seconds=1", f"security.oidc.client_id={CLIENT_ID}",
+        "security.oidc.client_secret=secret:oidc-client", "security.oidc.introspection_cache_seconds=1",
+        f"security.master_key_file={key_file}"])
     yield server, idp
     status = server.stop()
     idp.close()
@@ -450,3 +601,23 @@ def test_server_follows_a_key_rotation(secured, rsa_signer: Signer) -> None:
     time.sleep(1.1)
     with pytest.raises(openai.AuthenticationError, match="unknown kid"):
         _openai(server, rsa_signer.token(idp.issuer)).models.list()  # the retired key is gone
+
+
+def test_server_introspects_opaque_tokens(secured) -> None:
+    """An opaque token through the real openai client: introspected with the stored client secret; a token
+    the provider says is inactive is a 401; neither the token nor the client secret reaches the log."""
+    server, idp = secured
+    idp.opaque["opaque-server-token-1"] = _answer(idp)
+    reply = _openai(server, "opaque-server-token-1").chat.completions.create(model="tiny", messages=MESSAGES,
+                                                                             max_tokens=3)
+    assert reply.choices[0].message.role == "assistant" and idp.introspections >= 1
+    assert idp.seen_auth[-1] == "Basic " + base64.b64encode(f"{CLIENT_ID}:{CLIENT_SECRET}".encode()).decode()
+    with pytest.raises(openai.AuthenticationError, match="not active"):
+        _openai(server, "opaque-never-issued").models.list()
+    idp.opaque["opaque-server-token-1"] = {"active": False}  # revoked: refused once the 1 s cache is over
+    time.sleep(1.2)
+    with pytest.raises(openai.AuthenticationError, match="not active"):
+        _openai(server, "opaque-server-token-1").models.list()
+    server.log.flush()
+    log = Path(server.log.name).read_text()
+    assert CLIENT_SECRET not in log and "opaque-server-token-1" not in log

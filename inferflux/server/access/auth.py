@@ -10,8 +10,9 @@ tools) or `x-api-key: <key>` (Anthropic's clients), on every route of every dial
 principal is left on `g.principal` for what comes later in the request path (limits, audit).
 
 With `security.oidc.issuer` set, a bearer value that is not an `ifx-` key is an OpenID Connect JWT,
-checked by `oidc.OidcVerifier` to the same `Principal` (key id `oidc:<sub>`). The check may fetch
-the provider's keys, so then it runs in a worker thread, never on the event loop.
+checked by `oidc.OidcVerifier` to the same `Principal` (key id `oidc:<sub>`); with `security.oidc.client_id`,
+one that is not a JWT is introspected at the provider (`introspection.py`). The check may fetch the provider's
+keys or call it, so then it runs in a worker thread, never on the event loop.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from quart import Quart, Response, current_app, g, request, websocket
 from werkzeug.datastructures import Headers
 
 from inferflux.server.access.errors import AuthenticationError, PermissionDenied
+from inferflux.server.access.introspection import build_verifier
 from inferflux.server.access.keys import KEY_PREFIX, Principal
 from inferflux.server.access.keys_redis import AnyKeyStore, open_key_store
 from inferflux.server.access.oidc import OidcVerifier
@@ -48,8 +50,7 @@ def key_store(app: Quart | None = None) -> AnyKeyStore:
 def install(app: Quart, public_metrics: bool) -> None:
     """Require a key with the route's scope on every request to `app` (security.auth: required)."""
     store = key_store(app)
-    settings = app.extensions["inferflux"].config.security.oidc
-    oidc = OidcVerifier(settings) if settings.issuer else None
+    oidc = build_verifier(app.extensions["inferflux"].config)  # JWTs; opaque tokens too with a client id
     app.extensions["inferflux.oidc"] = oidc
     if oidc is not None:  # the provider's keys, fetched while the model loads; failures are logged
         threading.Thread(target=oidc.warm, name="oidc-jwks", daemon=True).start()

@@ -17,6 +17,9 @@ the cache lacks (the provider rotated), at most once per `jwks_min_refresh_secon
 garbage tokens costs the provider nothing. A fetch that fails keeps the old keys; with none at all the
 request gets 503 (the server cannot tell a good token from a bad one), never a 500.
 
+With `client_id` set, a bearer value that is not a JWT is an opaque token, checked by the provider's RFC 7662
+introspection endpoint instead (introspection.py), against the same claims and mapped to the same principal.
+
 `verify` blocks while it fetches: `auth.py` calls it in a worker thread, never on the event loop.
 """
 
@@ -132,6 +135,8 @@ class OidcVerifier:
         self._last_attempt = -math.inf
         self._last_error = ""
         self.fetches = 0  # JWKS documents fetched (discovery not counted): what tests and logs look at
+        # Opaque (non-JWT) tokens go here when security.oidc.client_id is set (introspection.py).
+        self.introspector: Callable[[str], Principal] | None = None
         self._claims = jwt.JWTClaimsRegistry(
             now=lambda: int(wall()), leeway=settings.leeway_seconds,
             iss={"essential": True, "value": settings.issuer},
@@ -140,6 +145,8 @@ class OidcVerifier:
 
     def verify(self, token: str) -> Principal:
         """The principal of a valid token; AuthenticationError (401) or OidcUnavailable (503)."""
+        if self.introspector is not None and not looks_like_jwt(token):
+            return self.introspector(token)
         header = _header(token)
         alg, kid = header.get("alg"), header.get("kid")
         if not isinstance(alg, str) or alg not in _ASYMMETRIC:
@@ -156,8 +163,8 @@ class OidcVerifier:
             raise AuthenticationError(f"bearer token is malformed ({type(exc).__name__})") from None
         if not isinstance(claims, dict):
             raise AuthenticationError("bearer token's claims are not a JSON object")
-        self._check_claims(claims)
-        return self._principal(claims)
+        self.check_claims(claims)
+        return self.principal(claims)
 
     # --- keys ---
 
@@ -231,20 +238,12 @@ class OidcVerifier:
         return keys
 
     def _discover(self, client: httpx.Client) -> str:
-        url = self.settings.issuer.rstrip("/") + "/.well-known/openid-configuration"
-        document = _get_json(client, url)
-        if not isinstance(document, dict):
-            raise FetchError(f"{url}: not a discovery document")
-        if document.get("issuer") != self.settings.issuer:  # OpenID Connect Discovery 1.0, section 4.3
-            raise FetchError(f"{url}: names issuer {document.get('issuer')!r}, not {self.settings.issuer!r}")
-        jwks_uri = document.get("jwks_uri")
-        if not isinstance(jwks_uri, str) or not secure_url(jwks_uri):
-            raise FetchError(f"{url}: jwks_uri {jwks_uri!r} is not an https:// URL")
-        return jwks_uri
+        return discovered_url(client, self.settings, "jwks_uri")
 
     # --- claims ---
 
-    def _check_claims(self, claims: dict[str, Any]) -> None:
+    def check_claims(self, claims: dict[str, Any]) -> None:
+        """iss, aud, exp (required), nbf and iat of a JWT's claims or an introspection answer; 401 if wrong."""
         try:
             self._claims.validate(claims)
         except ExpiredTokenError:
@@ -258,7 +257,8 @@ class OidcVerifier:
             reason = reasons.get(exc.claim, f"has a bad {exc.claim} claim")
             raise AuthenticationError(f"bearer token {reason}") from None
 
-    def _principal(self, claims: dict[str, Any]) -> Principal:
+    def principal(self, claims: dict[str, Any]) -> Principal:
+        """Tenant, key id (`oidc:<sub>`) and known scopes of checked claims; 401 without a tenant or sub."""
         name = self.settings.tenant_claim
         tenant = claims.get(name)
         if tenant is None:
@@ -275,6 +275,21 @@ class OidcVerifier:
             if isinstance(raw, list) else []
         return Principal(tenant, "oidc:" + _UNSAFE.sub("_", sub)[:_KEY_ID_SUB],
                          frozenset(s for s in items if s in SCOPES))
+
+
+def discovered_url(client: httpx.Client, settings: OidcConfig, field: str) -> str:
+    """The endpoint `field` (jwks_uri, introspection_endpoint) of the issuer's discovery document, which must
+    name the configured issuer and give an https:// URL; FetchError otherwise."""
+    url = settings.issuer.rstrip("/") + "/.well-known/openid-configuration"
+    document = _get_json(client, url)
+    if not isinstance(document, dict):
+        raise FetchError(f"{url}: not a discovery document")
+    if document.get("issuer") != settings.issuer:  # OpenID Connect Discovery 1.0, section 4.3
+        raise FetchError(f"{url}: names issuer {document.get('issuer')!r}, not {settings.issuer!r}")
+    found = document.get(field)
+    if not isinstance(found, str) or not secure_url(found):
+        raise FetchError(f"{url}: {field} {found!r} is not an https:// URL")
+    return found
 
 
 def looks_like_jwt(value: str) -> bool:

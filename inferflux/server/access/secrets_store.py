@@ -1,8 +1,8 @@
 """Named secrets, encrypted at rest, in the `secrets` table of `$INFERFLUX_HOME/state.db`.
 
 What lives here: credentials the server must be able to *use* (so they cannot be hashed like API
-keys): the Hugging Face token the model store pulls with (`hf_token`), OIDC client secrets, and
-later adapter and policy secrets. Each value is sealed with the master key (`crypto.py`), bound to
+keys): the Hugging Face token the model store pulls with (`hf_token`) and the OIDC client secret that
+token introspection authenticates with (`security.oidc.client_secret: secret:NAME`, introspection.py). Each value is sealed with the master key (`crypto.py`), bound to
 its name; the table never holds a plaintext, and `inferctl admin secrets list` shows names and key
 ids only. Rotating the master key (`rotate_master_key`) re-seals the encrypted adapter files first (one
 atomic file at a time, store/adapters.py), then every row in one transaction: either all rows move to the
@@ -183,16 +183,21 @@ def rotate_master_key(config: Config, new_key: MasterKey) -> dict[str, int]:
 def check_secrets(config: Config) -> int:
     """At server start: every stored secret must open with the configured key, else one-line SecretError.
 
-    Does not create state.db; returns the number of secrets checked.
+    A secret the config refers to (security.oidc.client_secret) must be stored. Does not create state.db;
+    returns the number of secrets checked.
     """
     path = state_db_path(config.home_path)
-    if not path.is_file():
-        return 0
-    with closing(open_state_db_read_only(path)) as db:
-        try:
-            rows = db.execute("SELECT name, value FROM secrets ORDER BY name").fetchall()
-        except sqlite3.OperationalError:
-            return 0  # no secrets table yet
+    rows: list[tuple[str, str]] = []
+    if path.is_file():
+        with closing(open_state_db_read_only(path)) as db:
+            try:
+                rows = db.execute("SELECT name, value FROM secrets ORDER BY name").fetchall()
+            except sqlite3.OperationalError:
+                pass  # no secrets table yet
+    reference = config.security.oidc.client_secret  # secret:NAME (a config rule): it must be stored
+    if reference and reference[len(REF_PREFIX):] not in {name for name, _ in rows}:
+        raise SecretError(f"security.oidc.client_secret refers to secret {reference[len(REF_PREFIX):]!r}, which "
+                          f"is not stored in {path} (`inferctl admin secrets set NAME --value-stdin`)")
     key = load_master_key(config.security.master_key_file)
     for name, token in rows:
         if key is None:

@@ -36,6 +36,10 @@ SCHEMAS = {
         "required": ["x", "y"], "additionalProperties": False}},
         "properties": {"a": {"$ref": "#/$defs/pt"}, "b": {"$ref": "#/$defs/pt"}}, "required": ["a", "b"],
         "additionalProperties": False},
+    "bounded_decimals": {"type": "object", "properties": {  # non-integer bounds: 0..1 and -2.5..0.75
+        "p": {"type": "number", "minimum": 0, "maximum": 1},
+        "t": {"type": "number", "minimum": -2.5, "maximum": 0.75}}, "required": ["p", "t"],
+        "additionalProperties": False},
 }
 
 
@@ -79,18 +83,77 @@ def test_mixed_batch_leaves_free_rows_unchanged(llm):
     jsonschema.validate(json.loads(mixed[3].outputs[0].text), SCHEMAS["nested"])
 
 
-def test_tool_call_constraint(llm):
-    tools = [{"name": "get_weather", "parameters": {"type": "object", "properties": {
-        "city": {"type": "string", "maxLength": 8}}, "required": ["city"]}},
-             {"name": "add", "parameters": {"type": "object", "properties": {
-                 "a": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["a"]}}]
-    out = llm.generate("t", SamplingParams(n=6, seed=4, max_tokens=80, constraint=Constraint.tool_call(tools)))[0]
+TOOLS = [{"name": "get_weather", "parameters": {"type": "object", "properties": {
+    "city": {"type": "string", "maxLength": 8}, "days": {"type": "integer", "minimum": 0, "maximum": 9}},
+    "required": ["city"]}},
+         {"name": "add", "parameters": {"type": "object", "properties": {
+             "a": {"type": "number", "minimum": 0, "maximum": 1},
+             "b": {"type": "integer", "minimum": -50, "maximum": 50}}, "required": ["a", "b"]}}]
+PARAMS = {t["name"]: t["parameters"] for t in TOOLS}
+WEATHER, ADD = ("get_weather", {"city": "Paris"}), ("add", {"a": 0.25, "b": 2})
+_XML = {"hermes": None, "llama3_json": None, "mistral": None,
+        "qwen3_coder": lambda name, args: f"<tool_call>\n<function={name}>\n" + "".join(
+            f"<parameter={k}>\n{v}\n</parameter>\n" for k, v in args.items()) + "</function>\n</tool_call>"}
+
+
+def _written(fmt: str, calls: list[tuple[str, dict]]) -> str:
+    """`calls` as the format's parser reads them (and as the chat templates teach the model to write them)."""
+    if fmt == "qwen3_coder":
+        return "\n".join(_XML["qwen3_coder"](name, args) for name, args in calls)
+    key = "parameters" if fmt == "llama3_json" else "arguments"
+    objs = [json.dumps({"name": name, key: args}) for name, args in calls]
+    if fmt == "hermes":
+        return "\n".join(f"<tool_call>\n{o}\n</tool_call>" for o in objs)
+    return "; ".join(objs) if fmt == "llama3_json" else "[TOOL_CALLS][" + ", ".join(objs) + "]"
+
+
+def _accepts(llm, constraint: Constraint, text: str) -> bool:
+    m = llm.engine.grammars.matcher(constraint, llm.engine.tokenizer.eos_ids).raw
+    return bool(m.accept_string(text)) and m.is_completed()
+
+
+FORMAT_NAMES = ["hermes", "llama3_json", "mistral", "qwen3_coder"]
+
+
+@pytest.mark.parametrize("fmt", FORMAT_NAMES)
+def test_tool_call_grammar_matches_the_formats_parser(llm, fmt):
+    """What the format's parser reads back into valid arguments is accepted; wrong calls are not; two calls only
+    with `parallel` (OpenAI's `parallel_tool_calls`)."""
+    from inferflux.server.tool_calls import FORMATS, param_types, parse_tool_calls
+
+    one, many = Constraint.tool_call(TOOLS, fmt), Constraint.tool_call(TOOLS, fmt, parallel=True)
+    wrapped = [{"function": t} for t in TOOLS]
+    for calls in ([WEATHER], [ADD], [ADD, WEATHER], [WEATHER, WEATHER, ADD]):
+        text = _written(fmt, calls)
+        assert _accepts(llm, many, text), text
+        assert _accepts(llm, one, text) == (len(calls) == 1), text
+        shown, parsed = parse_tool_calls(text, {"get_weather", "add"}, FORMATS[fmt], param_types(wrapped))
+        assert not shown.strip() and [(c.name, c.arguments) for c in parsed] == calls  # a newline between tags
+        for c in parsed:
+            jsonschema.validate(c.arguments, PARAMS[c.name])
+    wrong = [[("get_weather", {"city": "Copenhagen"})],  # maxLength 8
+             [("add", {"a": 1.5, "b": 2})],  # maximum 1
+             [("add", {"a": 0.5})],  # b is required
+             [("nope", {"city": "Paris"})]]  # not a tool
+    for calls in wrong:
+        assert not _accepts(llm, many, _written(fmt, calls)), calls
+    other = "llama3_json" if fmt != "llama3_json" else "hermes"
+    assert not _accepts(llm, many, _written(other, [WEATHER]))  # another family's syntax
+
+
+@pytest.mark.parametrize("fmt", FORMAT_NAMES)
+def test_sampled_tool_calls_parse_and_validate(llm, fmt):
+    """A random model forced by each format's grammar writes calls its parser reads, arguments valid."""
+    from inferflux.server.tool_calls import FORMATS, param_types, parse_tool_calls
+
+    constraint = Constraint.tool_call(TOOLS, fmt)
+    out = llm.generate("t", SamplingParams(n=6, seed=4, max_tokens=160, constraint=constraint))[0]
     for c in out.outputs:
-        m = re.fullmatch(r"<tool_call>\n(.*)\n</tool_call>", c.text, re.S)
-        assert m, c.text
-        call = json.loads(m.group(1))
-        params = {t["name"]: t["parameters"] for t in tools}[call["name"]]
-        jsonschema.validate(call["arguments"], params)
+        assert c.finish_reason == "stop", c.text
+        shown, calls = parse_tool_calls(c.text, {"get_weather", "add"}, FORMATS[fmt],
+                                        param_types([{"function": t} for t in TOOLS]))
+        assert shown == "" and len(calls) == 1, c.text
+        jsonschema.validate(calls[0].arguments, PARAMS[calls[0].name])
 
 
 @pytest.mark.parametrize("constraint, words", [

@@ -17,8 +17,9 @@ from pydantic import BaseModel, Field
 SCHEMA = {"type": "object", "properties": {
     "name": {"type": "string", "maxLength": 6},
     "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "minItems": 1, "maxItems": 3},
-    "n": {"type": "integer", "minimum": 0, "maximum": 20}},
-    "required": ["name", "tags", "n"], "additionalProperties": False}
+    "n": {"type": "integer", "minimum": 0, "maximum": 20},
+    "score": {"type": "number", "minimum": 0, "maximum": 1}},  # a bounded decimal: 0..1, not integers
+    "required": ["name", "tags", "n", "score"], "additionalProperties": False}
 TOOLS = [
     {"type": "function", "function": {"name": "get_weather", "parameters": {
         "type": "object", "properties": {"city": {"type": "string", "maxLength": 8}}, "required": ["city"]}}},
@@ -76,11 +77,13 @@ def test_json_object(client):
 
 
 def test_stream_concatenates_to_valid_document(client):
-    stream = client.chat.completions.create(
-        model="tiny", messages=MESSAGES, max_tokens=150, seed=2, stream=True,
-        response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}})
+    """The streamed deltas join into a valid document, and into the very text of the same request unstreamed."""
+    body = dict(model="tiny", messages=MESSAGES, max_tokens=150, seed=2,
+                response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}})
+    stream = client.chat.completions.create(**body, stream=True)
     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     jsonschema.validate(json.loads(text), SCHEMA)
+    assert client.chat.completions.create(**body).choices[0].message.content == text
 
 
 @pytest.mark.parametrize("extra, check", [
@@ -114,7 +117,7 @@ def test_tool_choice_required_returns_a_valid_call(client):
 def test_named_tool_choice_streamed(client):
     stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Add"}],
                                             tools=TOOLS, tool_choice={"type": "function", "function": {"name": "add"}},
-                                            max_tokens=60, seed=8, stream=True)
+                                            parallel_tool_calls=False, max_tokens=60, seed=8, stream=True)
     content, args, names, finish = "", "", [], None
     for chunk in stream:
         if not chunk.choices:
@@ -132,10 +135,54 @@ def test_named_tool_choice_streamed(client):
 def test_named_tool_choice(client):
     done = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Add"}], tools=TOOLS,
                                           tool_choice={"type": "function", "function": {"name": "add"}},
-                                          max_tokens=60, seed=4)
-    (call,) = done.choices[0].message.tool_calls
+                                          parallel_tool_calls=False, max_tokens=60, seed=4)
+    (call,) = done.choices[0].message.tool_calls  # parallel_tool_calls false: exactly one
     assert call.function.name == "add"
     jsonschema.validate(json.loads(call.function.arguments), TOOLS[1]["function"]["parameters"])
+
+
+ADD = TOOLS[1]["function"]
+
+
+def test_responses_parallel_tool_calls_false_returns_one_call(client):
+    done = client.responses.create(model="tiny", input="Add", max_output_tokens=80,
+                                   tools=[{"type": "function", "name": "add", "parameters": ADD["parameters"]}],
+                                   tool_choice={"type": "function", "name": "add"}, parallel_tool_calls=False)
+    (call,) = [item for item in done.output if item.type == "function_call"]
+    assert call.name == "add" and done.parallel_tool_calls is False
+    jsonschema.validate(json.loads(call.arguments), ADD["parameters"])
+
+
+def test_anthropic_disable_parallel_tool_use_returns_one_call(server):
+    import anthropic
+
+    ac = anthropic.Anthropic(base_url=server.url, api_key="unused")
+    done = ac.messages.create(model="tiny", max_tokens=80, messages=[{"role": "user", "content": "Add"}],
+                              tools=[{"name": "add", "input_schema": ADD["parameters"]}],
+                              tool_choice={"type": "tool", "name": "add", "disable_parallel_tool_use": True})
+    (block,) = [b for b in done.content if b.type == "tool_use"]
+    assert block.name == "add" and done.stop_reason == "tool_use"
+    jsonschema.validate(block.input, ADD["parameters"])
+
+
+def test_parallel_tool_calls_reach_the_grammar():
+    """Each dialect's switch lands on GenerationSpec.parallel_tool_calls (true unless the client says no)."""
+    from inferflux.server.anthropic.bodies import MessagesRequest
+    from inferflux.server.openai_compat.bodies import ChatCompletionRequest
+    from inferflux.server.responses.bodies import ResponsesRequest
+
+    chat = {"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": TOOLS, "tool_choice": "required"}
+    assert ChatCompletionRequest(**chat).spec().parallel_tool_calls is True
+    assert ChatCompletionRequest(**chat, parallel_tool_calls=False).spec().parallel_tool_calls is False
+    flat = [{"type": "function", "name": "add", "parameters": ADD["parameters"]}]
+    assert ResponsesRequest(model="m", input="x", tools=flat).spec([]).parallel_tool_calls is True
+    assert ResponsesRequest(model="m", input="x", tools=flat, parallel_tool_calls=False).spec([]).parallel_tool_calls \
+        is False
+    msg = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}],
+           "tools": [{"name": "add", "input_schema": ADD["parameters"]}]}
+    for disable in (False, True):
+        req = MessagesRequest(**msg, tool_choice={"type": "any", "disable_parallel_tool_use": disable})
+        assert req.spec().parallel_tool_calls is not disable
 
 
 @pytest.mark.parametrize("extra, words", [

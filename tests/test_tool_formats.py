@@ -195,3 +195,23 @@ def test_random_mixtures_split_the_same_and_lose_no_text(fmt) -> None:
         assert (joined, found) == whole, output
         if not whole[1]:
             assert whole[0] == output
+
+
+MULTI = [(fmt, output, text, calls) for fmt, output, text, calls in CASES if len(calls) > 1]
+
+
+@pytest.mark.parametrize(("fmt", "output", "text", "calls"), MULTI,
+                         ids=[f"{i}-{c[0].name}" for i, c in enumerate(MULTI)])
+def test_max_calls_keeps_the_first_call_whole_and_streamed(fmt, output: str, text: str,
+                                                           calls: list[ToolCall]) -> None:
+    """`parallel_tool_calls: false` (max_calls=1): only the first call comes back, the others' markup not as text."""
+    assert parse_tool_calls(output, NAMES, fmt, TYPES, max_calls=1) == (text, calls[:1])
+    for size in (1, 4):
+        stream = ToolCallStream(NAMES, fmt, TYPES, max_calls=1)
+        shown, found = [], []
+        for i in range(0, len(output), size):
+            piece, new = stream.feed(output[i:i + size])
+            shown.append(piece)
+            found += new
+        rest, new = stream.finish()
+        assert ("".join(shown) + rest, found + new) == (text, calls[:1])

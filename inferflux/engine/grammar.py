@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from inferflux.engine.sampling_params import SamplingParamsError
+from inferflux.engine.tool_grammar import TOOL_FORMATS, tool_call_grammar
 
 if TYPE_CHECKING:
     from inferflux.formats.tokenizer import Tokenizer
@@ -48,8 +49,9 @@ class Constraint:
     - regex: a regular expression the whole output matches;
     - choice: a JSON list of strings, the output is exactly one of them;
     - grammar: EBNF in llama.cpp's GBNF syntax (`root ::= ...`);
-    - tool_call: JSON `{"format": "hermes"|"mistral"|"llama3_json", "tools": [{"name", "parameters"}]}`:
-      exactly one call to one of the tools, its arguments valid against the tool's parameters.
+    - tool_call: JSON `{"format": "hermes"|"qwen3_coder"|"mistral"|"llama3_json", "parallel": bool,
+      "tools": [{"name", "parameters"}]}`: a call to one of the tools (one or more when `parallel`), its
+      arguments valid against the tool's parameters, in the format's syntax (engine/tool_grammar.py).
     """
 
     kind: ConstraintKind
@@ -83,37 +85,22 @@ class Constraint:
         return cls("grammar", ebnf)
 
     @classmethod
-    def tool_call(cls, tools: Sequence[dict[str, Any]], fmt: str = "hermes") -> Constraint:
-        """One call to one of `tools` (each `{"name", "parameters"}`) in the chat template's format."""
+    def tool_call(cls, tools: Sequence[dict[str, Any]], fmt: str = "hermes", parallel: bool = False) -> Constraint:
+        """A call to one of `tools` (each `{"name", "parameters"}`) in the chat template's format; `parallel`:
+        one or more calls (OpenAI's `parallel_tool_calls`), else exactly one."""
         if not tools:
             raise GrammarError("a tool call needs at least one tool")
+        if fmt not in TOOL_FORMATS:
+            raise GrammarError(f"unknown tool-call format {fmt!r} (one of {', '.join(TOOL_FORMATS)})")
         spec = [{"name": t["name"], "parameters": t.get("parameters") or {"type": "object"}} for t in tools]
-        return cls("tool_call", json.dumps({"format": fmt, "tools": spec}, sort_keys=True))
+        return cls("tool_call", json.dumps({"format": fmt, "parallel": bool(parallel), "tools": spec},
+                                           sort_keys=True))
 
 
 def _xgr() -> Any:
     import xgrammar  # imported on first use: it loads torch, which a server without constraints never needs
 
     return xgrammar
-
-
-def _tool_call_grammar(xgr: Any, value: str) -> Any:
-    """`<tool_call>\\n{"name": N, "arguments": {...}}\\n</tool_call>` (Hermes/Qwen), Mistral's
-    `[TOOL_CALLS][{...}]` or Llama 3's bare `{"name": N, "parameters": {...}}`, as the template teaches."""
-    spec = json.loads(value)
-    fmt = spec["format"]
-    args_key = "parameters" if fmt == "llama3_json" else "arguments"
-    one_of = [{"type": "object", "properties": {"name": {"const": t["name"]}, args_key: t["parameters"]},
-               "required": ["name", args_key], "additionalProperties": False} for t in spec["tools"]]
-    schema = one_of[0] if len(one_of) == 1 else {"anyOf": one_of}
-    call = xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False, separators=(", ", ": "))
-    if fmt == "llama3_json":
-        return call
-    if fmt == "mistral":
-        return xgr.Grammar.concat(xgr.Grammar.from_ebnf('root ::= "[TOOL_CALLS]["'), call,
-                                  xgr.Grammar.from_ebnf('root ::= "]"'))
-    return xgr.Grammar.concat(xgr.Grammar.from_ebnf('root ::= "<tool_call>\\n"'), call,
-                              xgr.Grammar.from_ebnf('root ::= "\\n</tool_call>"'))
 
 
 def _first_line(exc: BaseException) -> str:
@@ -204,7 +191,7 @@ class GrammarCompiler:
         if c.kind == "grammar":
             return compiler.compile_grammar(c.value)
         if c.kind == "tool_call":
-            return compiler.compile_grammar(_tool_call_grammar(xgr, c.value))
+            return compiler.compile_grammar(tool_call_grammar(xgr, c.value))
         raise GrammarError(f"unknown constraint kind {c.kind!r}")
 
     def matcher(self, constraint: Constraint, stop_ids: Iterable[int]) -> Matcher:

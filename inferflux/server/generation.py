@@ -83,6 +83,7 @@ class GenerationSpec:
     tool_names: set[str] | None = None  # parse tool calls out of the text (the request gave these tools)
     think: bool | str | None = None  # Ollama's `think`: truthy on a model that does not reason is a 400
     forced_tools: list[dict[str, Any]] | None = None  # tool_choice required/named: the output is a call to one
+    parallel_tool_calls: bool = True  # false: at most one call (grammar and parser); OpenAI's default is true
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,7 +204,7 @@ class Generation:
                 raise bad_request(f'"{handle.name}" does not support thinking', param="think")
             if spec.forced_tools:  # constrained to a call in the template's tool format (server/structured.py)
                 spec.params = dataclasses.replace(spec.params, constraint=tool_constraint(
-                    spec.forced_tools, _source(spec, handle)))
+                    spec.forced_tools, _source(spec, handle), parallel=spec.parallel_tool_calls))
             guard = policy.before(spec, handle)  # pre-hooks: may rewrite the prompts or deny (server/policy/)
             rendered: list[str | None] = []
             prompt_ids = [encode(prompt, handle, rendered) for prompt in spec.prompts]
@@ -257,7 +258,8 @@ class Generation:
         """Every choice's events as they come; the handle is released when this ends, however it ends."""
         parsers = splitters(_source(self.spec, self.handle), self.rendered, self.n, self.spec.tool_names,
                             self.spec.prompts[0].tools if self.spec.prompts else None,
-                            constrained=self.spec.params.constraint is not None)
+                            constrained=self.spec.params.constraint is not None,
+                            max_calls=None if self.spec.parallel_tool_calls else 1)
         calls = [0] * self.num_choices
         outputs: dict[int, list[int]] = {}  # each choice's token ids so far (Ollama's `context` returns them)
         started: set[int] = set()

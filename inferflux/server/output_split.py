@@ -39,13 +39,14 @@ class OutputSplitter:
 
 def splitters(template_source: str | None, rendered: Sequence[str | None], n: int,
               names: set[str] | None, tools: list[dict[str, Any]] | None,
-              constrained: bool = False) -> dict[int, OutputSplitter]:
+              constrained: bool = False, max_calls: int | None = None) -> dict[int, OutputSplitter]:
     """A splitter per choice (`prompt_index * n + sample`) that needs one; choices without are passed as is.
 
     `rendered` is each prompt's text when it came from chat messages (None for raw text or token ids:
     a raw prompt's output is the client's to read, as in Ollama's `raw` mode). `constrained`: a grammar
     (response_format, a forced tool call) writes the answer from the first token, so the output does not
-    start inside a `<think>` the prompt opened.
+    start inside a `<think>` the prompt opened. `max_calls`: calls kept per choice (1 with
+    `parallel_tool_calls: false`).
     """
     reasons = template_reasons(template_source)
     fmt = detect_format(template_source)
@@ -55,7 +56,7 @@ def splitters(template_source: str | None, rendered: Sequence[str | None], n: in
         for sample in range(n):
             inside = opened_in_prompt(text) and not constrained if text is not None else False
             thinking = ReasoningStream(inside) if reasons and text is not None else None
-            calls = ToolCallStream(names, fmt, types) if names is not None else None
+            calls = ToolCallStream(names, fmt, types, max_calls) if names is not None else None
             if thinking is not None or calls is not None:
                 out[pi * n + sample] = OutputSplitter(thinking, calls)
     return out

@@ -140,10 +140,12 @@ def forced_tools(tools: list[dict[str, Any]] | None, tool_choice: Any) -> list[d
                       '{"name": ...}}', param="tool_choice")
 
 
-def tool_constraint(tools: list[dict[str, Any]], template: str | None) -> Constraint:
-    """One call to one of `tools`, written the way the chat template teaches (Hermes/Qwen `<tool_call>` unless
-    the template is Mistral's or Llama 3's)."""
+def tool_constraint(tools: list[dict[str, Any]], template: str | None, parallel: bool = True) -> Constraint:
+    """A call to one of `tools`, written the way the chat template teaches (Hermes/Qwen `<tool_call>` JSON,
+    Qwen3-coder's `<function=...>` XML, Mistral's or Llama 3's; Hermes for a template that names none).
+    `parallel` (OpenAI's `parallel_tool_calls`, default true): one or more calls, else exactly one."""
     from inferflux.server.tool_calls import detect_format
 
     name = detect_format(template).name
-    return Constraint.tool_call(tools, name if name in ("mistral", "llama3_json") else "hermes")
+    fmt = name if name in ("mistral", "llama3_json", "qwen3_coder") else "hermes"
+    return Constraint.tool_call(tools, fmt, parallel=parallel)

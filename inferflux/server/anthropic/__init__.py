@@ -11,9 +11,10 @@ Differences from Anthropic's API, by design or not yet done:
 - `image` and `document` blocks are refused with a 400 (no vision models are served).
 - `max_tokens` is capped to what fits the context window (Anthropic-style clients send one large value
   whatever the model), and a capped answer ends with `stop_reason: max_tokens`.
-- `tool_choice` `any` / `tool` force a call by constraining the output to one call in the template's tool
-  format (the engine's grammar, server/structured.py); `none` keeps the tools in the prompt but never
-  parses calls out of the text; `disable_parallel_tool_use` is accepted (a forced answer is one call).
+- `tool_choice` `any` / `tool` force a call by constraining the output to calls in the template's tool
+  format (the engine's grammar, server/structured.py): one or more, or exactly one with
+  `disable_parallel_tool_use` (which also keeps only the first call of an unforced answer); `none` keeps
+  the tools in the prompt but never parses calls out of the text.
 - `thinking` is the reasoning switch of server/reasoning.py (the template's `enable_thinking`): `disabled`
   off, `enabled` / `adaptive` on (at `output_config.effort` when given), absent the template's default,
   as the OpenAI endpoint renders it. `enabled` on a model that does not reason is a 400; `budget_tokens`

@@ -187,7 +187,8 @@ class MessagesRequest(CountTokensRequest):
         think = self.think if thinking is not None and thinking.type == "enabled" else None
         return GenerationSpec(model=self.model, prompts=[self.prompt()], params=params,
                               limits=Limits(max_tokens=self.max_tokens, overflow="cap"), tool_names=self.tool_names,
-                              think=think, forced_tools=forced)
+                              think=think, forced_tools=forced, parallel_tool_calls=not (
+                                  self.tool_choice is not None and self.tool_choice.disable_parallel_tool_use))
 
 
 def _text(blocks: str | list[TextBlock] | list[Any] | None, where: str) -> str:

@@ -171,7 +171,7 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None  # a forced call (tool_choice required / named) is always exactly one
+    parallel_tool_calls: bool | None = None  # false: at most one call (grammar and parser); None means true
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
     # Reasoning switches (server/reasoning.py): OpenAI's effort ("none" turns thinking off), and LM Studio's /
@@ -212,6 +212,7 @@ class ChatCompletionRequest(_Sampling):
         spec = self._spec([prompt], self.requested_max_tokens,
                           tool_names(self.tools) if self.parses_tools else None)
         spec.forced_tools = forced_tools(self.tools, self.tool_choice)
+        spec.parallel_tool_calls = self.parallel_tool_calls is not False
         if spec.forced_tools and spec.params.constraint is not None:
             raise bad_request("`tool_choice` forcing a call cannot be combined with a structured-output format",
                               param="tool_choice")

@@ -209,7 +209,7 @@ class ResponsesRequest(_Input):
         return GenerationSpec(model=self.model, prompts=[prompt], params=params,
                               limits=Limits(max_tokens=self.max_output_tokens),
                               tool_names=tool_names(self.template_tools()) if self.parses_tools else None,
-                              forced_tools=forced)
+                              forced_tools=forced, parallel_tool_calls=self.parallel_tool_calls)
 
     def constraint(self) -> Constraint | None:
         """`text.format` as the engine's grammar constraint: json_object is any JSON object, json_schema its

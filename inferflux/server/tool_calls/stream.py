@@ -12,6 +12,8 @@ The stream is a small state machine over the text not yet handed out:
 
 Whatever does not parse goes back as text (its marker included), so a malformed call is shown,
 never lost; parsing the whole output at once or in any split gives the same text and calls.
+`max_calls` (1 for OpenAI's `parallel_tool_calls: false`): calls past it are dropped, as the
+client asked for at most that many; the first ones are kept.
 """
 
 from __future__ import annotations
@@ -61,8 +63,10 @@ def _bare_named(text: str, names: set[str]) -> bool | None:
 class ToolCallStream:
     """Feed output text as it arrives; get back the text to show now and the calls completed so far."""
 
-    def __init__(self, names: Iterable[str] = (), fmt: ToolFormat = GENERIC, types: ParamTypes | None = None) -> None:
+    def __init__(self, names: Iterable[str] = (), fmt: ToolFormat = GENERIC, types: ParamTypes | None = None,
+                 max_calls: int | None = None) -> None:
         self.names = set(names)
+        self.max_calls = max_calls
         self.format = fmt
         self.types = types
         self._pending = ""  # text not yet handed out
@@ -86,6 +90,7 @@ class ToolCallStream:
         if self._mode == "tag" and self._tag is not None:  # ended before the closing tag (a stop string, or EOS)
             found = self._parse_tag(pending)
             if found:
+                found = self._take(found)
                 calls += found
                 self.calls += found
             else:
@@ -144,8 +149,15 @@ class ToolCallStream:
                 continue
             if not self._text(out):
                 break
+        calls = self._take(calls)
         self.calls += calls
         return "".join(out), calls
+
+    def _take(self, found: list[ToolCall]) -> list[ToolCall]:
+        """The calls of `found` still within `max_calls` (counting those handed out before)."""
+        if self.max_calls is None:
+            return found
+        return found[:max(0, self.max_calls - len(self.calls))]
 
     def _text(self, out: list[str]) -> bool:
         """Hand out text up to the first marker (True: a region began) or up to a possible partial one."""
@@ -226,9 +238,9 @@ def _partial_marker_len(text: str, markers: Iterable[str]) -> int:
 
 
 def parse_tool_calls(text: str, names: Iterable[str] = (), fmt: ToolFormat = GENERIC,
-                     types: ParamTypes | None = None) -> tuple[str, list[ToolCall]]:
-    """A complete output as (the text outside calls, the calls)."""
-    stream = ToolCallStream(names, fmt, types)
+                     types: ParamTypes | None = None, max_calls: int | None = None) -> tuple[str, list[ToolCall]]:
+    """A complete output as (the text outside calls, the calls; at most `max_calls` of them)."""
+    stream = ToolCallStream(names, fmt, types, max_calls)
     shown, calls = stream.feed(text)
     rest, more = stream.finish()
     return shown + rest, calls + more

@@ -22,7 +22,7 @@ from typing import Any, cast
 import numpy as np
 
 from inferflux.config import Config, load_config
-from inferflux.engine.compile_cache import enable_persistent_cache
+from inferflux.engine.compile_cache import enable_home_caches
 from inferflux.engine.core import EngineCore
 from inferflux.engine.kv_cache import PageAllocator
 from inferflux.engine.model_runner import ModelRunner
@@ -59,7 +59,7 @@ class LLM:
 
     def __init__(self, model: str | Path, config: Config | None = None, **runtime: Any) -> None:
         self.config = config or load_config(overrides={f"runtime.{k}": v for k, v in runtime.items()})
-        enable_persistent_cache(self.config.home_path / "xla-cache", self.config.runtime.cache_executables)
+        enable_home_caches(self.config.home_path, self.config.runtime.cache_executables)
         check_model(Path(model), self.config, self.config.home_path)  # security.require_signed_models
         self.model: LoadedModel = load_model(model)
         self.tokenizer = self.model.tokenizer

@@ -204,6 +204,58 @@ def test_open_gguf_parses_a_file_once_until_it_changes(tiny_gguf, tmp_path: Path
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000))
     second = open_gguf(path)
     assert second is not first
-    assert {int(t.tensor_type) for t in second.reader.tensors} != {int(t.tensor_type) for t in first.reader.tensors}
+    assert {int(t.tensor_type) for t in second.tensors.values()} != {int(t.tensor_type) for t in first.tensors.values()}
     with pytest.raises(ModelFormatError):
         open_gguf(tmp_path / "missing.gguf")
+
+
+def test_cached_gguf_header_equals_a_fresh_parse(tiny_gguf, tmp_path: Path) -> None:
+    """A restart reads the header from $INFERFLUX_HOME/cache/gguf (formats/gguf_header_cache.py), not through
+    gguf-py's parser: the metadata, the tensor table, every tensor's bytes and the loaded model (tokenizer,
+    config, weights) are the same as a fresh parse's; a rewritten file and a torn entry are parsed again."""
+    import os
+
+    from inferflux.formats import gguf_header_cache
+
+    path = tmp_path / "m.gguf"
+    shutil.copy(tiny_gguf("llama", "Q4_K"), path)
+    fresh = GGUFFile(path)
+    cache = tmp_path / "cache"
+    gguf_header_cache.set_directory(cache)
+    try:
+        GGUFFile(path)  # parses and stores
+        (entry,) = cache.glob("*.json")
+        cached = GGUFFile(path)
+        assert cached._values is not None  # really from the cache
+        assert cached.metadata == fresh.metadata and list(cached.metadata) == list(fresh.metadata)
+        assert cached.tensors.keys() == fresh.tensors.keys()
+        for name, ours in cached.tensors.items():
+            theirs = fresh.tensors[name]
+            assert (ours.name, ours.tensor_type, ours.n_elements, ours.n_bytes, ours.data_offset) == (
+                theirs.name, theirs.tensor_type, theirs.n_elements, theirs.n_bytes, theirs.data_offset)
+            assert ours.shape.tolist() == theirs.shape.tolist() and ours.shape.dtype == theirs.shape.dtype
+            assert ours.data.dtype == theirs.data.dtype and ours.data.shape == theirs.data.shape
+            np.testing.assert_array_equal(ours.data, theirs.data)
+        config = cached.model_config()
+        assert config == fresh.model_config()
+        expected = load_gguf_weights(fresh, config)
+        for name, weight in load_gguf_weights(cached, config).items():
+            np.testing.assert_array_equal(np.asarray(getattr(weight, "raw", weight)),
+                                          np.asarray(getattr(expected[name], "raw", expected[name])))
+        from inferflux.formats.tokenizer import Tokenizer
+        text = "Hello world, the cache"
+        assert Tokenizer.from_gguf(cached).encode(text) == Tokenizer.from_gguf(fresh).encode(text)
+
+        entry.write_text(entry.read_text()[:100])  # torn: ignored, parsed again and rewritten
+        again = GGUFFile(path)
+        assert again._values is None and again.metadata == fresh.metadata
+        assert GGUFFile(path)._values is not None
+
+        shutil.copy(tiny_gguf("llama", "Q8_0"), path)  # rewritten: a new key, so the old entry is not used
+        os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000))
+        changed = GGUFFile(path)
+        assert changed._values is None
+        assert {int(t.tensor_type) for t in changed.tensors.values()} != {
+            int(t.tensor_type) for t in fresh.tensors.values()}
+    finally:
+        gguf_header_cache.set_directory(None)

@@ -27,6 +27,7 @@ from transformers import AutoTokenizer
 
 from inferflux.convert.gguf_vocab import add_vocab
 from inferflux.errors import ModelFormatError
+from inferflux.formats.gguf_file import GGUFFile
 from inferflux.formats.gguf_tokenizer import tokenizer_from_gguf
 from inferflux.formats.tokenizer import Tokenizer
 from tests.fixtures.tokenizers import CORPUS, LLAMA3_SPECIAL_TOKENS, QWEN2_SPECIAL_TOKENS
@@ -167,7 +168,7 @@ def opened(kind: str, hf_dir: Path, work_dir: Path) -> Iterator[Case]:
             kind=kind,
             hf_dir=hf_dir,
             gguf_path=path,
-            ours_gguf=Tokenizer.from_gguf(gguf.GGUFReader(path), path),
+            ours_gguf=Tokenizer.from_gguf(GGUFFile(path)),
             ours_hf=Tokenizer.from_hf_dir(hf_dir),
             hf=tokenizers.Tokenizer.from_file(str(hf_dir / "tokenizer.json")),
             llama=llama,
@@ -492,20 +493,20 @@ def _tiny_gguf(path: Path, model: str, pre: str | None = None, merges: bool = Tr
 
 def test_tiny_gpt2_gguf_works(tmp_path: Path) -> None:
     path = _tiny_gguf(tmp_path / "ok.gguf", "gpt2", "gpt-2")
-    assert Tokenizer.from_gguf(gguf.GGUFReader(path), path).encode("abab") == [2, 2]
+    assert Tokenizer.from_gguf(GGUFFile(path)).encode("abab") == [2, 2]
 
 
 def test_unknown_tokenizer_model_is_refused(tmp_path: Path) -> None:
     path = _tiny_gguf(tmp_path / "bert.gguf", "bert")
     with pytest.raises(ModelFormatError, match="bert") as err:
-        tokenizer_from_gguf(gguf.GGUFReader(path), path)
+        tokenizer_from_gguf(GGUFFile(path))
     assert str(path) in str(err.value) and "tokenizer.ggml.model" in str(err.value)
 
 
 def test_unknown_pre_tokenizer_is_refused(tmp_path: Path) -> None:
     path = _tiny_gguf(tmp_path / "pre.gguf", "gpt2", "made-up-pre")
     with pytest.raises(ModelFormatError, match="made-up-pre") as err:
-        Tokenizer.from_gguf(gguf.GGUFReader(path), path)
+        Tokenizer.from_gguf(GGUFFile(path))
     assert str(path) in str(err.value) and "tokenizer.ggml.pre" in str(err.value)
 
 
@@ -517,14 +518,14 @@ def test_missing_tokenizer_metadata_is_refused(tmp_path: Path) -> None:
     writer.write_ti_data_to_file()
     writer.close()
     with pytest.raises(ModelFormatError, match="tokenizer.ggml.model") as err:
-        Tokenizer.from_gguf(gguf.GGUFReader(path), path)
+        Tokenizer.from_gguf(GGUFFile(path))
     assert str(path) in str(err.value)
 
 
 def test_gpt2_without_merges_is_refused(tmp_path: Path) -> None:
     path = _tiny_gguf(tmp_path / "nomerges.gguf", "gpt2", "gpt-2", merges=False)
     with pytest.raises(ModelFormatError, match="merges"):
-        Tokenizer.from_gguf(gguf.GGUFReader(path), path)
+        Tokenizer.from_gguf(GGUFFile(path))
 
 
 @pytest.mark.parametrize("damage", ["truncated", "not_json", "missing"])

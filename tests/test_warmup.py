@@ -115,6 +115,27 @@ def test_map_budget_evicts_before_the_count_cap() -> None:
     assert list(view) == [4] and 4 in view and view.get(3) is None
 
 
+def test_maps_are_recounted_only_when_the_budget_could_be_crossed(monkeypatch) -> None:
+    """over_map_budget reads /proc/self/maps again only once the programs added since the last count could
+    have crossed the budget (MAPS_PER_PROGRAM_BOUND each); past it, every check counts."""
+    from inferflux.engine import program_cache
+
+    reads = []
+    real = program_cache.process_map_count
+    monkeypatch.setattr(program_cache, "process_map_count", lambda: reads.append(1) or real())
+    now = real()
+    cache = ProgramCache(capacity=100, map_budget=now + 3 * program_cache.MAPS_PER_PROGRAM_BOUND + 512)
+    for i in range(6):
+        cache.put(("step", i), object())
+    # counted at the 2nd program (one held: 1 + 1024 <= budget needs no count before), then again when 3 more
+    # could cross; never over, so nothing was evicted
+    assert 1 <= len(reads) <= 3 and cache.evictions == 0 and len(cache.keys()) == 6
+    cache.map_budget = 1
+    before = len(reads)
+    cache.put(("step", 6), object())
+    assert len(reads) > before and cache.keys() == [("step", 6)]
+
+
 def test_incomplete_cache_entries_are_dropped(tmp_path: Path) -> None:
     import zlib
 

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import jax
 
+from inferflux.formats import gguf_header_cache
+
 log = logging.getLogger(__name__)
 
 _enabled: Path | None = None
@@ -50,6 +52,14 @@ def code_fingerprint() -> str:
 def enabled_directory() -> Path | None:
     """The directory `enable_persistent_cache` turned on in this process, or None."""
     return _enabled
+
+
+def enable_home_caches(home: str | Path, per_code: bool = False) -> Path:
+    """Turn on every start-up cache under `$INFERFLUX_HOME`: XLA's programs (`xla-cache/`, returned) and parsed
+    GGUF headers (`cache/gguf/`, formats/gguf_header_cache.py)."""
+    home = Path(home).expanduser()
+    gguf_header_cache.set_directory(home / "cache" / "gguf")
+    return enable_persistent_cache(home / "xla-cache", per_code)
 
 
 def enable_persistent_cache(directory: str | Path, per_code: bool = False) -> Path:

@@ -190,9 +190,15 @@ class ModelRunner:
             return self.runtime.num_pages
         per_page = kv_bytes_per_page(self.config, self.page_size, self.dtype)
         budget = int(device.free_memory_bytes() * self.runtime.memory_fraction)
-        if self.backend == "cpu":  # host RAM is shared with everything else (vLLM's CPU default is 4 GiB too)
+        pages = min(self.runtime.max_pages_from_memory, self.runtime.max_num_seqs * self.pages_per_seq + 1)
+        if self.backend == "cpu":
+            # Host RAM is shared with everything else (vLLM's CPU default is 4 GiB too), and no more pages than
+            # max_num_seqs full-length sequences hold: every page is zero-filled at start (~1 GiB/s here, a
+            # restart's largest cost after imports), and a 2-core host never runs more at once.
             budget = min(budget, int(self.runtime.kv_cache_cpu_gib * 2**30))
-        pages = min(device.coarse_count(budget // per_page), self.runtime.max_pages_from_memory)  # stable shapes
+        else:
+            pages = self.runtime.max_pages_from_memory  # the rest of the device's memory is prefix cache
+        pages = min(device.coarse_count(budget // per_page), pages)  # stable shapes
         return max(int(pages), self.pages_per_seq + 1)
 
     def all_buckets(self) -> list[Bucket]:

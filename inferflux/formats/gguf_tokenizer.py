@@ -20,13 +20,15 @@ matched inside text as llama.cpp does.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gguf
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 from inferflux.errors import ModelFormatError
+
+if TYPE_CHECKING:
+    from inferflux.formats.gguf_file import GGUFFile
 
 logger = logging.getLogger(__name__)
 
@@ -79,9 +81,9 @@ _MATCHED_IN_TEXT = {gguf.TokenType.CONTROL, gguf.TokenType.UNKNOWN, gguf.TokenTy
 class GGUFVocab:
     """The `tokenizer.ggml.*` metadata of one GGUF file, read once, with llama.cpp's defaults."""
 
-    def __init__(self, reader: gguf.GGUFReader, path: str | Path) -> None:
-        self.path = Path(path)
-        self._reader = reader
+    def __init__(self, file: GGUFFile) -> None:
+        self.path = path = file.path
+        self._file = file
         self.model = self._get(gguf.Keys.Tokenizer.MODEL)
         if self.model is None:
             raise ModelFormatError(path, "no tokenizer in the file (tokenizer.ggml.model is missing)")
@@ -110,18 +112,12 @@ class GGUFVocab:
         return None
 
     def _get(self, key: str, default: Any = None) -> Any:
-        field = self._reader.fields.get(key)
-        if field is None:
-            return default
-        try:
-            return field.contents()
-        except (UnicodeDecodeError, ValueError, IndexError) as err:
-            raise ModelFormatError(self.path, f"metadata {key!r} is unreadable: {err}") from err
+        return self._file.value(key, default)
 
 
-def tokenizer_from_gguf(reader: gguf.GGUFReader, path: str | Path) -> Tokenizer:
+def tokenizer_from_gguf(file: GGUFFile) -> Tokenizer:
     """A `tokenizers.Tokenizer` equivalent to llama.cpp's tokenizer for this GGUF file."""
-    return build_tokenizer(GGUFVocab(reader, path))
+    return build_tokenizer(GGUFVocab(file))
 
 
 def build_tokenizer(vocab: GGUFVocab) -> Tokenizer:

@@ -47,7 +47,7 @@ def load_model(path: str | Path) -> LoadedModel:
 def _load_gguf(path: Path) -> LoadedModel:
     file = open_gguf(path)
     config = file.model_config()
-    tokenizer = Tokenizer.from_gguf(file.reader, path)
+    tokenizer = Tokenizer.from_gguf(file)
     meta = file.metadata
     special = {
         key: text

@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import gguf
 import tokenizers
@@ -30,6 +30,9 @@ from gguf.vocab import SpecialVocab, bytes_to_unicode
 from inferflux.errors import ModelFormatError
 from inferflux.formats.gguf_tokenizer import SPM_SPACE, GGUFVocab, build_tokenizer, default_add_bos
 from inferflux.formats.json_file import read_json_object
+
+if TYPE_CHECKING:
+    from inferflux.formats.gguf_file import GGUFFile
 
 # Token texts llama.cpp treats as end-of-generation whatever the configured EOS is
 # (llama-vocab.cpp, special_eog_ids); a chat model ends its turn with one of these.
@@ -84,9 +87,9 @@ class Tokenizer:
         return cls(backend, _hf_special_ids(folder, backend), _hf_piece_style(file))
 
     @classmethod
-    def from_gguf(cls, reader: gguf.GGUFReader, path: str | Path) -> Tokenizer:
+    def from_gguf(cls, file: GGUFFile) -> Tokenizer:
         """Build from the file's `tokenizer.ggml.*` metadata, with llama.cpp's defaults for missing keys."""
-        vocab = GGUFVocab(reader, path)
+        vocab = GGUFVocab(file)
         backend = build_tokenizer(vocab)
         style: PieceStyle = "sentencepiece" if vocab.model == "llama" else "byte_level"
         return cls(backend, _gguf_special_ids(vocab), style)

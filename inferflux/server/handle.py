@@ -19,7 +19,7 @@ from typing import Protocol
 import numpy as np
 
 from inferflux.config import Config
-from inferflux.engine.compile_cache import enable_persistent_cache
+from inferflux.engine.compile_cache import enable_home_caches
 from inferflux.engine.embedder import Embedder
 from inferflux.engine.engine import Engine
 from inferflux.engine.request import EngineStats, Pooling
@@ -232,7 +232,7 @@ def load_handle(config: Config, path: str | Path, served_name: str | None = None
 
     Names default to the served model's (`server.served_model_name`, `server.model_aliases`).
     """
-    enable_persistent_cache(config.home_path / "xla-cache", config.runtime.cache_executables)
+    enable_home_caches(config.home_path, config.runtime.cache_executables)
     check_model(Path(path), config, config.home_path)  # security.require_signed_models (store/signing.py)
     name = served_name or config.server.served_model_name or Path(path).name
     aliases = config_aliases(config) if aliases is None else aliases

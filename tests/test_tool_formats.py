@@ -215,3 +215,16 @@ def test_max_calls_keeps_the_first_call_whole_and_streamed(fmt, output: str, tex
             found += new
         rest, new = stream.finish()
         assert ("".join(shown) + rest, found + new) == (text, calls[:1])
+
+
+@pytest.mark.parametrize(("name", "grammar"), [("hermes", "hermes"), ("qwen3_coder", "qwen3_coder"),
+                                                ("mistral", "mistral"), ("llama3_json", "llama3_json"),
+                                                ("generic", "hermes")])
+def test_forced_call_grammar_follows_the_template(name: str, grammar: str) -> None:
+    """A forced call is constrained in the syntax the template teaches (the parser's format, engine grammar)."""
+    from inferflux.server.structured import tool_constraint
+
+    tools = [{"name": "add", "parameters": TOOLS[1]["function"]["parameters"]}]
+    for parallel in (True, False):
+        spec = json.loads(tool_constraint(tools, TEMPLATES[name], parallel=parallel).value)
+        assert (spec["format"], spec["parallel"]) == (grammar, parallel)

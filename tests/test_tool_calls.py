@@ -146,3 +146,60 @@ def test_ollama_chat_returns_tool_calls(tmp_path) -> None:
     assert [line["message"].get("tool_calls") for line in lines if line["message"].get("tool_calls")] == [
         whole["message"]["tool_calls"]]
     assert lines[-1]["done"] is True and whole["eval_count"] == len(CALL_PIECES)
+
+
+# --- a forced call on a Qwen3-coder template: the real engine, its XML grammar, the real openai client ---
+
+QWEN3_CODER_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nTools: {% for t in tools %}{{ t.function.name }} {% endfor %}\n"
+    "Call one as <tool_call>\n<function=NAME>\n<parameter=P>\nvalue\n</parameter>\n</function>\n</tool_call>"
+    "<|im_end|>\n{% endif %}{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CODER_TOOLS = [{"type": "function", "function": {"name": "lookup", "parameters": {
+    "type": "object", "properties": {"query": {"type": "string", "maxLength": 10},
+                                     "limit": {"type": "integer", "minimum": 1, "maximum": 5},
+                                     "weight": {"type": "number", "minimum": 0, "maximum": 1}},
+    "required": ["query", "limit"]}}}]
+
+
+@pytest.fixture(scope="module")
+def coder_client(tiny_model, tmp_path_factory):
+    import shutil
+
+    import openai
+
+    from tests.fixtures.server import Server
+
+    model = tmp_path_factory.mktemp("qwen3-coder") / "m"
+    shutil.copytree(tiny_model("qwen2"), model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config["chat_template"] = QWEN3_CODER_TEMPLATE
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    srv = Server(model, "coder", ["runtime.max_model_len=512"])
+    yield openai.OpenAI(base_url=srv.url + "/v1", api_key="unused")
+    assert srv.stop() == 0, srv.output()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_forced_call_on_a_qwen3_coder_template(coder_client, stream: bool) -> None:
+    """The XML-style grammar's output reads back (whole and streamed) as one call whose arguments validate."""
+    import jsonschema
+
+    body = dict(model="coder", messages=[{"role": "user", "content": "Find it"}], tools=CODER_TOOLS,
+                tool_choice={"type": "function", "function": {"name": "lookup"}}, parallel_tool_calls=False,
+                max_tokens=300, seed=5)
+    if stream:
+        names, args, content = [], "", ""
+        for chunk in coder_client.chat.completions.create(**body, stream=True):
+            for delta in [c.delta for c in chunk.choices]:
+                content += delta.content or ""
+                for call in delta.tool_calls or []:
+                    names += [call.function.name] if call.function.name else []
+                    args += call.function.arguments or ""
+        assert names == ["lookup"] and "<" not in content, content
+    else:
+        choice = coder_client.chat.completions.create(**body).choices[0]
+        assert choice.finish_reason == "tool_calls", choice.message
+        (call,) = choice.message.tool_calls
+        args = call.function.arguments
+    jsonschema.validate(json.loads(args), CODER_TOOLS[0]["function"]["parameters"])

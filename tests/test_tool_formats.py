@@ -228,3 +228,7 @@ def test_forced_call_grammar_follows_the_template(name: str, grammar: str) -> No
     for parallel in (True, False):
         spec = json.loads(tool_constraint(tools, TEMPLATES[name], parallel=parallel).value)
         assert (spec["format"], spec["parallel"]) == (grammar, parallel)
+    # parameters keep the schema's order (Qwen3-coder writes them in it), not sorted
+    backwards = [{"name": "f", "parameters": {"type": "object", "properties": {"z": {}, "a": {}}}}]
+    assert list(json.loads(tool_constraint(backwards, TEMPLATES[name]).value)["tools"][0]["parameters"][
+        "properties"]) == ["z", "a"]

@@ -93,8 +93,8 @@ class Constraint:
         if fmt not in TOOL_FORMATS:
             raise GrammarError(f"unknown tool-call format {fmt!r} (one of {', '.join(TOOL_FORMATS)})")
         spec = [{"name": t["name"], "parameters": t.get("parameters") or {"type": "object"}} for t in tools]
-        return cls("tool_call", json.dumps({"format": fmt, "parallel": bool(parallel), "tools": spec},
-                                           sort_keys=True))
+        # keys in the client's order: the grammar writes parameters in the order the schema (and template) has
+        return cls("tool_call", json.dumps({"format": fmt, "parallel": bool(parallel), "tools": spec}))
 
 
 def _xgr() -> Any:

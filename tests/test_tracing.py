@@ -4,12 +4,15 @@ The receiver is a tiny HTTP server (and, for `telemetry.protocol: grpc`, a gRPC 
 that decodes `ExportTraceServiceRequest` with opentelemetry-proto, so what is checked is what a
 collector would get: the span's trace id and parent from the `traceparent` the `openai` client sent,
 its GenAI name and attributes, the token counts the response reported, the phase children, and no
-prompt text (telemetry.capture_content is off).
+prompt text (telemetry.capture_content is off); on a second server with auth, a tenant's key and a LoRA
+adapter, the tenant and adapter attributes and, with capture_content on, the prompt and reply.
 """
 
 from __future__ import annotations
 
+import asyncio
 import gzip
+import json
 import os
 import secrets
 import threading
@@ -19,6 +22,7 @@ from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import httpx
 import openai
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
@@ -128,6 +132,7 @@ def test_chat_span_joins_the_callers_trace_with_genai_attributes(traced) -> None
     (resource, span), = spans.wait(lambda s: s.trace_id.hex() == trace_id and s.name.startswith("chat"))
     assert span.name == "chat tiny"
     assert span.parent_span_id.hex() == parent_id
+    assert span.trace_state == "vendor=abc"  # the caller's tracestate travels with its trace
     assert span.kind == span.SPAN_KIND_SERVER
     assert resource["service.name"] == "ifx-test"
     a = attrs(span)
@@ -142,6 +147,7 @@ def test_chat_span_joins_the_callers_trace_with_genai_attributes(traced) -> None
     assert a["gen_ai.response.finish_reasons"] == [reply.choices[0].finish_reason]
     assert a["gen_ai.response.id"] == reply.id
     assert a["http.response.status_code"] == 200
+    assert a["inferflux.policy"] == "allow"  # the policy guard's decision (no policy documents: allow)
     assert span.end_time_unix_nano > span.start_time_unix_nano
     # The phases: children of the request's span, inside it, in order; the first token as an event.
     children = {s.name: s for _, s in spans.wait(lambda s: s.parent_span_id == span.span_id and s.name == "decode")
@@ -194,38 +200,6 @@ def test_embeddings_and_a_refused_request_get_spans_and_other_routes_none(traced
     assert not [s for _, s in spans.items if s.trace_id.hex() == trace_id]
 
 
-class GrpcReceiver(trace_service_pb2_grpc.TraceServiceServicer):
-    def __init__(self, spans: Spans) -> None:
-        self.spans = spans
-
-    def Export(self, request, context):  # noqa: N802 - the service's method name
-        self.spans.add(request.SerializeToString())
-        return trace_service_pb2.ExportTraceServiceResponse()
-
-
-def test_grpc_protocol_exports_the_same_span(tiny_model) -> None:
-    import grpc
-
-    spans = Spans()
-    port = free_port()
-    grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(GrpcReceiver(spans), grpc_server)
-    grpc_server.add_insecure_port(f"127.0.0.1:{port}")
-    grpc_server.start()
-    server = _server(tiny_model, [f"telemetry.otlp_endpoint=http://127.0.0.1:{port}", "telemetry.protocol=grpc"])
-    try:
-        trace_id, parent_id, header = _traceparent()
-        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
-        reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
-                                               max_tokens=3, extra_headers={"traceparent": header})
-        (resource, span), = spans.wait(lambda s: s.trace_id.hex() == trace_id and s.name.startswith("chat"))
-        assert span.parent_span_id.hex() == parent_id and resource["service.name"] == "inferflux"
-        assert attrs(span)["gen_ai.usage.output_tokens"] == reply.usage.completion_tokens
-    finally:
-        assert server.stop() == 0, server.output()
-        grpc_server.stop(0)
-
-
 def test_off_by_default_builds_nothing() -> None:
     """No endpoint: no hook, no provider (the SDK's trace module is not even needed)."""
     app = Quart("t")
@@ -244,7 +218,6 @@ def test_operation_names_and_traces_url() -> None:
 
 def test_metrics_scrape_has_backend_info_dialects_adapters_and_hints(traced) -> None:
     """The additions of server/metrics.py as a scraper reads them from the live server (after the tests above)."""
-    import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
     server, _ = traced
@@ -260,6 +233,133 @@ def test_metrics_scrape_has_backend_info_dialects_adapters_and_hints(traced) -> 
     assert value("inferflux:dialect_requests_total", dialect="openai", status_class="2xx") >= 4
     assert value("inferflux:dialect_requests_total", dialect="openai", status_class="4xx") >= 1
     assert value("inferflux:adapter_requests_total", adapter="base") >= 2  # the chat and the completion above
+    assert value("inferflux:policy_decisions_total", decision="allow") >= 2  # every generation's guard decision
     assert value("inferflux:queued_prompt_tokens") == 0  # nothing waits now
     assert 0 <= value("inferflux:kv_page_pressure") < 1
     assert value("vllm:num_requests_waiting") == 0  # the vLLM names stay
+
+
+def test_debug_pages_are_404_with_debug_ui_false_and_auth_off(traced) -> None:
+    """The default (`server.debug_ui: false`, auth off): no /debug page and no data behind it."""
+    server, _ = traced
+    for path in ("/debug", "/debug/api/kv", "/debug/api/requests", "/debug/api/traces", "/debug/api/traces/x"):
+        assert httpx.get(server.url + path, timeout=30).status_code == 404, path
+
+
+def test_debug_ui_true_serves_the_page_with_auth_off() -> None:
+    """`server.debug_ui: true`, auth off: ui.install registers /debug and its data routes (no key needed).
+
+    In-process (the real install on a Quart app) rather than a third server start; the data routes' content
+    is checked over HTTP in tests/test_ui_pages.py."""
+    from inferflux.config import load_config
+    from inferflux.server import ui
+
+    async def get(app: Quart) -> tuple[int, str, str]:
+        response = await app.test_client().get("/debug")
+        return response.status_code, response.content_type or "", await response.get_data(as_text=True)
+
+    for on in (False, True):
+        app = Quart("t")
+        ui.install(app, load_config(overrides=[f"server.debug_ui={str(on).lower()}"]))
+        status, kind, body = asyncio.run(get(app))
+        assert status == (200 if on else 404)
+        if on:
+            assert kind.startswith("text/html") and "KV cache pages" in body
+        rules = {rule.rule for rule in app.url_map.iter_rules()}
+        assert ({"/debug/api/kv", "/debug/api/traces"} <= rules) is on
+
+
+class GrpcReceiver(trace_service_pb2_grpc.TraceServiceServicer):
+    def __init__(self, spans: Spans) -> None:
+        self.spans = spans
+
+    def Export(self, request, context):  # noqa: N802 - the service's method name
+        self.spans.add(request.SerializeToString())
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+@pytest.fixture(scope="module")
+def keyed(tiny_model, tmp_path_factory) -> Iterator[tuple[Server, Spans, str, str, str]]:
+    """OTLP over gRPC, auth required, a tenant's key, one LoRA adapter loaded, telemetry.capture_content on."""
+    import grpc
+
+    from inferflux.server.access.keys import KeyStore
+    from tests.fixtures.server import private_home
+    from tests.test_lora import make_adapter
+
+    spans = Spans()
+    port = free_port()
+    grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(GrpcReceiver(spans), grpc_server)
+    grpc_server.add_insecure_port(f"127.0.0.1:{port}")
+    grpc_server.start()
+    base = tiny_model("llama")
+    adapter = make_adapter(base, tmp_path_factory.mktemp("trace-lora") / "a1", 4, 8, ["q_proj", "v_proj"], False, 1)
+    home = private_home()
+    store = KeyStore.at_home(home)
+    store.create_tenant("ops")
+    store.create_tenant("acme")
+    admin_key, _ = store.create_key("ops", "admin,models:write")
+    tenant_key, _ = store.create_key("acme", "inference")
+    os.environ["OTEL_BSP_SCHEDULE_DELAY"] = "100"
+    try:
+        server = Server(base, "tiny", home=home, extra=[
+            f"telemetry.otlp_endpoint=http://127.0.0.1:{port}", "telemetry.protocol=grpc",
+            "telemetry.capture_content=true", "security.auth=required", "runtime.max_loras=1",
+            "runtime.max_lora_rank=4"])
+    finally:
+        del os.environ["OTEL_BSP_SCHEDULE_DELAY"]
+    try:
+        loaded = httpx.post(server.url + "/v1/load_lora_adapter", json={"lora_name": "a1", "lora_path": str(adapter)},
+                            headers={"Authorization": f"Bearer {admin_key}"}, timeout=120)
+        assert loaded.status_code == 200, loaded.text
+        yield server, spans, tenant_key, admin_key, "a1"
+    finally:
+        status = server.stop()
+        store.close()
+        grpc_server.stop(0)
+    assert status == 0, server.output()
+
+
+def test_grpc_protocol_exports_the_same_span(keyed) -> None:
+    server, spans, tenant_key, _, _ = keyed
+    trace_id, parent_id, header = _traceparent()
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=tenant_key, max_retries=0)
+    reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                           max_tokens=3, extra_headers={"traceparent": header})
+    (resource, span), = spans.wait(lambda s: s.trace_id.hex() == trace_id and s.name.startswith("chat"))
+    assert span.parent_span_id.hex() == parent_id and resource["service.name"] == "inferflux"
+    assert attrs(span)["gen_ai.usage.output_tokens"] == reply.usage.completion_tokens
+
+
+def test_tenant_adapter_and_captured_content_are_on_the_span(keyed) -> None:
+    """A tenant's keyed request on an adapter: `inferflux.tenant`/`inferflux.adapter`, never the key; with
+    capture_content the prompt and the reply in the GenAI conventions' message shape."""
+    server, spans, tenant_key, admin_key, adapter = keyed
+    trace_id, _, header = _traceparent()
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=tenant_key, max_retries=0)
+    reply = client.chat.completions.create(
+        model=adapter, messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": PROMPT}],
+        max_tokens=5, temperature=0, extra_headers={"traceparent": header})
+    (_, span), = spans.wait(lambda s: s.trace_id.hex() == trace_id and s.name.startswith("chat"))
+    a = attrs(span)
+    assert a["inferflux.tenant"] == "acme" and a["inferflux.adapter"] == adapter
+    assert a["gen_ai.request.model"] == adapter
+    assert json.loads(a["gen_ai.input.messages"]) == [
+        {"role": "system", "parts": [{"type": "text", "content": "be brief"}]},
+        {"role": "user", "parts": [{"type": "text", "content": PROMPT}]}]
+    assert json.loads(a["gen_ai.output.messages"]) == [
+        {"role": "assistant", "parts": [{"type": "text", "content": reply.choices[0].message.content}],
+         "finish_reason": reply.choices[0].finish_reason}]
+    body = b"".join(spans.raw)
+    assert tenant_key.encode() not in body and admin_key.encode() not in body  # keys never leave in a span
+    # A completion's prompt text is a user message too; the base model's span names no adapter.
+    trace_id, _, header = _traceparent()
+    done = client.completions.create(model="tiny", prompt="once upon a time", max_tokens=3, temperature=0,
+                                     extra_headers={"traceparent": header})
+    (_, span), = spans.wait(lambda s: s.trace_id.hex() == trace_id and s.name == "text_completion tiny")
+    a = attrs(span)
+    assert "inferflux.adapter" not in a and a["inferflux.tenant"] == "acme"
+    assert json.loads(a["gen_ai.input.messages"]) == [
+        {"role": "user", "parts": [{"type": "text", "content": "once upon a time"}]}]
+    assert json.loads(a["gen_ai.output.messages"])[0]["parts"][0]["content"] == done.choices[0].text

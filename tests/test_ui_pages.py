@@ -15,10 +15,12 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
 from inferflux.server.access.keys import KeyStore
+from inferflux.server.ui.traces import TOP_N
 from tests.fixtures.server import Server, private_home
 
 playwright_api = pytest.importorskip("playwright.sync_api")
@@ -26,17 +28,29 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 SHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
-# A context long enough that one request streams for a while on 2 CPU cores.
-LONG = ["runtime.max_model_len=512"]
+# A context long enough that one request decodes for seconds even with warm compile caches (~1-2 ms a token
+# for the tiny model on 2 CPU cores), so the page's 0.4 s poll sees it decoding: the tiny model's copy with a
+# 4096-position window (RoPE has no learned positions) and room for it in the KV cache.
+LONG = ["runtime.max_model_len=4096", "runtime.num_pages=400"]
+LONG_TOKENS = 3400
+
+
+def _long_context_copy(model: Path, out: Path) -> Path:
+    shutil.copytree(model, out)
+    config = json.loads((out / "config.json").read_text())
+    config["max_position_embeddings"] = 4096
+    (out / "config.json").write_text(json.dumps(config))
+    return out
 
 
 @pytest.fixture(scope="module")
-def served(tiny_model) -> Iterator[tuple[Server, str]]:
+def served(tiny_model, tmp_path_factory) -> Iterator[tuple[Server, str]]:
     home = private_home()
     store = KeyStore.at_home(home)
     store.create_tenant("ops")
     admin_key, _ = store.create_key("ops", "admin,inference")
-    server = Server(tiny_model("llama"), "tiny", extra=["security.auth=required", *LONG], home=home)
+    model = _long_context_copy(tiny_model("llama"), tmp_path_factory.mktemp("ui-model") / "llama")
+    server = Server(model, "tiny", extra=["security.auth=required", *LONG], home=home)
     yield server, admin_key
     status = server.stop()
     store.close()
@@ -74,6 +88,18 @@ def _counts(page) -> dict[str, int]:
     return {name: int(counts.get_attribute(f"data-{name}")) for name in ("free", "used", "prefix", "cached")}
 
 
+# The long request's row once it has a few output tokens, and the page counts of the same render (else null).
+_DECODING = """() => {
+  const row = document.querySelector('#queue tr[data-request-id="ui-long-1"][data-state="running"]');
+  const counts = document.querySelector('#kv .model[data-model="tiny"] .counts');
+  if (!row || !counts) return null;
+  const td = [...row.querySelectorAll('td')].map((cell) => Number(cell.innerText));
+  if (!(td[7] >= 4)) return null;
+  return {prompt: td[4], computed: td[5], output: td[7], pages: td[9],
+          used: Number(counts.dataset.used), prefix: Number(counts.dataset.prefix)};
+}"""
+
+
 @pytest.mark.slow  # the long request's steps compile several programs on a cold cache
 def test_kv_map_shows_pages_used_while_a_long_request_streams_and_freed_after(served, page) -> None:
     server, admin_key = served
@@ -88,7 +114,7 @@ def test_kv_map_shows_pages_used_while_a_long_request_streams_and_freed_after(se
     def stream() -> None:
         try:
             chunks = _client(server, admin_key).chat.completions.create(
-                model="tiny", messages=[{"role": "user", "content": "a long story " * 20}], max_tokens=200,
+                model="tiny", messages=[{"role": "user", "content": "a long story " * 20}], max_tokens=LONG_TOKENS,
                 stream=True, extra_body={"ignore_eos": True}, extra_headers={"x-request-id": "ui-long-1"})
             text = []
             for chunk in chunks:
@@ -102,12 +128,18 @@ def test_kv_map_shows_pages_used_while_a_long_request_streams_and_freed_after(se
     worker = threading.Thread(target=stream)
     worker.start()
     try:
-        row = page.wait_for_selector('#queue tr[data-request-id="ui-long-1"][data-state="running"]')
-        used = _counts(page)
-        assert used["used"] + used["prefix"] >= 2, used  # a prompt of >16 tokens plus output: several pages
-        pages_of_request = int(row.query_selector_all("td")[9].inner_text())
-        assert pages_of_request == used["used"] + used["prefix"]
-        page.screenshot(path=str(SHOTS / "debug-kv.png"), full_page=True)
+        # Wait until the request is decoding (its row shows output tokens), not merely admitted or in prefill;
+        # the row and the page counts are read from one render of the page, so they are one moment.
+        now = page.wait_for_function(_DECODING).json_value()
+        assert started.wait(120)  # the client is receiving the stream
+        assert now["output"] >= 4 and now["computed"] >= now["prompt"] > 16, now  # past the prompt: decoding
+        assert now["used"] + now["prefix"] >= 2, now  # a prompt of >16 tokens plus output: several pages
+        assert now["pages"] == now["used"] + now["prefix"], now  # every page in use is this request's
+        page.click('#traces tr[data-request-id="ui-long-1"]')  # the screenshot shows its tokens streaming too
+        page.wait_for_selector("#trace tr.token")
+        page.screenshot(path=str(SHOTS / "debug-kv.png"))  # the viewport: the map, the queue, the first tokens
+        # Still running after the screenshot, so the screenshot shows it running (a finished row never returns).
+        assert page.locator('#queue tr[data-request-id="ui-long-1"]').count() == 1
     finally:
         worker.join(300)
     assert done.is_set() and result["text"]
@@ -136,10 +168,31 @@ def test_token_trace_lists_the_tokens_a_request_produced(served, page) -> None:
         assert cells.nth(2).inner_text() == want.token or cells.nth(2).text_content() == want.token
         assert float(cells.nth(3).inner_text()) == pytest.approx(want.logprob, abs=1e-3)
         shown = [span.text_content() for span in cells.nth(4).locator(":scope > span > span.tok").all()]
-        assert shown == [alt.token for alt in want.top_logprobs]
+        # The trace shows traces.TOP_N alternatives even though the request asked for 2: its 2 come first.
+        assert len(shown) == TOP_N and shown[:2] == [alt.token for alt in want.top_logprobs]
     gaps = [rows.nth(i).locator("td").nth(5).inner_text() for i in range(rows.count())]
     assert gaps[0] == "" and all(g.endswith(" ms") for g in gaps[1:])
     page.screenshot(path=str(SHOTS / "debug-trace.png"), full_page=True)
+
+
+def test_token_trace_shows_alternatives_for_a_request_that_asked_for_no_logprobs(served) -> None:
+    """The trace's alternatives come from the step, not from the request's `logprobs`; the response stays bare."""
+    server, admin_key = served
+    reply = _client(server, admin_key).chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "no logprobs please"}], max_tokens=6, temperature=0,
+        extra_body={"ignore_eos": True}, extra_headers={"x-request-id": "ui-no-logprobs-1"})
+    assert reply.choices[0].logprobs is None and reply.usage.completion_tokens == 6
+    trace = httpx.get(server.url + "/debug/api/traces/ui-no-logprobs-1",
+                      headers={"Authorization": f"Bearer {admin_key}"}, timeout=30).json()
+    tokens = trace["samples"][0]["tokens"]
+    assert len(tokens) == 6
+    for tok in tokens:
+        top = tok["top"]
+        assert len(top) == TOP_N, tok
+        logprobs = [alt["logprob"] for alt in top]
+        assert logprobs == sorted(logprobs, reverse=True) and all(v <= 0 for v in logprobs)
+        # Greedy: the sampled token is the most likely one, with the same logprob.
+        assert top[0]["id"] == tok["id"] and top[0]["logprob"] == pytest.approx(tok["logprob"], abs=1e-3)
 
 
 def test_creating_a_key_on_admin_takes_three_actions_and_the_key_works(served, page) -> None:
@@ -178,8 +231,6 @@ def test_debug_data_needs_the_admin_key_and_the_page_says_so(served, page) -> No
 
 
 def test_policies_on_admin_set_in_three_actions_and_roll_back_in_two(served, page) -> None:
-    import httpx
-
     server, admin_key = served
     page.goto(server.url + "/admin")
     page.fill("#admin-key", admin_key)

@@ -250,8 +250,11 @@ class EngineCore:
     def _chunk(self, scheduled: ScheduledChunk) -> Chunk:
         seq = scheduled.seq
         matcher = self._by_seq[seq.seq_id].matchers[seq.index] if scheduled.samples else None
+        sampling = seq.row_params() if scheduled.samples else None
+        if sampling is not None and self.token_trace is not None:  # /debug shows alternatives for every request
+            sampling.top_logprobs = max(sampling.top_logprobs, self.token_trace.top_n)
         return Chunk(tokens=scheduled.tokens, start_pos=seq.num_computed, pages=seq.pages, history=seq.all_ids,
-                     num_prompt=len(seq.prompt_ids), sampling=seq.row_params() if scheduled.samples else None,
+                     num_prompt=len(seq.prompt_ids), sampling=sampling,
                      score=seq.wants_prompt_logprobs, allowed=None if matcher is None else matcher.mask,
                      lora=self._by_seq[seq.seq_id].adapters.coef)
 
@@ -266,7 +269,7 @@ class EngineCore:
         seq.append(result.token_id, result.logprob, result.top_ids, result.top_logprobs)
         self._stats.generation_tokens += 1
         if self.token_trace is not None:
-            top = seq.params.logprobs or 0  # the alternatives the request asked for (the step may compute more)
+            top = max(seq.params.logprobs or 0, self.token_trace.top_n)  # the response keeps only what it asked for
             self.token_trace.token(live.request.request_id, seq.index, result.token_id, result.logprob,
                                    result.top_ids[:top], result.top_logprobs[:top], now)
         if live.first_token_time[seq.index] is None:

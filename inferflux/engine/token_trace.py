@@ -5,12 +5,19 @@ computed, the time); the HTTP side reads a copy. Only the engine writes tokens a
 lock, so a reader never sees a half-appended entry. Text is not decoded here: the engine thread
 must stay on the step loop, so the reader decodes ids when it renders them.
 
+While a trace is attached every sampled row asks its step for at least `top_n` alternatives (the
+engine's `_chunk`), so a request that asked for no logprobs still shows what else the model
+considered; its response carries only what it asked for. The sampler computes one static top-N
+(`runtime.max_logprobs`) for the whole batch and runs it only when some row wants any, so with no
+trace attached a step whose rows want no logprobs still skips that work.
+
 Off unless the server serves `/debug` (`server.debug_ui`, or `security.auth: required` for the
 `admin` scope): the engine's hook is then a `None` check per token and nothing else.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -23,8 +30,9 @@ MAX_TOKENS_PER_REQUEST = 4096  # a runaway generation must not grow the trace wi
 class TokenTrace:
     """A bounded, thread-safe ring of per-request token lists (oldest request dropped first)."""
 
-    def __init__(self, max_requests: int = 32) -> None:
+    def __init__(self, max_requests: int = 32, top_n: int = 0) -> None:
         self.max_requests = max_requests
+        self.top_n = top_n  # alternatives recorded per token, whatever the request asked for
         self._lock = threading.Lock()
         self._requests: OrderedDict[str, dict[str, Any]] = OrderedDict()
 
@@ -48,7 +56,8 @@ class TokenTrace:
         with self._lock:
             tokens = self._entry(request_id)["samples"].setdefault(sample, [])
             if len(tokens) < MAX_TOKENS_PER_REQUEST:
-                top = [(int(t), float(v)) for t, v in zip(top_ids, top_logprobs)]
+                # -inf: a step that skipped the top-N (a speculative verify step whose rows asked for none)
+                top = [(int(t), float(v)) for t, v in zip(top_ids, top_logprobs) if math.isfinite(v)]
                 tokens.append((int(token_id), float(logprob), top, now))
 
     def finish(self, request_id: str, sample: int, reason: str | None) -> None:

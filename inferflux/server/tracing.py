@@ -190,11 +190,39 @@ def _phases(tracer: Any, context: Any, span: Any, gen: Any, end_ns: int) -> None
 
 
 def _content(span: Any, gen: Any) -> None:
-    """gen_ai.input.messages / gen_ai.output.messages (telemetry.capture_content only)."""
-    prompts = [p.messages if p.messages is not None else p.text for p in gen.spec.prompts]
-    span.set_attribute("gen_ai.input.messages", json.dumps(prompts, default=str))
+    """gen_ai.input.messages / gen_ai.output.messages (telemetry.capture_content only), in the GenAI
+    conventions' message shape (`{role, parts: [{type, content}]}`, outputs with `finish_reason`), so a
+    backend that renders GenAI spans shows them as a conversation whatever dialect the request came in."""
+    messages: list[dict[str, Any]] = []
+    for prompt in gen.spec.prompts:
+        if prompt.messages is not None:
+            messages.extend(_message(m) for m in prompt.messages)
+        elif prompt.text is not None:
+            messages.append({"role": "user", "parts": [{"type": "text", "content": prompt.text}]})
+    span.set_attribute("gen_ai.input.messages", json.dumps(messages, default=str))
     tokenizer = getattr(getattr(gen.handle, "model", None), "tokenizer", None)
     if tokenizer is not None:
-        outputs = [{"role": "assistant", "content": tokenizer.decode(done.output_ids, skip_special_tokens=True),
-                    "finish_reason": done.reason} for done in sorted(gen.finished, key=lambda d: d.choice)]
+        outputs = [{"role": "assistant", "parts": [{"type": "text", "content": tokenizer.decode(
+                        done.output_ids, skip_special_tokens=True)}], "finish_reason": done.reason}
+                   for done in sorted(gen.finished, key=lambda d: d.choice)]
         span.set_attribute("gen_ai.output.messages", json.dumps(outputs))
+
+
+def _message(message: dict[str, Any]) -> dict[str, Any]:
+    """One chat message (OpenAI's shape, as the dialects normalise them) as a GenAI-conventions message."""
+    content = message.get("content")
+    parts: list[dict[str, Any]] = []
+    if isinstance(content, str):
+        parts.append({"type": "text", "content": content})
+    elif isinstance(content, list):  # content parts: text kept, others (images, audio) named by type only
+        for part in content:
+            kind = part.get("type", "text") if isinstance(part, dict) else "text"
+            text = part.get("text") if isinstance(part, dict) else str(part)
+            parts.append({"type": "text", "content": text} if kind == "text" else {"type": kind})
+    if message.get("role") == "tool":
+        parts = [{"type": "tool_call_response", "id": message.get("tool_call_id"), "response": content}]
+    for call in message.get("tool_calls") or ():
+        function = call.get("function", {})
+        parts.append({"type": "tool_call", "id": call.get("id"), "name": function.get("name"),
+                      "arguments": function.get("arguments")})
+    return {"role": message.get("role", "user"), "parts": parts}

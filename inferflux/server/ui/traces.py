@@ -20,6 +20,7 @@ from inferflux.server import record
 
 ENABLED = "inferflux.debug_ui"  # app.extensions flag: the app serves /debug
 MAX_REQUESTS = 32  # the page shows the last this-many requests per model
+TOP_N = 5  # alternatives per token in the trace, whether or not the request asked for logprobs
 
 
 def follow(handle: Any, requests: Sequence[Any]) -> None:
@@ -31,7 +32,10 @@ def follow(handle: Any, requests: Sequence[Any]) -> None:
         return
     trace = engine.core.token_trace
     if trace is None:
-        trace = engine.core.token_trace = TokenTrace(MAX_REQUESTS)  # one attribute write: the engine sees it next token
+        # One attribute write: the engine sees it next token. The trace shows TOP_N alternatives of every token
+        # (or what runtime.max_logprobs allows), also for requests that asked for none.
+        top_n = min(TOP_N, engine.core.config.runtime.max_logprobs)
+        trace = engine.core.token_trace = TokenTrace(MAX_REQUESTS, top_n)
     rec = record.current()
     for request in requests:
         trace.describe(request.request_id, {

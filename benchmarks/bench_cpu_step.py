@@ -69,7 +69,7 @@ def run(model: Path, batches: list[int], contexts: list[int], num_pages: list[in
         runner = ModelRunner(loaded, config.runtime)
         jax.block_until_ready(runner.state)
         for batch, context in shapes:
-            runner._executable(runner.bucket_for(batch, batch, -(-(context + 1) // runner.page_size)))
+            runner.program(runner.bucket_for(batch, batch, -(-(context + 1) // runner.page_size)))
         os.environ.pop("INFERFLUX_CPU_ATTENTION", None)
         return runner
 

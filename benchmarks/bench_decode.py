@@ -313,7 +313,7 @@ def measure_decode(runner, chunks: list, steps: int, warmup_steps: int) -> dict[
     # The same executable `runner.step` picks, with the inputs it would pack already on the device,
     # dispatched back to back: device time per step, without host work or per-step sync latency.
     bucket = runner.bucket_for(len(chunks), len(chunks), max(len(c.pages) for c in chunks))
-    exe = runner._executable(bucket)
+    exe = runner.program(bucket)
     args = jax.device_put(runner._pack(chunks, bucket))
     out, runner.kv_cache = exe(runner.state, runner.kv_cache, *args)
     jax.block_until_ready(out)

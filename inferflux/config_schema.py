@@ -120,6 +120,9 @@ class RuntimeConfig:
     # Compile every bucket at start-up (at most max_compiled_programs), in a thread pool.
     warmup: bool = key(False)
     warmup_threads: int = key(4, lo=1, hi=256)
+    # With warmup: step programs already stored on disk (cache_executables) past the smallest token bucket load on
+    # a background thread once the engine is ready; a step needing one first loads it itself (engine/warmup.py).
+    warmup_background: bool = key(True)
     # "auto" (float32 on CPU, bfloat16 elsewhere), "float32" or "bfloat16".
     dtype: str = key("auto", choices=("auto", "float32", "bfloat16", "float16"))
     # CPU matmuls on quantized GGUF weights: "auto" (the C++ kernels on the raw blocks, activations quantized

@@ -230,7 +230,7 @@ def test_decode_step_updates_the_cache_in_place_and_batch_1_is_unpadded(tiny_mod
     bucket = runner.bucket_for(batch, batch, 3)
     assert bucket[:2] == ((1, 1) if batch == 1 else (4, 4))
     kv_shape = runner.kv_cache[0][0].shape
-    assert not _kv_copies(runner._executable(bucket).as_text(), kv_shape)
+    assert not _kv_copies(runner.program(bucket).as_text(), kv_shape)
     runner.step(chunks)
     pointers = [a.unsafe_buffer_pointer() for layer in runner.kv_cache for a in layer]
     first = runner.step(chunks)

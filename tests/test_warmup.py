@@ -95,12 +95,12 @@ def test_eviction_frees_the_programs_memory_maps(tiny_model) -> None:
     first, second, third = runner.all_buckets()[:3]
     gc.collect()
     before = process_map_count()
-    runner._executable(first)  # compiled on first use, as a step would
+    runner.program(first)  # compiled on first use, as a step would
     one = process_map_count() - before
-    runner._executable(second)
+    runner.program(second)
     two = process_map_count()
     assert one > 20  # a program really maps memory here (else this test measures nothing)
-    runner._executable(third)  # evicts `first`
+    runner.program(third)  # evicts `first`
     assert runner.compiled_buckets == {second, third}
     assert process_map_count() - two < one / 2
 

@@ -78,7 +78,7 @@ class EngineCore:
         if self.speculation.enabled:
             self.scheduler.propose = self.speculation.propose
         if runtime.warmup:
-            self.runner.warmup()
+            self.runner.warmup(background=runtime.warmup_background)
 
     # --- requests ---
 

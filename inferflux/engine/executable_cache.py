@@ -150,6 +150,14 @@ class ExecutableCache:
                 log.debug("not caching executable %s: %s", path.name, exc)
         return exe
 
+    def has(self, parts: Any) -> bool:
+        """Whether the executable for `parts` is resident or on disk (`get` would load it, not compile it)."""
+        path = self._path(parts)
+        with _RESIDENT_LOCK:
+            if path is not None and path in _RESIDENT:
+                return True
+        return path is not None and path.is_file()
+
     def _path(self, parts: Any) -> Path | None:
         if self.directory is None:
             return None

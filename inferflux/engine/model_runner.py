@@ -22,8 +22,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
 import jax
@@ -38,6 +38,7 @@ from inferflux.engine.program_cache import FreshJit, ProgramCache
 from inferflux.engine.sampler import sample, token_logprobs
 from inferflux.engine.sampling_params import RESERVED_BIAS_SLOTS
 from inferflux.engine.sampling_rows import RowParams, SampleOutput, SamplingTensors
+from inferflux.engine.warmup import warm_up
 from inferflux.engine.weight_prep import prepare_weights
 from inferflux.formats.loader import LoadedModel
 from inferflux.kernels.paged_attention import _select_impl as _select_attention
@@ -160,6 +161,7 @@ class ModelRunner:
         # the process's memory-map budget; FreshJit makes an eviction free the program (program_cache.py).
         self.programs = ProgramCache(runtime.max_compiled_programs)
         self._executables = self.programs.view("step")
+        self._building: dict[Bucket, threading.Lock] = {}  # per bucket: one thread builds it (`program`)
         # Steps that score prompt tokens (prompt_logprobs) need every token's logits: programs of their own,
         # compiled on first use, so ordinary steps never pay for the full [T, vocab] head.
         self._score_fn = FreshJit(_make_score_step(graphdef, self.num_logprobs), donate_argnums=(1,))
@@ -223,35 +225,23 @@ class ModelRunner:
 
     # --- compilation ---
 
-    def _executable(self, bucket: Bucket) -> Any:
+    def program(self, bucket: Bucket) -> Any:
+        """The step program of `bucket`: built now (loaded from disk, or compiled) unless it already is."""
         exe = self._executables.get(bucket)
         if exe is None:
-            exe = self._executables[bucket] = self._compile(bucket)
+            with self._building.setdefault(bucket, threading.Lock()):  # a warm-up thread may be building it
+                exe = self._executables.get(bucket)
+                if exe is None:
+                    exe = self._executables[bucket] = self._compile(bucket)
         return exe
 
-    def warmup(self, buckets: Sequence[Bucket] | None = None) -> int:
-        """Compile `buckets` (default: all) in a thread pool; returns how many were compiled.
+    def warmup(self, buckets: Sequence[Bucket] | None = None, background: bool = False) -> int:
+        """Build the step programs before requests need them (engine/warmup.py); returns how many now."""
+        return warm_up(self, buckets, background)
 
-        Never more than fit in the program cache (`runtime.max_compiled_programs`), smallest first, and it
-        stops early when the process nears its memory-map budget: warm-up must not evict its own programs.
-        """
-        todo = [b for b in (buckets or self.all_buckets()) if b not in self._executables]
-        if len(todo) > self.programs.room():
-            log.warning("warm-up compiles %d of %d buckets (runtime.max_compiled_programs=%d); the rest compile "
-                        "on first use", self.programs.room(), len(todo), self.programs.capacity)
-            todo = todo[:self.programs.room()]
-        done = 0
-        with ThreadPoolExecutor(max_workers=max(1, self.runtime.warmup_threads)) as pool:
-            for bucket, exe in zip(todo, pool.map(self._compile, todo)):
-                if self.programs.over_map_budget():
-                    log.warning("warm-up stopped after %d programs: the process holds over %d memory maps",
-                                done, self.programs.map_budget)
-                    pool.shutdown(wait=True, cancel_futures=True)
-                    break
-                self._executables[bucket] = exe
-                done += 1
-        log.info("compiled %d step buckets", done)
-        return done
+    def is_stored(self, bucket: Bucket) -> bool:
+        """Whether `bucket`'s executable is on disk (runtime.cache_executables), so building it only loads it."""
+        return self._stored.has(("step", bucket))
 
     def _compile(self, bucket: Bucket) -> Any:
         step_fn = self._step_fns[bucket[3]]
@@ -271,7 +261,7 @@ class ModelRunner:
         bucket = self.bucket_for(sum(len(c.tokens) for c in chunks), len(chunks),
                                  max(len(c.pages) for c in chunks))
         inputs, sampling, history, history_is_output = self._pack(chunks, bucket)
-        exe = self._executable(bucket)
+        exe = self.program(bucket)
         out, self.kv_cache = exe(self.state, self.kv_cache, inputs, sampling, history, history_is_output)
         return _sampled(chunks, jax.device_get(out))
 

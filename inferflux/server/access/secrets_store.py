@@ -1,12 +1,13 @@
 """Named secrets, encrypted at rest, in the `secrets` table of `$INFERFLUX_HOME/state.db`.
 
-What lives here: credentials the server must be able to *use* (so they cannot be hashed like API
-keys): the Hugging Face token the model store pulls with (`hf_token`) and the OIDC client secret that
-token introspection authenticates with (`security.oidc.client_secret: secret:NAME`, introspection.py).
-Each value is sealed with the master key (`crypto.py`), bound to its name; the table never holds a
-plaintext, and `inferctl admin secrets list` shows names and key ids only. Rotating the master key (`rotate_master_key`) re-seals the encrypted adapter files first (one
-atomic file at a time, store/adapters.py), then every row in one transaction: either all rows move to the
-new key or none do; run again with the same keys, it finishes a rotation a crash cut short.
+What lives here: credentials the server must be able to *use* (so they cannot be hashed like API keys): the
+Hugging Face token the model store pulls with (`hf_token`) and the OIDC client secret that token introspection
+authenticates with (`security.oidc.client_secret: secret:NAME`, introspection.py). Each value is sealed with
+the master key (`crypto.py`), bound to its name; the table never holds a plaintext, and `inferctl admin
+secrets list` shows names and key ids only. Rotating the master key (`rotate_master_key`) re-seals the
+encrypted adapter files first (one atomic file at a time, store/adapters.py), then every row in one
+transaction: either all rows move to the new key or none do; run again with the same keys, it finishes a
+rotation a crash cut short.
 
 Config values may refer to a stored secret as `secret:NAME` (`resolve`), so a YAML file never has
 to hold the credential itself.

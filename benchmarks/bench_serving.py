@@ -135,6 +135,8 @@ async def token_count(client: httpx.AsyncClient, base_url: str, model: str | Non
         except ValueError:
             continue
         if isinstance(data, dict) and isinstance(data.get("tokens"), list):
+            if not data["tokens"] and text:
+                continue  # llama-server answers a body without `content` with no tokens: try its own shape
             return len(data["tokens"])
         if isinstance(data, dict) and isinstance(data.get("count"), int):
             return data["count"]

@@ -1,23 +1,33 @@
-"""The same GGUF file served by llama.cpp (llama-cpp-python's server) and by InferFlux, benchmarked in one run.
+"""The same GGUF file served by llama.cpp (its own `llama-server`, or llama-cpp-python's server) and by InferFlux,
+benchmarked in one run.
 
+    benchmarks/build_llama_server.sh /tmp/llama-build    # once: llama-server from llama-cpp-python's sources
     python -m benchmarks.side_by_side --make tinyllama-1.1b:Q4_K --num-prompts 16 --input-len 512 \\
-        --output-len 128 --concurrency 1,8 --json /tmp/side_by_side.json
+        --output-len 128 --concurrency 1,8 --llama-server /tmp/llama-build/bin/llama-server --parallel 8 \\
+        --json /tmp/side_by_side.json
+
+The llama.cpp side is llama.cpp's C++ `llama-server` when `--llama-server PATH` is given (issue 15 compares against
+it: built by benchmarks/build_llama_server.sh from the llama.cpp tree vendored in the installed llama-cpp-python's
+sdist, with the same ISA flags as llama-cpp-python's own build), else `python -m llama_cpp.server`.
 
 For every concurrency level, each server is started as a subprocess on a free loopback port (logs to files in
-`--log-dir`, not the console), waited for (InferFlux: `GET /readyz`; llama.cpp: `GET /v1/models`), driven by
-`benchmarks.bench_serving` with the same prompts and output lengths, and stopped (SIGTERM, then kill). The order
-alternates between levels (`--order alternate`, default: InferFlux first at the first level, llama.cpp first at
-the next, ...), so neither server always runs on a machine still warm (or hot) from the other.
+`--log-dir`, not the console), waited for (InferFlux: `GET /readyz`; llama-server: `GET /health`, 200 once the
+model is loaded; llama-cpp-python: `GET /v1/models`), driven by `benchmarks.bench_serving` with the same prompts
+and output lengths, and stopped (SIGTERM, then kill). The order alternates between levels (`--order alternate`,
+default: InferFlux first at the first level, llama.cpp first at the next, ...), so neither server always runs on a
+machine still warm (or hot) from the other.
 
-Fair settings: both greedy (`temperature: 0`), both with `ignore_eos` semantics (`ignore_eos: true` for InferFlux,
-`min_tokens = max_tokens` for llama.cpp) so every request produces exactly its output length, both with the
-same context length (`--ctx`, default: the longest prompt + output, rounded up to 256) and prompt batch
-(`--n-batch` = InferFlux's `runtime.max_num_batched_tokens`, default 512). InferFlux's KV pool
-(`runtime.num_pages`, `runtime.max_num_seqs`) is sized for `concurrency` sequences of `--ctx` tokens at each
-level, llama.cpp's KV cache holds one sequence of `--ctx` (it serves one request at a time). llama.cpp gets `--threads`
-(default: every core) for generation and batches; InferFlux's XLA CPU backend uses every core too. llama.cpp
-gets `interrupt_requests=False` (by default llama-cpp-python ends a running stream when another request
-arrives) and serves one request at a time (its server holds a lock per model); InferFlux batches continuously.
+Fair settings: both greedy (`temperature: 0`), both with `ignore_eos` semantics (`ignore_eos: true` for InferFlux
+and llama-server, `min_tokens = max_tokens` for llama-cpp-python) so every request produces exactly its output
+length, both with the same context length per sequence (`--ctx`, default: the longest prompt + output, rounded up
+to 256) and prompt batch (`--n-batch` = InferFlux's `runtime.max_num_batched_tokens` = llama.cpp's n_batch and
+n_ubatch, default 512). InferFlux's KV pool (`runtime.num_pages`, `runtime.max_num_seqs`) is sized for
+`concurrency` sequences of `--ctx` tokens at each level. llama-server gets `--parallel` slots (`-np`, default 8) of
+`--ctx` tokens each (its `-c` is the total context the slots share, so it is given ctx * parallel) and batches
+them continuously, as InferFlux does. llama-cpp-python's KV cache holds one sequence of `--ctx`: it serves one
+request at a time (its server holds a lock per model) and gets `interrupt_requests=False` (by default it ends a
+running stream when another request arrives). llama.cpp gets `--threads` (default: every core) for generation
+and batches; InferFlux's XLA CPU backend uses every core too.
 Each server gets `--warmup` untimed requests first (default: the concurrency), so InferFlux's shape buckets are
 compiled (and stored in its persistent XLA cache) before the timed pass.
 
@@ -81,6 +91,15 @@ def inferflux_spec(model: Path, ctx: int, n_batch: int, max_seqs: int, page_size
     for item in sets:
         argv += ["--set", item]
     return ServerSpec(INFERFLUX, argv, "/readyz")
+
+
+def llama_server_spec(binary: Path, model: Path, ctx: int, n_batch: int, threads: int, parallel: int,
+                      extra_args: Sequence[str] = ()) -> ServerSpec:
+    """llama.cpp's own C++ `llama-server`: `parallel` slots of `ctx` tokens (its `-c` is the slots' total)."""
+    argv = [str(binary), "-m", str(model), "--alias", "model", "--host", "127.0.0.1", "--port", "{port}",
+            "-t", str(threads), "-tb", str(threads), "-c", str(ctx * parallel), "-np", str(parallel),
+            "-b", str(n_batch), "-ub", str(n_batch), "-ngl", "0", "--no-webui", *extra_args]
+    return ServerSpec(LLAMA_CPP, argv, "/health")
 
 
 def llama_cpp_spec(model: Path, ctx: int, n_batch: int, threads: int, extra_args: Sequence[str] = ()) -> ServerSpec:
@@ -213,21 +232,32 @@ def run_side_by_side(model: Path, *, concurrency: Sequence[int] = (1, 8), num_pr
                      endpoint: str = "completions", ctx: int | None = None, n_batch: int = 512,
                      threads: int | None = None, warmup: int | None = None, order: str = "alternate",
                      servers: Sequence[str] = SERVERS, inferflux_sets: Sequence[str] = (),
-                     llama_args: Sequence[str] = (), log_dir: Path | None = None, start_timeout: float = 900.0,
+                     llama_args: Sequence[str] = (), llama_server: Path | None = None, parallel: int = 8,
+                     log_dir: Path | None = None, start_timeout: float = 900.0,
                      request_timeout: float = 1800.0, progress: bool = True) -> dict[str, Any]:
-    """Benchmark `servers` on `model` at each concurrency level; returns {"config", "runs": [...], "ratios"}."""
+    """Benchmark `servers` on `model` at each concurrency level; returns {"config", "runs": [...], "ratios"}.
+
+    The llama.cpp side is the `llama_server` binary with `parallel` slots when given, else llama-cpp-python."""
     ctx = ctx or default_ctx(input_len, output_len, dist)
     threads = threads or os.cpu_count() or 1
     log_dir = Path(log_dir or tempfile.mkdtemp(prefix="side-by-side-"))
     log_dir.mkdir(parents=True, exist_ok=True)
-    # InferFlux's KV pool is sized per level for `concurrency` sequences of `ctx` tokens (llama.cpp's is one
-    # sequence of `ctx`): on CPU its decode steps currently cost time in proportion to the pool's size.
+    # InferFlux's KV pool is sized per level for `concurrency` sequences of `ctx` tokens (llama-server's for
+    # `parallel` slots of `ctx`, llama-cpp-python's for one): on CPU InferFlux's decode steps currently cost time
+    # in proportion to its pool's size.
     specs = {(INFERFLUX, c): inferflux_spec(model, ctx, n_batch, c, extra_sets=inferflux_sets) for c in concurrency}
-    specs.update({(LLAMA_CPP, c): llama_cpp_spec(model, ctx, n_batch, threads, llama_args) for c in concurrency})
+    if llama_server is not None:
+        spec = llama_server_spec(Path(llama_server), model, ctx, n_batch, threads, parallel, llama_args)
+    else:
+        spec = llama_cpp_spec(model, ctx, n_batch, threads, llama_args)
+    specs.update({(LLAMA_CPP, c): spec for c in concurrency})
     config = {"model": str(model), "model_bytes": model.stat().st_size, "concurrency": list(concurrency),
               "num_prompts": num_prompts, "input_len": input_len, "output_len": output_len, "dist": dist,
               "seed": seed, "endpoint": endpoint, "ctx": ctx, "n_batch": n_batch, "threads": threads,
               "order": order, "log_dir": str(log_dir), "cpu_count": os.cpu_count(),
+              "llama_cpp_server": "llama-server" if llama_server is not None else "llama-cpp-python",
+              "llama_server": str(llama_server) if llama_server is not None else None,
+              "parallel": parallel if llama_server is not None else 1,
               "commands": {f"{name} c={c}": " ".join(spec.argv) for (name, c), spec in specs.items()}}
     # The same prompts for every server, calibrated with llama.cpp's tokenizer of the file (InferFlux's gives the
     # same ids); each server then recounts them with its own tokenize route.
@@ -339,7 +369,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--set", dest="inferflux_sets", action="append", default=[], metavar="KEY=VALUE",
                         help="extra InferFlux config override (repeatable)")
     parser.add_argument("--llama-arg", dest="llama_args", action="append", default=[],
-                        help="extra llama_cpp.server argument (repeatable), e.g. --llama-arg=--flash_attn")
+                        help="extra argument for the llama.cpp server (repeatable), e.g. --llama-arg=-fa "
+                             "--llama-arg=on for llama-server, --llama-arg=--flash_attn for llama_cpp.server")
+    parser.add_argument("--llama-server", type=Path, default=None, metavar="PATH",
+                        help="run llama.cpp's own llama-server binary (benchmarks/build_llama_server.sh builds "
+                             "it) instead of python -m llama_cpp.server")
+    parser.add_argument("--parallel", type=int, default=8,
+                        help="llama-server slots (-np, default 8), each of --ctx tokens")
     parser.add_argument("--log-dir", type=Path, default=None, help="server logs (default: a new temporary folder)")
     parser.add_argument("--start-timeout", type=float, default=900.0)
     parser.add_argument("--request-timeout", type=float, default=1800.0)
@@ -361,12 +397,14 @@ def main(argv: list[str] | None = None) -> int:
         input_len=args.input_len, output_len=args.output_len, dist=args.dist, seed=args.seed,
         endpoint=args.endpoint, ctx=args.ctx, n_batch=args.n_batch, threads=args.threads, warmup=args.warmup,
         order=args.order, servers=servers, inferflux_sets=args.inferflux_sets, llama_args=args.llama_args,
+        llama_server=args.llama_server, parallel=args.parallel,
         log_dir=args.log_dir, start_timeout=args.start_timeout, request_timeout=args.request_timeout,
         progress=not args.no_progress)
     cfg = result["config"]
     print(f"model {cfg['model']} ({cfg['model_bytes'] / 1e6:.0f} MB), {cfg['num_prompts']} prompts, "
           f"{cfg['input_len']} in / {cfg['output_len']} out tokens ({cfg['dist']}), ctx {cfg['ctx']}, "
-          f"{cfg['cpu_count']} CPUs, llama.cpp threads {cfg['threads']}, logs in {cfg['log_dir']}")
+          f"{cfg['cpu_count']} CPUs, llama.cpp ({cfg['llama_cpp_server']}, {cfg['parallel']} slot(s)) threads "
+          f"{cfg['threads']}, logs in {cfg['log_dir']}")
     print(format_comparison(result))
     if args.json:
         bench_serving.write_json(result, args.json)

@@ -10,6 +10,7 @@ import pytest
 
 from inferflux.server.tool_calls import ToolCall, ToolCallStream, parse_tool_calls, tool_names
 from tests.fixtures.replay_engine import replay_app
+from tests.fixtures.tool_stream import stream_in_pieces
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}},
          {"type": "function", "function": {"name": "add"}}]
@@ -52,14 +53,7 @@ def test_whole_output(output: str, text: str, calls: list[ToolCall]) -> None:
 @pytest.mark.parametrize(("output", "text", "calls"), CASES)
 @pytest.mark.parametrize("size", [1, 2, 3, 7])
 def test_streamed_in_pieces_gives_the_same(output: str, text: str, calls: list[ToolCall], size: int) -> None:
-    stream = ToolCallStream(NAMES)
-    shown, found = [], []
-    for i in range(0, len(output), size):
-        piece, new = stream.feed(output[i:i + size])
-        shown.append(piece)
-        found += new
-    rest, new = stream.finish()
-    assert ("".join(shown) + rest, found + new) == (text, calls)
+    assert stream_in_pieces(ToolCallStream(NAMES), output, size) == (text, calls)
 
 
 def test_plain_text_is_not_held_back() -> None:

@@ -18,6 +18,7 @@ from inferflux.server.tool_calls import (
     tool_names,
 )
 from inferflux.server.tool_calls.formats import HERMES, LLAMA3, MISTRAL, QWEN3_CODER
+from tests.fixtures.tool_stream import stream_in_pieces
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
              "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"},
@@ -207,14 +208,7 @@ def test_max_calls_keeps_the_first_call_whole_and_streamed(fmt, output: str, tex
     """`parallel_tool_calls: false` (max_calls=1): only the first call comes back, the others' markup not as text."""
     assert parse_tool_calls(output, NAMES, fmt, TYPES, max_calls=1) == (text, calls[:1])
     for size in (1, 4):
-        stream = ToolCallStream(NAMES, fmt, TYPES, max_calls=1)
-        shown, found = [], []
-        for i in range(0, len(output), size):
-            piece, new = stream.feed(output[i:i + size])
-            shown.append(piece)
-            found += new
-        rest, new = stream.finish()
-        assert ("".join(shown) + rest, found + new) == (text, calls[:1])
+        assert stream_in_pieces(ToolCallStream(NAMES, fmt, TYPES, max_calls=1), output, size) == (text, calls[:1])
 
 
 @pytest.mark.parametrize(("name", "grammar"), [("hermes", "hermes"), ("qwen3_coder", "qwen3_coder"),

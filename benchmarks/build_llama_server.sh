@@ -16,6 +16,12 @@
 #                    pip install llama-cpp-python` (.ci/run) builds: ggml's non-native default set,
 #                    AVX AVX2 FMA F16C BMI2 and no AVX-512 (llama_cpp's llama_print_system_info()
 #                    says the same). A -march=native build crashed with SIGILL on the shared hosts.
+#                    InferFlux's CPU kernels pick AVX-512 VNNI at run time where the CPU has it, so
+#                    for a like-for-like comparison on such a machine build llama.cpp with it too
+#                    (benchmarks/RESULTS.md's side-by-side did):
+#                    ISA_ARGS="-DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+#                      -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_BF16=ON
+#                      -DGGML_AVX_VNNI=ON"
 #   EXTRA_CMAKE_ARGS="..."  appended to the cmake configure line
 set -euo pipefail
 

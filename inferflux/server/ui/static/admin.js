@@ -17,7 +17,10 @@
       if (mine !== latest) return;
       fill("tenant-names", tenants.data.map((t) => el("option", { value: t.name })));
       const tenantBox = document.getElementById("key-tenant");
-      if (!tenantBox.value && tenants.data.length) tenantBox.value = tenants.data[0].name;
+      // Suggest the first tenant only in a box nobody is typing in (a refresh lands while the key is typed, and
+      // writing then would mix the suggestion into the user's text).
+      if (!tenantBox.value && !tenantBox.dataset.touched && document.activeElement !== tenantBox && tenants.data.length)
+        tenantBox.value = tenants.data[0].name;
       fill("tenants", tenants.data.map((t) => el("tr", { "data-tenant": t.name }, el("td", {}, t.name), el("td", {}, when(t.created)), el("td", {}, t.keys),
         el("td", {}, el("button", { class: "danger", onclick: () => act(`Delete tenant ${t.name} and its keys?`, "DELETE", `/admin/tenants/${encodeURIComponent(t.name)}`) }, "Delete")))));
       fill("keys", keys.data.map((k) => el("tr", { "data-key-id": k.id }, el("td", { class: "mono" }, k.id), el("td", {}, k.tenant), el("td", {}, k.name || ""),
@@ -83,6 +86,7 @@
   }
 
   // Create a key: (admin key), tenant (filled with the first one), click: the key is shown once.
+  document.getElementById("key-tenant").addEventListener("input", (event) => { event.target.dataset.touched = "1"; });
   document.getElementById("create-key").addEventListener("submit", async (event) => {
     event.preventDefault();
     const scopes = [...document.querySelectorAll("input[name=scope]:checked")].map((c) => c.value);

@@ -22,6 +22,23 @@ from inferctl.chat_cmds import LocalBackend, ServerBackend, replay, run, status
 from inferflux.errors import InferFluxError
 from tests.fixtures.server import Server, free_port
 
+
+@pytest.fixture(autouse=True)
+def ctrl_c_raises() -> Iterator[None]:
+    """These tests press Ctrl-C: give this process Python's default SIGINT handler while each runs.
+
+    A test run started in the background of a shell without job control (`cmd &`, `nohup`) inherits SIGINT
+    ignored; Python then leaves it ignored, and so do the REPL children spawned from here (an ignored signal
+    stays ignored across exec), so Ctrl-C did nothing. A handler, unlike SIG_IGN, is reset to the default by
+    exec, so the children get the terminal's Ctrl-C too. (inferctl itself rightly keeps an ignored SIGINT
+    ignored, as Unix programs do.)
+    """
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
 REPO = Path(__file__).resolve().parents[1]
 QUESTION = "Tell me about llamas."
 MESSAGES = [{"role": "user", "content": QUESTION}]

@@ -4,6 +4,7 @@ XLA's float32 product of the same matrix beside it, and fused vs separate q|k|v 
     python -m benchmarks.bench_qmatmul --rows 1,8,64,512 --types Q4_K,Q6_K --f32
     INFERFLUX_QMM_PANEL_ROWS=0 python -m benchmarks.bench_qmatmul ...   # the row path at every M
     python -m benchmarks.bench_qmatmul --fusion --rows 1,8,512
+    python -m benchmarks.bench_qmatmul --stream --layers 8 --rows 1,8 --repeats 21   # weights from DRAM
 
 CPU time (user + system of the process, all threads, `getrusage`) is the figure to read on a shared machine:
 wall time swings with other processes' load. The matrix is random GGUF blocks of the FFN shape of
@@ -69,6 +70,56 @@ def per_type(types: list[T], rows: list[int], n: int, k: int, f32: bool, repeats
             print(line, flush=True)
 
 
+def stream(types: list[T], rows: list[int], n: int, k: int, layers: int, repeats: int) -> None:
+    """Decode-step conditions: `layers` distinct matrices chained in one program (more bytes than the L3 cache
+    holds), wall time per matrix (p50) and the weight bytes read per second, against this process's read
+    bandwidth (numpy sums of a 1 GiB array on as many threads as XLA's pool has)."""
+    rng = np.random.default_rng(0)
+    print(f"read bandwidth: {read_bandwidth():.1f} GB/s")
+    print("| type | M | wall ms per matrix (p50) | weights GB/s |")
+    print("| --- | --- | --- | --- |")
+    for qtype in types:
+        raws = [random_blocks(qtype, n, k, rng) for _ in range(layers)]
+        ws = [GGUFBlocks(jnp.asarray(r), qtype, (n, k)) for r in raws]
+        nbytes = sum(r.nbytes for r in raws)
+
+        def chain(x, ws):
+            for w in ws:  # each product feeds the next input, so no call can be skipped or reordered
+                x = x + 1e-9 * qmatmul(x, w)[:, :k]
+            return x
+
+        fn = jax.jit(chain)
+        for m in rows:
+            x = jnp.asarray(rng.standard_normal((m, k)).astype(np.float32))
+            jax.block_until_ready(fn(x, ws))
+            walls = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                jax.block_until_ready(fn(x, ws))
+                walls.append(time.perf_counter() - start)
+            p50 = sorted(walls)[len(walls) // 2]
+            print(f"| {qtype.name} | {m} | {p50 * 1e3 / layers:.3f} | {nbytes / p50 / 1e9:.1f} |", flush=True)
+
+
+def read_bandwidth() -> float:
+    """GB/s of numpy sums over a 1 GiB float32 array split across the CPU's cores (best of 4)."""
+    import os
+    import threading
+
+    a = np.ones(1 << 28, np.float32)
+    parts = np.array_split(a, max(1, len(os.sched_getaffinity(0))))
+    best = 0.0
+    for _ in range(4):
+        threads = [threading.Thread(target=np.sum, args=(p,)) for p in parts]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        best = max(best, a.nbytes / (time.perf_counter() - start) / 1e9)
+    return best
+
+
 def fusion(rows: list[int], layers: int, repeats: int) -> None:
     """q|k|v (2048 + 256 + 256 rows) and gate|up (2 x 5632) of 2048 columns, Q4_K: one call or one per matrix."""
     rng = np.random.default_rng(0)
@@ -114,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", default="5632x2048", help="N x K of the matrix")
     parser.add_argument("--f32", action="store_true", help="also time XLA's float32 product")
     parser.add_argument("--fusion", action="store_true", help="fused vs separate projections instead")
+    parser.add_argument("--stream", action="store_true",
+                        help="wall time over --layers distinct matrices per type (weights streamed from memory)")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
@@ -122,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         fusion(rows, args.layers, max(args.repeats, 9))
         return 0
     n, k = (int(v) for v in args.shape.split("x"))
+    if args.stream:
+        stream([T[t] for t in args.types.split(",")], rows, n, k, args.layers, args.repeats)
+        return 0
     per_type([T[t] for t in args.types.split(",")], rows, n, k, args.f32, args.repeats)
     return 0
 

@@ -220,6 +220,26 @@ def test_every_isa_gives_the_same_bits(qtype: T) -> None:
         np.testing.assert_array_equal(run_kernel(qtype, raw, x, isa), expected, err_msg=isa.name)
 
 
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_subnormal_and_zero_scales_give_the_reference_bits(qtype: T) -> None:
+    """The AVX-512 few-row path converts f16 scales with vcvtph2ps, the others by integer ops: f16 subnormals
+    (which a DAZ setting could flush), zeros of both signs and the smallest normal must come out the same."""
+    rng = np.random.default_rng(6)
+    raw, x = _inputs(qtype, 9, n=24, seed=6)
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    blocks = raw.reshape(raw.shape[0], -1, size)
+    special = np.array([2.0**-24, -(2.0**-24), 3 * 2.0**-20, -(1023 * 2.0**-24), 0.0, -0.0, 2.0**-14], np.float16)
+    for offset in F16_FIELDS[qtype]:
+        picks = special[rng.integers(0, special.size, blocks.shape[:2])]
+        blocks[..., offset:offset + 2] = picks.view(np.uint8).reshape(*blocks.shape[:2], 2)
+    raw = blocks.reshape(raw.shape[0], -1)
+    expected = reference_qmatmul(qtype, raw, x)
+    assert np.any(expected != 0)
+    for isa in _isas():
+        for m in (1, 2, 9):
+            np.testing.assert_array_equal(run_kernel(qtype, raw, x[:m], isa), expected[:m], err_msg=f"{isa.name} M={m}")
+
+
 def _isas() -> list[cpu.Isa]:
     """Every ISA path this CPU can run."""
     return [isa for isa in cpu.Isa

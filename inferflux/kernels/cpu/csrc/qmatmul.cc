@@ -70,9 +70,16 @@ ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   });
 
   QmmArgs args{M, N, K, qtype, w.typed_data(), wd[1], qa.data(), da.data(), asum16.data(),
-                asum32.data(), y->typed_data()};
+                asum32.data(), y->typed_data(), nullptr};
   const int64_t panel_min = PanelMinRows();
-  if (kernels.panel != nullptr && panel_min > 0 && M >= panel_min) {
+  const bool panel = kernels.panel != nullptr && panel_min > 0 && M >= panel_min;
+  std::vector<int8_t> qa_t;
+  if (!panel && kernels.has_wide != nullptr && kernels.has_wide(qtype)) {  // M * K bytes: cheap next to the call
+    qa_t.resize(static_cast<size_t>(M * K));
+    kernels.transpose(qa.data(), K, 0, M, qa_t.data());
+    args.qa_t = qa_t.data();
+  }
+  if (panel) {
     // Chunks of 32 weight rows (two tiles of 16 lanes, four of 8): each decoded once for all M rows.
     const int64_t pchunk = 32;
     ParallelFor(pool, (N + pchunk - 1) / pchunk, [&](int64_t c) {

@@ -26,6 +26,7 @@ struct QmmArgs {
   const int32_t* asum16; // [M, K / 16] sums of 16 consecutive quantized activations
   const int32_t* asum32; // [M, K / 32] sums of 32
   float* y;              // [M, N]
+  const int8_t* qa_t;    // qa in the few-row path's layout (qmm_rows512.inc), or nullptr
 };
 
 // Activation block size: 32 for every weight type.
@@ -52,6 +53,10 @@ struct QmmKernels {
   // The large-M path (qmm_panel.inc): the same results as `rows`, bit for bit; nullptr in the scalar build.
   // Weight rows [n0, n1) are decoded once into a panel reused by every activation row.
   void (*panel)(const QmmArgs& args, int64_t n0, int64_t n1);
+  // The AVX-512 few-row path (qmm_rows512.inc; nullptr elsewhere): whether it has a type, and the activation
+  // layout it reads (rows [m0, m1) of qa -> qa_t). `rows` takes it when args.qa_t is set.
+  bool (*has_wide)(int64_t qtype);
+  void (*transpose)(const int8_t* qa, int64_t K, int64_t m0, int64_t m1, int8_t* qa_t);
 };
 
 QmmKernels QmmScalar();

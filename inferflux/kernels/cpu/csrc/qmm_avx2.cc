@@ -15,6 +15,6 @@
 #else
 #include "qmm.h"
 namespace inferflux {
-QmmKernels QmmAvx2() { return QmmKernels{nullptr, nullptr, nullptr}; }
+QmmKernels QmmAvx2() { return QmmKernels{nullptr, nullptr, nullptr, nullptr, nullptr}; }
 }  // namespace inferflux
 #endif

@@ -15,6 +15,6 @@
 #else
 #include "qmm.h"
 namespace inferflux {
-QmmKernels QmmAvxVnni() { return QmmKernels{nullptr, nullptr, nullptr}; }
+QmmKernels QmmAvxVnni() { return QmmKernels{nullptr, nullptr, nullptr, nullptr, nullptr}; }
 }  // namespace inferflux
 #endif

@@ -21,7 +21,8 @@ is compiled by warm-up steps first, and compilation is reported apart):
   inputs, one sync at the end), and host packing time per step; tokens/s = batch / step time.
 - achieved bandwidth, as gpt-fast reports it: bytes one decode step must read (the weights as they
   are stored on the device, minus the embedding table of which only `batch` rows are read, plus the
-  K/V of every sequence's context) over the step time, next to this machine's measured copy bandwidth
+  K/V of every sequence's context) over the step time, next to this machine's measured read bandwidth
+  (CPU: numpy sums of 1 GiB on every core, the ceiling of a step that reads its weights once) and copy bandwidth
   (a large on-device array read and written once; bytes read + written over time).
 - `--context-sweep`: decode step time against context length at `--sweep-batch` sequences.
 
@@ -161,6 +162,9 @@ def run_bench(model: str | Path, options: BenchOptions | None = None) -> dict[st
     dev = jax.devices()[0]
     copy = copy_bandwidth(opt.copy_bytes or (1 << 28 if dev.platform == "cpu" else 1 << 32))
     log(f"copy bandwidth {copy['gbs']:.1f} GB/s ({copy['bytes'] / 2**30:.2f} GiB array)")
+    read_bw = read_bandwidth() if dev.platform == "cpu" else None
+    if read_bw is not None:
+        log(f"read bandwidth {read_bw:.1f} GB/s (numpy sums over 1 GiB on every core)")
 
     rng = np.random.default_rng(opt.seed)
     result: dict[str, Any] = {
@@ -186,6 +190,7 @@ def run_bench(model: str | Path, options: BenchOptions | None = None) -> dict[st
         "kv_bytes_per_token": int(kv_bytes_per_token),
         "kv_cache_bytes": int(runner.num_pages * page_size * kv_bytes_per_token),
         "copy_bandwidth": copy,
+        "read_bandwidth_gbs": read_bw,
         "load_s": round(load_s, 3),
         "runner_init_s": round(init_s, 3),
         "notes": [],
@@ -210,6 +215,8 @@ def run_bench(model: str | Path, options: BenchOptions | None = None) -> dict[st
         )
         row["bandwidth_fraction"] = row["bandwidth_gbs"] / copy["gbs"]
         row["device_bandwidth_fraction"] = row["device_bandwidth_gbs"] / copy["gbs"]
+        if read_bw:
+            row["read_bandwidth_fraction"] = row["bandwidth_gbs"] / read_bw
         log(f"decode batch {batch} context {ctx}: {row['step_ms_p50']:.2f} ms/step, "
             f"{row['tokens_per_s']:.1f} tok/s, {row['bandwidth_gbs']:.1f} GB/s")
         return row
@@ -221,6 +228,25 @@ def run_bench(model: str | Path, options: BenchOptions | None = None) -> dict[st
 
 
 # --- measurements --------------------------------------------------------------------------------
+
+
+def read_bandwidth(repeats: int = 4) -> float:
+    """GB/s of host memory reads: numpy sums over a 1 GiB float32 array split across the CPU's cores, best
+    of `repeats` (the ceiling a CPU decode step, which mostly reads its weights once, is measured against)."""
+    import threading
+
+    a = np.ones(1 << 28, np.float32)
+    parts = np.array_split(a, max(1, len(os.sched_getaffinity(0))))
+    best = 0.0
+    for _ in range(repeats):
+        threads = [threading.Thread(target=np.sum, args=(p,)) for p in parts]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        best = max(best, a.nbytes / (time.perf_counter() - start) / 1e9)
+    return best
 
 
 def copy_bandwidth(nbytes: int, repeats: int = 8) -> dict[str, Any]:
@@ -382,7 +408,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"{', '.join(f'{k} x{v}' for k, v in sorted(result['weight_types'].items()))}; "
         f"{result['weights_device_bytes'] / 1e9:.2f} GB on device) on {env['backend']} ({env['device']}), "
         f"dtype {rt['dtype']}, quantized weights as {rt.get('weight_layout', '?')}; "
-        f"copy bandwidth {result['copy_bandwidth']['gbs']:.1f} GB/s",
+        f"copy bandwidth {result['copy_bandwidth']['gbs']:.1f} GB/s"
+        + (f", read bandwidth {result['read_bandwidth_gbs']:.1f} GB/s" if result.get("read_bandwidth_gbs") else ""),
         "",
         "| prefill tokens | runs | p50 ms | p99 ms | tokens/s |",
         "| --- | --- | --- | --- | --- |",
@@ -394,13 +421,15 @@ def markdown(result: dict[str, Any]) -> str:
             continue
         lines += [
             "", f"{title}:", "",
-            "| batch | context | step ms p50 | p99 | device ms | host pack ms | tokens/s | GB/s | of copy BW |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| batch | context | step ms p50 | p99 | device ms | host pack ms | tokens/s | GB/s | of copy BW |"
+            " of read BW |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         lines += [
             f"| {r['batch']} | {r['context']} | {r['step_ms_p50']:.2f} | {r['step_ms_p99']:.2f} | "
             f"{r['device_step_ms']:.2f} | {r['host_pack_ms']:.2f} | {r['tokens_per_s']:.1f} | "
-            f"{r['bandwidth_gbs']:.1f} | {100 * r['bandwidth_fraction']:.0f}% |"
+            f"{r['bandwidth_gbs']:.1f} | {100 * r['bandwidth_fraction']:.0f}% | "
+            + (f"{100 * r['read_bandwidth_fraction']:.0f}% |" if "read_bandwidth_fraction" in r else "- |")
             for r in rows
         ]
     for note in result["notes"]:

@@ -5,6 +5,7 @@ XLA's float32 product of the same matrix beside it, and fused vs separate q|k|v 
     INFERFLUX_QMM_PANEL_ROWS=0 python -m benchmarks.bench_qmatmul ...   # the row path at every M
     python -m benchmarks.bench_qmatmul --fusion --rows 1,8,512
     python -m benchmarks.bench_qmatmul --stream --layers 8 --rows 1,8 --repeats 21   # weights from DRAM
+    python -m benchmarks.bench_qmatmul --stream --baseline-lib /tmp/old/_inferflux_cpu.so ...   # A/B two builds
 
 CPU time (user + system of the process, all threads, `getrusage`) is the figure to read on a shared machine:
 wall time swings with other processes' load. The matrix is random GGUF blocks of the FFN shape of
@@ -23,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.bench_decode import read_bandwidth
 from inferflux.kernels.cpu.qmatmul import GGUFBlocks, qmatmul
 
 T = gguf.GGMLQuantizationType
@@ -70,54 +72,61 @@ def per_type(types: list[T], rows: list[int], n: int, k: int, f32: bool, repeats
             print(line, flush=True)
 
 
-def stream(types: list[T], rows: list[int], n: int, k: int, layers: int, repeats: int) -> None:
+def stream(types: list[T], rows: list[int], n: int, k: int, layers: int, repeats: int,
+           baseline: str | None = None) -> None:
     """Decode-step conditions: `layers` distinct matrices chained in one program (more bytes than the L3 cache
     holds), wall time per matrix (p50) and the weight bytes read per second, against this process's read
-    bandwidth (numpy sums of a 1 GiB array on as many threads as XLA's pool has)."""
+    bandwidth. With `baseline` (another build of the kernel library, e.g. the previous commit's), the same
+    chain runs on its `inferflux_qmatmul_v1` too, call for call interleaved with ours in this process (both see
+    the same machine load), and the two must give the same bits."""
     rng = np.random.default_rng(0)
     print(f"read bandwidth: {read_bandwidth():.1f} GB/s")
-    print("| type | M | wall ms per matrix (p50) | weights GB/s |")
-    print("| --- | --- | --- | --- |")
+    kernels = {"this build": qmatmul}
+    if baseline:
+        kernels = {"baseline": _baseline_qmatmul(baseline), **kernels}
+    print("| type | M | " + " | ".join(f"{name}: ms per matrix (p50) | GB/s" for name in kernels)
+          + (" | baseline / this build |" if baseline else " |"))
+    print("| --- | --- |" + " --- | --- |" * len(kernels) + (" --- |" if baseline else ""))
     for qtype in types:
         raws = [random_blocks(qtype, n, k, rng) for _ in range(layers)]
         ws = [GGUFBlocks(jnp.asarray(r), qtype, (n, k)) for r in raws]
         nbytes = sum(r.nbytes for r in raws)
 
-        def chain(x, ws):
-            for w in ws:  # each product feeds the next input, so no call can be skipped or reordered
-                x = x + 1e-9 * qmatmul(x, w)[:, :k]
-            return x
+        def chain(fn):
+            def run(x, ws):
+                for w in ws:  # each product feeds the next input, so no call can be skipped or reordered
+                    x = x + 1e-9 * fn(x, w)[:, :k]
+                return x
+            return jax.jit(run)
 
-        fn = jax.jit(chain)
+        fns = {name: chain(fn) for name, fn in kernels.items()}
         for m in rows:
             x = jnp.asarray(rng.standard_normal((m, k)).astype(np.float32))
-            jax.block_until_ready(fn(x, ws))
-            walls = []
+            outs = [np.asarray(fn(x, ws)) for fn in fns.values()]
+            assert all(np.array_equal(outs[0], o) for o in outs[1:]), "the builds give different results"
+            walls: dict[str, list[float]] = {name: [] for name in fns}
             for _ in range(repeats):
-                start = time.perf_counter()
-                jax.block_until_ready(fn(x, ws))
-                walls.append(time.perf_counter() - start)
-            p50 = sorted(walls)[len(walls) // 2]
-            print(f"| {qtype.name} | {m} | {p50 * 1e3 / layers:.3f} | {nbytes / p50 / 1e9:.1f} |", flush=True)
+                for name, fn in fns.items():
+                    start = time.perf_counter()
+                    jax.block_until_ready(fn(x, ws))
+                    walls[name].append(time.perf_counter() - start)
+            p50 = {name: sorted(v)[len(v) // 2] for name, v in walls.items()}
+            cells = " | ".join(f"{p50[name] * 1e3 / layers:.3f} | {nbytes / p50[name] / 1e9:.1f}" for name in fns)
+            ratio = f" {p50['baseline'] / p50['this build']:.2f} |" if baseline else ""
+            print(f"| {qtype.name} | {m} | {cells} |{ratio}", flush=True)
 
 
-def read_bandwidth() -> float:
-    """GB/s of numpy sums over a 1 GiB float32 array split across the CPU's cores (best of 4)."""
-    import os
-    import threading
+def _baseline_qmatmul(path: str):
+    """`qmatmul` through another build's handler, registered under its own target name."""
+    import ctypes
 
-    a = np.ones(1 << 28, np.float32)
-    parts = np.array_split(a, max(1, len(os.sched_getaffinity(0))))
-    best = 0.0
-    for _ in range(4):
-        threads = [threading.Thread(target=np.sum, args=(p,)) for p in parts]
-        start = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        best = max(best, a.nbytes / (time.perf_counter() - start) / 1e9)
-    return best
+    lib = ctypes.cdll.LoadLibrary(path)
+    jax.ffi.register_ffi_target("baseline_qmatmul", jax.ffi.pycapsule(lib.inferflux_qmatmul_v1), platform="cpu")
+
+    def run(x, w):
+        return jax.ffi.ffi_call("baseline_qmatmul", jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32))(
+            x, w.raw, qtype=np.int64(int(w.qtype)), isa=np.int64(0))
+    return run
 
 
 def fusion(rows: list[int], layers: int, repeats: int) -> None:
@@ -167,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fusion", action="store_true", help="fused vs separate projections instead")
     parser.add_argument("--stream", action="store_true",
                         help="wall time over --layers distinct matrices per type (weights streamed from memory)")
+    parser.add_argument("--baseline-lib", default=None,
+                        help="with --stream: another build of _inferflux_cpu*.so to time beside this one")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
@@ -176,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     n, k = (int(v) for v in args.shape.split("x"))
     if args.stream:
-        stream([T[t] for t in args.types.split(",")], rows, n, k, args.layers, args.repeats)
+        stream([T[t] for t in args.types.split(",")], rows, n, k, args.layers, args.repeats, args.baseline_lib)
         return 0
     per_type([T[t] for t in args.types.split(",")], rows, n, k, args.f32, args.repeats)
     return 0

@@ -93,8 +93,8 @@ def stream(types: list[T], rows: list[int], n: int, k: int, layers: int, repeats
         nbytes = sum(r.nbytes for r in raws)
 
         def chain(fn):
-            def run(x, ws):
-                for w in ws:  # each product feeds the next input, so no call can be skipped or reordered
+            def run(x, mats):
+                for w in mats:  # each product feeds the next input, so no call can be skipped or reordered
                     x = x + 1e-9 * fn(x, w)[:, :k]
                 return x
             return jax.jit(run)

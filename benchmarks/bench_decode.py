@@ -341,11 +341,11 @@ def measure_decode(runner, chunks: list, steps: int, warmup_steps: int) -> dict[
     bucket = runner.bucket_for(len(chunks), len(chunks), max(len(c.pages) for c in chunks))
     exe = runner.program(bucket)
     args = jax.device_put(runner._pack(chunks, bucket))
-    out, runner.kv_cache = exe(runner.state, runner.kv_cache, *args)
+    out, runner.kv_cache = exe(runner.weights, runner.kv_cache, *args)
     jax.block_until_ready(out)
     start = time.perf_counter()
     for _ in range(steps):
-        out, runner.kv_cache = exe(runner.state, runner.kv_cache, *args)
+        out, runner.kv_cache = exe(runner.weights, runner.kv_cache, *args)
     jax.block_until_ready(out)
     device_s = (time.perf_counter() - start) / steps
 

@@ -305,3 +305,4 @@ def write_slot(runner: ModelRunner, slot: int, adapter: LoraAdapter | None) -> N
                 b[:, :src_b.shape[1]] = src_b
             var_a.set_value(a_all.at[slot].set(a.astype(a_all.dtype)))
             var_b.set_value(b_all.at[slot].set(b.astype(b_all.dtype)))
+    runner.state_written()

@@ -130,6 +130,11 @@ class ModelRunner:
         lora_spec = (self.max_loras, self.max_lora_rank, jnp.float32 if self.backend == "cpu" else self.dtype)
         graphdef, self.state = nnx.split(LlamaModel(model.config, weights, self.dtype, kernels=mesh is None,
                                                     lora_spec=lora_spec))
+        # Programs take the state as its flat tuple of arrays (`weights`), flattened once, not per call: the
+        # per-call flatten of ~200 nnx Variables cost ~0.45 ms of a 1.1B Q4_K_M batch-1 step's ~1.3 ms
+        # dispatch, time the device sat idle (benchmarks/RESULTS.md).
+        self._state_def = jax.tree_util.tree_structure(self.state)
+        self._weights: tuple[jax.Array, ...] | None = None
         self.num_pages = self._num_pages()
         self.kv_cache: KVCache = tensor_parallel.shard_kv_cache(
             init_kv_cache(model.config, self.num_pages, self.page_size, self.dtype), mesh)
@@ -150,7 +155,7 @@ class ModelRunner:
         # every step (time grew with runtime.num_pages; benchmarks/RESULTS.md).
         self.decode_buckets = self.backend == "gpu"
         self._step_fns = {
-            decode: FreshJit(_make_step(graphdef, self.num_logprobs, decode), donate_argnums=(1,))
+            decode: FreshJit(_make_step(graphdef, self._state_def, self.num_logprobs, decode), donate_argnums=(1,))
             for decode in (False, True)
         }
         # Step programs kept whole on disk, so a warm restart skips tracing and lowering (executable_cache.py).
@@ -164,11 +169,22 @@ class ModelRunner:
         self._building: dict[Bucket, threading.Lock] = {}  # per bucket: one thread builds it (`program`)
         # Steps that score prompt tokens (prompt_logprobs) need every token's logits: programs of their own,
         # compiled on first use, so ordinary steps never pay for the full [T, vocab] head.
-        self._score_fn = FreshJit(_make_score_step(graphdef, self.num_logprobs), donate_argnums=(1,))
+        self._score_fn = FreshJit(_make_score_step(graphdef, self._state_def, self.num_logprobs), donate_argnums=(1,))
         self._score_executables = self.programs.view("score")
         # Embedding mode: the same forward pass, returning every token's final hidden state.
-        self._hidden_fn = FreshJit(_make_hidden(graphdef), donate_argnums=(1,))
+        self._hidden_fn = FreshJit(_make_hidden(graphdef, self._state_def), donate_argnums=(1,))
         self._hidden_executables = self.programs.view("hidden")
+
+    @property
+    def weights(self) -> tuple[jax.Array, ...]:
+        """`state`'s arrays in flattening order: what every program of this runner takes first."""
+        if self._weights is None:
+            self._weights = tuple(jax.tree_util.tree_leaves(self.state))
+        return self._weights
+
+    def state_written(self) -> None:
+        """Say that `state` was written in place (engine/lora.py), so `weights` is flattened again."""
+        self._weights = None
 
     # --- sizing ---
 
@@ -245,7 +261,7 @@ class ModelRunner:
 
     def _compile(self, bucket: Bucket) -> Any:
         step_fn = self._step_fns[bucket[3]]
-        return self._stored.get(("step", bucket), lambda: step_fn.lower(self.state, self.kv_cache,
+        return self._stored.get(("step", bucket), lambda: step_fn.lower(self.weights, self.kv_cache,
                                                                          *_abstract_inputs(bucket, self)))
 
     @property
@@ -262,7 +278,7 @@ class ModelRunner:
                                  max(len(c.pages) for c in chunks))
         inputs, sampling, history, history_is_output = self._pack(chunks, bucket)
         exe = self.program(bucket)
-        out, self.kv_cache = exe(self.state, self.kv_cache, inputs, sampling, history, history_is_output)
+        out, self.kv_cache = exe(self.weights, self.kv_cache, inputs, sampling, history, history_is_output)
         return _sampled(chunks, jax.device_get(out))
 
     def step_with_scores(self, chunks: Sequence[Chunk]) -> tuple[list[Sampled | None], list[PromptScores | None]]:
@@ -285,8 +301,8 @@ class ModelRunner:
             abstract = _abstract_inputs(bucket, self)
             target_shape = jax.ShapeDtypeStruct(targets.shape, targets.dtype)
             exe = self._score_executables[bucket] = self._score_fn.lower(
-                self.state, self.kv_cache, *abstract, target_shape).compile()
-        out, scores, self.kv_cache = exe(self.state, self.kv_cache, inputs, sampling, history, history_is_output,
+                self.weights, self.kv_cache, *abstract, target_shape).compile()
+        out, scores, self.kv_cache = exe(self.weights, self.kv_cache, inputs, sampling, history, history_is_output,
                                          targets)
         out, scores = jax.device_get((out, scores))
         results, offset = [], 0
@@ -307,9 +323,9 @@ class ModelRunner:
         exe = self._hidden_executables.get(bucket)
         if exe is None:
             abstract = _abstract_inputs(bucket, self)[0]
-            exe = self._hidden_executables[bucket] = self._hidden_fn.lower(self.state, self.kv_cache,
+            exe = self._hidden_executables[bucket] = self._hidden_fn.lower(self.weights, self.kv_cache,
                                                                            abstract).compile()
-        hidden, self.kv_cache = exe(self.state, self.kv_cache, inputs)
+        hidden, self.kv_cache = exe(self.weights, self.kv_cache, inputs)
         hidden = np.asarray(jax.device_get(hidden))
         out, offset = [], 0
         for chunk in chunks:
@@ -378,21 +394,24 @@ class ModelRunner:
         return inputs, sampling, history, is_output
 
 
-def _make_step(graphdef: nnx.GraphDef, num_logprobs: int, decode_only: bool):
-    def step(state: nnx.State, kv_cache: KVCache, inputs: StepInputs, sampling: SamplingTensors,
+def _model(graphdef: nnx.GraphDef, state_def: Any, weights: tuple[jax.Array, ...]) -> Any:
+    return nnx.merge(graphdef, jax.tree_util.tree_unflatten(state_def, weights))
+
+
+def _make_step(graphdef: nnx.GraphDef, state_def: Any, num_logprobs: int, decode_only: bool):
+    def step(weights: tuple[jax.Array, ...], kv_cache: KVCache, inputs: StepInputs, sampling: SamplingTensors,
              history: jax.Array, history_is_output: jax.Array) -> tuple[SampleOutput, KVCache]:
-        model = nnx.merge(graphdef, state)
-        logits, kv_cache = model(inputs, kv_cache, decode_only=decode_only)
+        logits, kv_cache = _model(graphdef, state_def, weights)(inputs, kv_cache, decode_only=decode_only)
         return sample(logits, sampling, history, history_is_output, num_logprobs=num_logprobs), kv_cache
 
     return step
 
 
-def _make_score_step(graphdef: nnx.GraphDef, num_logprobs: int):
-    def step(state: nnx.State, kv_cache: KVCache, inputs: StepInputs, sampling: SamplingTensors,
+def _make_score_step(graphdef: nnx.GraphDef, state_def: Any, num_logprobs: int):
+    def step(weights: tuple[jax.Array, ...], kv_cache: KVCache, inputs: StepInputs, sampling: SamplingTensors,
              history: jax.Array, history_is_output: jax.Array,
              targets: jax.Array) -> tuple[SampleOutput, SampleOutput, KVCache]:
-        logits, kv_cache = nnx.merge(graphdef, state).token_logits(inputs, kv_cache)
+        logits, kv_cache = _model(graphdef, state_def, weights).token_logits(inputs, kv_cache)
         sampled = sample(jnp.take(logits, inputs.logits_index, axis=0), sampling, history, history_is_output,
                          num_logprobs=num_logprobs)
         return sampled, token_logprobs(logits, targets, num_logprobs=num_logprobs), kv_cache
@@ -408,9 +427,9 @@ def _sampled(chunks: Sequence[Chunk], out: SampleOutput) -> list[Sampled | None]
     ]
 
 
-def _make_hidden(graphdef: nnx.GraphDef):
-    def hidden(state: nnx.State, kv_cache: KVCache, inputs: StepInputs) -> tuple[jax.Array, KVCache]:
-        return nnx.merge(graphdef, state).hidden_states(inputs, kv_cache)
+def _make_hidden(graphdef: nnx.GraphDef, state_def: Any):
+    def hidden(weights: tuple[jax.Array, ...], kv_cache: KVCache, inputs: StepInputs) -> tuple[jax.Array, KVCache]:
+        return _model(graphdef, state_def, weights).hidden_states(inputs, kv_cache)
 
     return hidden
 

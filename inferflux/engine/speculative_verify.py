@@ -83,7 +83,7 @@ class Verifier:
         inputs = dataclasses.replace(inputs, logits_index=logits_index)
         args = (inputs, sampling, history, is_output)
         exe = self._executable((*bucket[:3], num_rows), args)
-        out, runner.kv_cache = exe(runner.state, runner.kv_cache, *args)
+        out, runner.kv_cache = exe(runner.weights, runner.kv_cache, *args)
         out = jax.device_get(out)
         results, r = [], 0
         for chunk_rows in rows:
@@ -97,7 +97,7 @@ class Verifier:
         if exe is None:
             runner = self.runner
             abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), args)
-            exe = runner._step_fns[False].lower(runner.state, runner.kv_cache, *abstract).compile()
+            exe = runner._step_fns[False].lower(runner.weights, runner.kv_cache, *abstract).compile()
             self._programs[key] = exe
         return exe
 

@@ -125,10 +125,13 @@ def tensor_plan(config: ModelConfig, qtype: str) -> list[tuple[str, tuple[int, .
 
 
 def make_gguf(shape: str, qtype: str, out_path: str | Path, seed: int = 0,
-              progress: Callable[[str], None] | None = None) -> Path:
+              progress: Callable[[str], None] | None = None, attention_scale: float = 1.0) -> Path:
     """Write a random-weight model of `shape` at `qtype` to `out_path` (atomically) and return the path.
 
-    `progress(line)` gets a line per layer; None prints nothing.
+    `progress(line)` gets a line per layer; None prints nothing. `attention_scale` multiplies every
+    `attn_output` matrix (its blocks' scale fields): well below 1, attention barely moves the residual
+    stream, so the next token depends mainly on the current one and the model repeats text it wrote before,
+    a stand-in for a trained model quoting its prompt (benchmarks/bench_speculative.py). Same bytes, same cost.
     """
     qtype = qtype.upper()
     config = shape_config(shape)
@@ -154,6 +157,8 @@ def make_gguf(shape: str, qtype: str, out_path: str | Path, seed: int = 0,
             start, written = time.perf_counter(), 0
             for name, tensor_shape, tensor_type in plan:
                 data = random_tensor(tensor_shape, tensor_type, rng)
+                if attention_scale != 1.0 and name.endswith("attn_output.weight"):
+                    scale_blocks(data, tensor_type, attention_scale)
                 writer.write_tensor_data(data)
                 written += data.nbytes
                 del data
@@ -259,6 +264,24 @@ def _patch_q6_k(blocks: np.ndarray) -> None:  # [n, 210]: 128 ql, 64 qh, 16 int8
     blocks[:, 208:210] = _f16_bytes(Q6_K_D)
 
 
+# Byte offsets of each block's f16 scale fields: scaling them scales the dequantized values exactly as much.
+_SCALE_FIELDS: dict[T, tuple[int, ...]] = {T.Q8_0: (0,), T.Q4_0: (0,), T.Q4_K: (0, 2), T.Q6_K: (208,)}
+
+
+def scale_blocks(data: np.ndarray, qtype: T, factor: float) -> None:
+    """Multiply a tensor's values (the bytes `random_tensor` returns) by `factor`, in place."""
+    if qtype == T.F16:
+        data.view(np.float16)[...] *= np.float16(factor)
+        return
+    if qtype not in _SCALE_FIELDS:
+        raise ValueError(f"cannot scale a {qtype.name} tensor")
+    type_size = gguf.GGML_QUANT_SIZES[qtype][1]
+    blocks = data.reshape(-1, type_size)
+    for offset in _SCALE_FIELDS[qtype]:
+        field = np.ascontiguousarray(blocks[:, offset:offset + 2]).view(np.float16)
+        blocks[:, offset:offset + 2] = (field * np.float16(factor)).view(np.uint8)
+
+
 _PATCH: dict[T, Callable[[np.ndarray], None]] = {
     T.F16: lambda buf: _patch_float(buf, F16_EXPONENTS, 10),
     T.BF16: lambda buf: _patch_float(buf, BF16_EXPONENTS, 7),
@@ -293,11 +316,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--qtype", required=True, type=str.upper, choices=sorted(QTYPES))
     parser.add_argument("--out", required=True, type=Path, help="GGUF file to write")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--attention-scale", type=float, default=1.0,
+                        help="multiply every attn_output matrix by this (see make_gguf): below 1, the model "
+                             "repeats its own text")
     parser.add_argument("--check", action="store_true",
                         help="afterwards, dequantize every tensor with gguf.quants and print its statistics")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    path = make_gguf(args.shape, args.qtype, args.out, args.seed, progress=lambda line: print(line, flush=True))
+    path = make_gguf(args.shape, args.qtype, args.out, args.seed, progress=lambda line: print(line, flush=True),
+                     attention_scale=args.attention_scale)
     print(f"wrote {path} ({path.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - start:.1f} s")
     if args.check:
         bad = 0

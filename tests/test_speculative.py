@@ -215,8 +215,44 @@ def test_server_opt_out_metrics_and_status(model_dir) -> None:
         assert 0 < status["spec_acceptance_rate"] <= 1
         bad = httpx.post(srv.url + "/v1/completions", json={"model": "tiny", "prompt": "x", "speculative": "maybe"})
         assert bad.status_code == 400
+        dialect_opt_outs(srv, client)
     finally:
         assert srv.stop() == 0, srv.output()
+
+
+def dialect_opt_outs(srv, client) -> None:
+    """Each dialect's request carries `speculative: false` (Ollama: in `options`): with it the server proposes
+    nothing for the request, without it the same request gets proposals (a repeated phrase: lookup finds it)."""
+    import anthropic
+    import httpx
+    import ollama
+
+    def drafted() -> float:
+        for line in httpx.get(srv.url + "/metrics").text.splitlines():
+            if line.startswith("vllm:spec_decode_num_draft_tokens_total"):
+                return float(line.rsplit(" ", 1)[1])
+        raise AssertionError("no draft token counter")
+
+    text = "one two three four " * 6
+    ask = anthropic.Anthropic(base_url=srv.url, api_key="unused", max_retries=0)
+    calls = {
+        "ollama": lambda extra: ollama.Client(host=srv.url).generate(
+            model="tiny", prompt=text, raw=True, options={"num_predict": 12, "temperature": 0, **extra}),
+        "anthropic": lambda extra: ask.messages.create(
+            model="tiny", max_tokens=12, messages=[{"role": "user", "content": text}],
+            extra_body={"temperature": 0, **extra}),
+        "responses": lambda extra: client.responses.create(
+            model="tiny", input=text, max_output_tokens=12, temperature=0, extra_body=extra),
+    }
+    for name, call in calls.items():
+        before = drafted()
+        call({"speculative": False})
+        assert drafted() == before, name
+        call({})
+        assert drafted() > before, name
+    bad = httpx.post(srv.url + "/api/generate", json={"model": "tiny", "prompt": "x", "stream": False,
+                                                      "options": {"speculative": "maybe"}})
+    assert bad.status_code == 400 and "speculative" in bad.text
 
 
 def test_back_off_pauses_a_sequence_whose_proposals_fail(spec) -> None:
@@ -225,7 +261,18 @@ def test_back_off_pauses_a_sequence_whose_proposals_fail(spec) -> None:
     from inferflux.engine.sequence import Sequence
     from inferflux.engine.speculative import PAUSE_START, WINDOW
 
-    speculation = spec.engine.speculation
+    class Proposing:  # what the scheduler does for one sequence: its room, then the proposals that fit
+        def __init__(self, speculation) -> None:
+            self.speculation = speculation
+
+        def __getattr__(self, name):
+            return getattr(self.speculation, name)
+
+        def propose(self, seq, budget: int) -> list[int]:
+            room = self.speculation.room(seq, budget)
+            return self.speculation.propose([(seq, room)])[0] if room else []
+
+    speculation = Proposing(spec.engine.speculation)
     seq = Sequence([1, 2, 3, 1, 2, 3, 1, 2], SamplingParams(max_tokens=100), seed=0, max_model_len=512)
     assert speculation.propose(seq, 8) == [3, 1, 2]
     for _ in range(WINDOW):
@@ -243,6 +290,7 @@ def test_back_off_pauses_a_sequence_whose_proposals_fail(spec) -> None:
     assert speculation.propose(opted_out, 8) == []
     short = Sequence([1, 2, 1, 2], SamplingParams(max_tokens=2), seed=0, max_model_len=512)
     assert speculation.propose(short, 8) == [1]  # one proposal + the token after it = max_tokens
+    assert speculation.room(short, 8) == 1
 
 
 def test_draft_model_quantized_copy_is_token_identical(model_dir, tiny_gguf, plain) -> None:
@@ -256,13 +304,23 @@ def test_draft_model_quantized_copy_is_token_identical(model_dir, tiny_gguf, pla
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     expected = generate(plain, prompts, params)
     assert [generate(llm, [p], params)[0] for p in prompts] == expected
+    drafter = llm.engine.speculation.drafter
+    assert drafter is not None
+    draft_step, widths = drafter.runner.step, []
+
+    def counted(chunks):  # the real draft step; records how many sequences each one ran
+        widths.append(len(chunks))
+        return draft_step(chunks)
+
+    drafter.runner.step = counted
     assert generate(llm, prompts, params) == expected  # batched
+    drafter.runner.step = draft_step
+    assert max(widths) == len(prompts)  # one draft step proposes for every speculating sequence at once
     stats = llm.engine.stats()
     assert stats.spec_accepted_tokens > 0.3 * stats.spec_draft_tokens > 0
     seeded = SamplingParams(temperature=0.8, max_tokens=24, ignore_eos=True, seed=3)
     assert generate(llm, prompts, seeded) == generate(plain, prompts, seeded)
-    drafter = llm.engine.speculation.drafter
-    assert drafter is not None and drafter.allocator.num_free == drafter.allocator.num_usable  # all released
+    assert drafter.allocator.num_free == drafter.allocator.num_usable  # all released
 
 
 def test_draft_model_of_another_vocabulary_is_a_clear_error(model_dir, tiny_model) -> None:

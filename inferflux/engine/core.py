@@ -76,7 +76,7 @@ class EngineCore:
         # Speculative decoding (engine/speculative.py): the scheduler asks it for proposals, the step verifies.
         self.speculation = Speculation(config, self.runner)
         if self.speculation.enabled:
-            self.scheduler.propose = self.speculation.propose
+            self.scheduler.proposer = self.speculation
         if runtime.warmup:
             self.runner.warmup(background=runtime.warmup_background)
 

@@ -232,7 +232,12 @@ class KVCacheManager:
         if num_computed > seq.num_computed:
             raise ValueError(f"rollback to {num_computed} is past the {seq.num_computed} tokens computed")
         seq.num_computed = num_computed
-        keep = -(-num_computed // self.page_size)
+        self.trim(seq, 0)
+
+    def trim(self, seq: Seq, num_new: int) -> None:
+        """Release the pages wholly past the sequence's next `num_new` tokens (allocated for proposals that
+        did not come, or taken back by `rollback`)."""
+        keep = -(-(seq.num_computed + num_new) // self.page_size)
         if len(seq.pages) > keep:
             self.allocator.release(seq.pages[keep:])
             seq.pages = seq.pages[:keep]

@@ -23,10 +23,27 @@ from __future__ import annotations
 
 import dataclasses
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Sequence as Seq
+from typing import Protocol
 
 from inferflux.engine.kv_cache import KVCacheManager
 from inferflux.engine.sequence import Sequence
+
+
+class Proposer(Protocol):
+    """Speculative decoding's side of scheduling (engine/speculative.py)."""
+
+    # True: `propose` runs once per step for every speculating sequence together (a draft model's batched
+    # steps), after the others are scheduled; False: per sequence as it is scheduled (prompt lookup).
+    batched: bool
+
+    def room(self, seq: Sequence, budget: int) -> int:
+        """How many tokens a decoding sequence may propose this step (0: none), at most `budget`."""
+        ...
+
+    def propose(self, items: Seq[tuple[Sequence, int]]) -> list[list[int]]:
+        """Up to k proposals for each (sequence, k)."""
+        ...
 
 
 @dataclasses.dataclass
@@ -51,8 +68,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
-        # Speculative decoding's proposer (engine/speculative.py): (decoding sequence, budget) -> proposals.
-        self.propose: Callable[[Sequence, int], list[int]] | None = None
+        # Speculative decoding's proposer (engine/speculative.py), set by the engine when it is on.
+        self.proposer: Proposer | None = None
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -84,16 +101,17 @@ class Scheduler:
         chunks: list[ScheduledChunk] = []
         budget = self.max_num_batched_tokens
         preempted = False
+        reserved: list[tuple[ScheduledChunk, int]] = []  # room kept for a batched proposer's proposals
         for seq in list(self.running):
             if seq not in self.running:  # preempted earlier in this loop
                 continue
             if len(chunks) == self.max_num_seqs or budget == 0:
                 break
             tokens = seq.next_chunk(budget)
-            draft = self._draft(seq, tokens, budget)
-            while not self.kv.allocate(seq, len(tokens) + len(draft)):
-                if draft:  # short of pages: drop the proposals before preempting anyone
-                    draft = []
+            draft, room = self._draft(seq, tokens, budget)
+            while not self.kv.allocate(seq, len(tokens) + len(draft) + room):
+                if draft or room:  # short of pages: drop the proposals before preempting anyone
+                    draft, room = [], 0
                     continue
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -102,16 +120,37 @@ class Scheduler:
                     break
             else:
                 chunks.append(ScheduledChunk(seq, tokens, draft))
-                budget -= len(tokens) + len(draft)
+                if room:
+                    reserved.append((chunks[-1], room))
+                budget -= len(tokens) + len(draft) + room
+        if reserved:
+            budget += self._propose_batched(reserved)
         if not preempted:
             self._admit(chunks, budget)
         return chunks
 
-    def _draft(self, seq: Sequence, tokens: list[int], budget: int) -> list[int]:
-        """Proposals for a decoding sequence (its one new token is its last), within what the budget leaves."""
-        if self.propose is None or len(tokens) != 1 or seq.num_computed + 1 != len(seq.all_ids):
-            return []
-        return self.propose(seq, budget - 1)
+    def _draft(self, seq: Sequence, tokens: list[int], budget: int) -> tuple[list[int], int]:
+        """Proposals for a decoding sequence (its one new token is its last), within what the budget leaves;
+        or, for a batched proposer, the room to keep for them (proposals, room)."""
+        proposer = self.proposer
+        if proposer is None or len(tokens) != 1 or seq.num_computed + 1 != len(seq.all_ids):
+            return [], 0
+        room = proposer.room(seq, budget - 1)
+        if room <= 0:
+            return [], 0
+        if proposer.batched:
+            return [], room
+        return proposer.propose([(seq, room)])[0][:room], 0
+
+    def _propose_batched(self, reserved: list[tuple[ScheduledChunk, int]]) -> int:
+        """Fill the room kept for proposals, all sequences at once; give back the pages and budget not used."""
+        assert self.proposer is not None
+        unused = 0
+        for (chunk, room), draft in zip(reserved, self.proposer.propose([(c.seq, r) for c, r in reserved])):
+            chunk.draft = draft[:room]
+            self.kv.trim(chunk.seq, len(chunk.tokens) + len(chunk.draft))
+            unused += room - len(chunk.draft)
+        return unused
 
     def _admit(self, chunks: list[ScheduledChunk], budget: int) -> None:
         for seq in list(self.waiting):

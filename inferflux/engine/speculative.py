@@ -96,33 +96,39 @@ class Speculation:
             from inferflux.engine.speculative_draft import DraftProposer
 
             self.drafter = DraftProposer(config, runner.config)
+        self.batched = self.drafter is not None  # draft steps run for every speculating sequence at once
         self.stats = SpecStats()
         self._backoff: dict[int, _Backoff] = {}  # seq id -> its back-off state
 
-    # --- proposing (scheduler) ---
+    # --- proposing (scheduler: `room`, then `propose`) ---
 
     def eligible(self, seq: Sequence) -> bool:
         return (self.enabled and seq.params.speculative is not False and not seq.is_embedding
                 and seq.params.constraint is None)
 
-    def propose(self, seq: Sequence, budget: int) -> list[int]:
-        """Tokens to verify after a decoding sequence's last token: at most `budget`, never past its
-        `max_tokens` or the context (the token after the last proposal must still be one it may emit)."""
+    def room(self, seq: Sequence, budget: int) -> int:
+        """How many tokens a decoding sequence may propose after its last one this step: 0 when it does not
+        speculate (or is paused by the back-off), else at most `budget`, never past its `max_tokens` or the
+        context (the token after the last proposal must still be one it may emit)."""
         if not self.eligible(seq):
-            return []
+            return 0
         state = self._backoff.setdefault(seq.seq_id, _Backoff())
         if state.pause > 0:
             state.pause -= 1
-            return []
+            return 0
         k = min(self.config.num_speculative_tokens, budget, seq.max_model_len - len(seq.prompt_ids)
                 - len(seq.output_ids) - 1)
         if seq.params.max_tokens is not None:
             k = min(k, seq.params.max_tokens - len(seq.output_ids) - 1)
-        if k <= 0:
-            return []
+        return max(0, k)
+
+    def propose(self, items: Seq[tuple[Sequence, int]]) -> list[list[int]]:
+        """Up to k tokens to verify after each (sequence, k) (k from `room`): the draft model's, for all of
+        them in batched draft steps, or prompt lookup's."""
         if self.drafter is not None:
-            return self.drafter.propose(seq, k)
-        return ngram_propose(seq.all_ids, self.config.prompt_lookup_min, self.config.prompt_lookup_max, k)
+            return self.drafter.propose(items)
+        return [ngram_propose(seq.all_ids, self.config.prompt_lookup_min, self.config.prompt_lookup_max, k)
+                for seq, k in items]
 
     def forget(self, seq: Sequence) -> None:
         self._backoff.pop(seq.seq_id, None)

@@ -6,16 +6,18 @@ programs) and its own page allocator, with no prefix caching. Per target sequenc
 K/V its cache holds; before proposing, it keeps the longest prefix of them that the sequence still has
 (after the target accepted some proposals and rejected the rest, only those survive), computes the rest
 (a catch-up chunk, cut to the step's token budget), then decodes k tokens greedily, one draft step each.
+Draft steps are batched like the target's: every sequence speculating in a target step runs in the same
+draft steps (catch-up chunks and decodes mixed, ragged), so 8 streams pay for k + 1 draft steps, not 8(k + 1).
 
 Greedy proposals are a point mass, so the target's verification (engine/speculative.py) keeps its
 output exactly its own for greedy and sampled requests alike. When the draft's cache has no page left
-for a sequence, that sequence simply gets no proposals (its draft state is dropped and rebuilt later).
-Draft steps run one sequence at a time: simple, and the draft is meant to be much cheaper than the target.
+for a sequence, that sequence simply gets no more proposals (its draft state is dropped and rebuilt later).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence as Seq
 from pathlib import Path
 
 from inferflux.config import Config
@@ -38,6 +40,17 @@ class DraftModelError(InferFluxError):
 class _DraftSeq:
     ids: list[int] = dataclasses.field(default_factory=list)  # tokens whose K/V the draft cache holds
     pages: list[int] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class _Pending:
+    """A sequence still proposing in this call: the tokens its next draft step runs, how many proposals."""
+
+    index: int
+    seq: Sequence
+    state: _DraftSeq
+    tokens: list[int]
+    k: int
 
 
 class DraftProposer:
@@ -63,35 +76,47 @@ class DraftProposer:
         self.page_size = self.runner.page_size
         self.allocator = PageAllocator(self.runner.num_pages, self.page_size, prefix_caching=False)
         self.max_chunk = runtime.max_num_batched_tokens
+        self.max_seqs = runtime.max_num_seqs
         self._seqs: dict[int, _DraftSeq] = {}
 
-    def propose(self, seq: Sequence, k: int) -> list[int]:
-        """Up to `k` greedy draft tokens after the sequence's tokens; [] when the draft cache is full."""
-        state = self._seqs.setdefault(seq.seq_id, _DraftSeq())
-        target = seq.all_ids
-        keep = 0
-        for a, b in zip(state.ids, target[:-1]):  # the last token is always run: its logits give proposal 1
-            if a != b:
-                break
-            keep += 1
-        self._truncate(state, keep)
-        pending = target[keep:]
-        proposals: list[int] = []
-        while len(proposals) < k:
-            run, rest = pending[:self.max_chunk], pending[self.max_chunk:]
-            if not self._cover(state, len(state.ids) + len(run)):
-                self.forget(seq)
-                return []
-            out = self.runner.step([Chunk(tokens=run, start_pos=len(state.ids), pages=state.pages,
-                                          sampling=None if rest else GREEDY)])[0]
-            state.ids += run
-            if rest:
-                pending = rest
-                continue
-            assert out is not None
-            proposals.append(out.token_id)
-            pending = [out.token_id]
-        return proposals
+    def propose(self, items: Seq[tuple[Sequence, int]]) -> list[list[int]]:
+        """Up to k greedy draft tokens after each (sequence, k), all sequences in the same draft steps;
+        a sequence whose draft cache runs out of pages gets the proposals it has so far."""
+        out: list[list[int]] = [[] for _ in items]
+        live: list[_Pending] = []
+        for i, (seq, k) in enumerate(items):
+            state = self._seqs.setdefault(seq.seq_id, _DraftSeq())
+            target = seq.all_ids
+            keep = 0
+            for a, b in zip(state.ids, target[:-1]):  # the last token is always run: its logits give proposal 1
+                if a != b:
+                    break
+                keep += 1
+            self._truncate(state, keep)
+            if k > 0:
+                live.append(_Pending(i, seq, state, list(target[keep:]), k))
+        while live:
+            batch, budget = [], self.max_chunk
+            for entry in live:
+                if len(batch) == self.max_seqs or budget == 0:
+                    break
+                run = entry.tokens[:budget]
+                if not self._cover(entry.state, len(entry.state.ids) + len(run)):
+                    self.forget(entry.seq)
+                    entry.k = 0  # no room: keep what it has
+                    continue
+                batch.append((entry, run))
+                budget -= len(run)
+            chunks = [Chunk(tokens=run, start_pos=len(e.state.ids), pages=e.state.pages,
+                            sampling=None if len(run) < len(e.tokens) else GREEDY) for e, run in batch]
+            for (entry, run), sample in zip(batch, self.runner.step(chunks) if chunks else []):
+                entry.state.ids += run
+                entry.tokens = entry.tokens[len(run):]
+                if sample is not None:  # the chunk reached the last token: its sample is the next proposal
+                    out[entry.index].append(sample.token_id)
+                    entry.tokens = [sample.token_id]
+            live = [e for e in live if e.k > len(out[e.index])]
+        return out
 
     def forget(self, seq: Sequence) -> None:
         state = self._seqs.pop(seq.seq_id, None)

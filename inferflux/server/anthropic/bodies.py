@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from inferflux.engine.grammar import Constraint
 from inferflux.engine.sampling_params import SamplingParams
@@ -144,6 +144,8 @@ class MessagesRequest(CountTokensRequest):
     top_k: int | None = Field(default=None, ge=0)
     metadata: Metadata | None = None
     stream: bool = False
+    # Speculative decoding (docs/speculative.md): false opts this request out; absent follows the server.
+    speculative: StrictBool | None = None  # an InferFlux extension
 
     @property
     def forced_tools(self) -> list[dict[str, Any]] | None:
@@ -176,7 +178,8 @@ class MessagesRequest(CountTokensRequest):
         # Anthropic's defaults: temperature 1, no top-p / top-k cut.
         params = SamplingParams(max_tokens=None, temperature=1.0 if self.temperature is None else self.temperature,
                                 top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0,
-                                stop=list(self.stop_sequences or []) or None, constraint=self.constraint())
+                                stop=list(self.stop_sequences or []) or None, constraint=self.constraint(),
+                                speculative=self.speculative)
         forced = self.forced_tools
         if forced and params.constraint is not None:
             raise bad_request("a forced tool call (`tool_choice` any/tool) cannot be combined with "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
 
 from inferflux.server.adapters import LoraRef
 from inferflux.server.keep_alive import parse_keep_alive
@@ -57,6 +57,7 @@ class Options(_Body):
     stop: str | list[str] | None = None
     num_ctx: StrictInt | None = None
     lora: list[LoraRef] | None = None  # InferFlux: LoRA adapters to stack, with scales (server/openai/lora.py)
+    speculative: StrictBool | None = None  # InferFlux: false opts out of speculative decoding (docs/speculative.md)
 
     @field_validator("temperature", "top_p", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty",
                      mode="before")

@@ -64,7 +64,7 @@ def sampling(options: Options | None, overrides: Overrides) -> tuple[SamplingPar
         min_p=pick(opts.min_p, 0.0), repetition_penalty=pick(opts.repeat_penalty, 1.0),
         presence_penalty=pick(opts.presence_penalty, 0.0), frequency_penalty=pick(opts.frequency_penalty, 0.0),
         seed=opts.seed, stop=[s for s in stop if s] or None if stop else None,
-        lora=[(ref.name, ref.scale) for ref in opts.lora] if opts.lora else None)
+        lora=[(ref.name, ref.scale) for ref in opts.lora] if opts.lora else None, speculative=opts.speculative)
     limit = None if opts.num_predict is None or opts.num_predict < 0 else opts.num_predict
     return params, Limits(max_tokens=limit, context=opts.num_ctx, overflow="cap")
 

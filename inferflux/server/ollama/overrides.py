@@ -27,7 +27,7 @@ from inferflux.server.errors import bad_request
 # Ollama options honoured by the sampling (see generate.sampling), and those accepted and ignored.
 KNOWN_OPTIONS = frozenset({
     "num_predict", "temperature", "top_k", "top_p", "min_p", "repeat_penalty", "presence_penalty",
-    "frequency_penalty", "seed", "stop", "num_ctx", "lora",
+    "frequency_penalty", "seed", "stop", "num_ctx", "lora", "speculative",
 })
 IGNORED_OPTIONS = frozenset({
     "num_keep", "repeat_last_n", "typical_p", "tfs_z", "mirostat", "mirostat_tau", "mirostat_eta",

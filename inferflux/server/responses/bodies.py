@@ -21,7 +21,7 @@ import json
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from inferflux.engine.grammar import Constraint
 from inferflux.engine.sampling_params import SamplingParams
@@ -187,6 +187,8 @@ class ResponsesRequest(_Input):
     stream: bool = False
     user: str | None = None
     seed: int | None = None  # not in OpenAI's API; vLLM and llama.cpp accept it for reproducible samples
+    # Speculative decoding (docs/speculative.md): false opts this request out; absent follows the server.
+    speculative: StrictBool | None = None  # an InferFlux extension
 
     def spec(self, prior: list[dict[str, Any]]) -> GenerationSpec:
         from inferflux.server.structured import forced_tools
@@ -200,7 +202,7 @@ class ResponsesRequest(_Input):
                         template_kwargs=self.template_kwargs())
         params = SamplingParams(max_tokens=None, temperature=1.0 if self.temperature is None else self.temperature,
                                 top_p=1.0 if self.top_p is None else self.top_p, seed=self.seed, n=1,
-                                constraint=self.constraint())
+                                constraint=self.constraint(), speculative=self.speculative)
         choice = self.tool_choice.model_dump() if isinstance(self.tool_choice, ToolChoiceFunction) else self.tool_choice
         forced = forced_tools(self.template_tools(), choice)  # required / a named function: a grammar-forced call
         if forced and params.constraint is not None:

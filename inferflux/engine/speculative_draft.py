@@ -96,7 +96,8 @@ class DraftProposer:
             if k > 0:
                 live.append(_Pending(i, seq, state, list(target[keep:]), k))
         while live:
-            batch, budget = [], self.max_chunk
+            batch: list[tuple[_Pending, list[int]]] = []
+            budget = self.max_chunk
             for entry in live:
                 if len(batch) == self.max_seqs or budget == 0:
                     break

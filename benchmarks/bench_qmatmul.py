@@ -1,4 +1,4 @@
-"""One quantized matrix on the CPU kernel (`inferflux_qmatmul_v1`): CPU time per call by type and row count,
+"""One quantized matrix on the CPU kernel (`inferflux_qmatmul_v2`): CPU time per call by type and row count,
 XLA's float32 product of the same matrix beside it, and fused vs separate q|k|v and gate|up calls.
 
     python -m benchmarks.bench_qmatmul --rows 1,8,64,512 --types Q4_K,Q6_K --f32
@@ -77,7 +77,7 @@ def stream(types: list[T], rows: list[int], n: int, k: int, layers: int, repeats
     """Decode-step conditions: `layers` distinct matrices chained in one program (more bytes than the L3 cache
     holds), wall time per matrix (p50) and the weight bytes read per second, against this process's read
     bandwidth. With `baseline` (another build of the kernel library, e.g. the previous commit's), the same
-    chain runs on its `inferflux_qmatmul_v1` too, call for call interleaved with ours in this process (both see
+    chain runs on its `inferflux_qmatmul_v2` too, call for call interleaved with ours in this process (both see
     the same machine load), and the two must give the same bits."""
     rng = np.random.default_rng(0)
     print(f"read bandwidth: {read_bandwidth():.1f} GB/s")
@@ -121,11 +121,11 @@ def _baseline_qmatmul(path: str):
     import ctypes
 
     lib = ctypes.cdll.LoadLibrary(path)
-    jax.ffi.register_ffi_target("baseline_qmatmul", jax.ffi.pycapsule(lib.inferflux_qmatmul_v1), platform="cpu")
+    jax.ffi.register_ffi_target("baseline_qmatmul", jax.ffi.pycapsule(lib.inferflux_qmatmul_v2), platform="cpu")
 
     def run(x, w):
         return jax.ffi.ffi_call("baseline_qmatmul", jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32))(
-            x, w.raw, qtype=np.int64(int(w.qtype)), isa=np.int64(0))
+            x, w.raw, jnp.int32(x.shape[0]), qtype=np.int64(int(w.qtype)), isa=np.int64(0))
     return run
 
 

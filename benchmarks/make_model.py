@@ -47,9 +47,12 @@ from inferflux.formats.weights import expected_shapes, ours_to_gguf
 
 T = gguf.GGMLQuantizationType
 
-# Hyper-parameters of public models (their Hugging Face config.json), plus `tiny` for CI.
+# Hyper-parameters of public models (their Hugging Face config.json), plus `tiny` and `wide` for CI.
 SHAPES: dict[str, dict] = {
     "tiny": dict(hidden_size=256, intermediate_size=512, num_layers=2, num_heads=8, num_kv_heads=4,
+                 vocab_size=4096, rope_theta=10000.0, max_position=1024, rms_norm_eps=1e-5),
+    # CI: the 1.1B model's width (where XLA:CPU's reductions of one row differ from several) in two layers
+    "wide": dict(hidden_size=2048, intermediate_size=512, num_layers=2, num_heads=16, num_kv_heads=4,
                  vocab_size=4096, rope_theta=10000.0, max_position=1024, rms_norm_eps=1e-5),
     # TinyLlama/TinyLlama-1.1B-Chat-v1.0
     "tinyllama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_layers=22, num_heads=32, num_kv_heads=4,

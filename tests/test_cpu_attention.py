@@ -204,7 +204,7 @@ def test_bad_shapes_raise():
                             jnp.zeros(2, jnp.int32), scale=1.0)
 
 
-# --- the model runner on this kernel: in-place KV updates, unpadded batch-1 steps ---------------------------
+# --- the model runner on this kernel: in-place KV updates, batch-1 steps in the smallest (2-row) bucket ------
 
 
 def _kv_copies(hlo_text: str, kv_shape: tuple[int, ...]) -> list[str]:
@@ -214,7 +214,7 @@ def _kv_copies(hlo_text: str, kv_shape: tuple[int, ...]) -> list[str]:
 
 
 @pytest.mark.parametrize("batch", [1, 3])
-def test_decode_step_updates_the_cache_in_place_and_batch_1_is_unpadded(tiny_model, batch):
+def test_decode_step_updates_the_cache_in_place_and_batch_1_runs_in_the_2_row_bucket(tiny_model, batch):
     from inferflux import LLM
     from inferflux.engine.model_runner import Chunk
     from inferflux.engine.sampling_rows import RowParams
@@ -222,13 +222,13 @@ def test_decode_step_updates_the_cache_in_place_and_batch_1_is_unpadded(tiny_mod
     llm = LLM(tiny_model("llama"), page_size=8, max_num_seqs=4, max_num_batched_tokens=32, max_model_len=128,
               num_pages=300, max_logprobs=2)
     runner = llm.runner
-    assert runner.token_buckets[0] == 1  # runtime.min_token_bucket 0 = by backend: 1 with this kernel
+    assert runner.token_buckets[0] == 2  # runtime.min_token_bucket 0 = by backend: 2 with this kernel
     rng = np.random.default_rng(batch)
     chunks = [Chunk(tokens=[int(rng.integers(1, 200))], start_pos=20, pages=[1 + 3 * i, 2 + 3 * i, 3 + 3 * i],
                     history=[int(t) for t in rng.integers(1, 200, 21)], num_prompt=20,
                     sampling=RowParams(temperature=0.0)) for i in range(batch)]
     bucket = runner.bucket_for(batch, batch, 3)
-    assert bucket[:2] == ((1, 1) if batch == 1 else (4, 4))
+    assert bucket[:2] == ((2, 2) if batch == 1 else (4, 4))
     kv_shape = runner.kv_cache[0][0].shape
     assert not _kv_copies(runner.program(bucket).as_text(), kv_shape)
     runner.step(chunks)

@@ -274,6 +274,33 @@ def test_row_alone_equals_row_in_a_prompt_sized_batch() -> None:
             np.testing.assert_array_equal(batch[i], run_kernel(qtype, raw, x[i:i + 1])[0], err_msg=qtype.name)
 
 
+def test_real_rows_computes_the_leading_rows_and_zeros_the_rest() -> None:
+    """`rows` (and `real_rows` in a traced step) computes the leading real rows bit for bit as the full call,
+    across the switch to the panel path, and writes zeros for the padding; a traced count serves every
+    count from one program."""
+    from inferflux.kernels.cpu.qmatmul import real_rows
+
+    for qtype in TYPES:
+        raw, x = _inputs(qtype, 32, seed=5)
+        w = GGUFBlocks(jnp.asarray(raw), qtype, (raw.shape[0], x.shape[1]))
+        full = run_kernel(qtype, raw, x)
+        counted = jax.jit(lambda a, b, n: qmatmul(a, b, rows=n))
+        for n in (0, 1, 5, 24, 31, 32):
+            out = np.asarray(counted(jnp.asarray(x), w, jnp.int32(n)))
+            np.testing.assert_array_equal(out[:n], full[:n], err_msg=f"{qtype.name} rows={n}")
+            assert not out[n:].any(), f"{qtype.name}: padding rows of rows={n} are not zeros"
+
+        def step(a, b, positions):
+            with real_rows(positions):
+                return qmatmul(a, b), qmatmul(a[:8], b)  # the second has another row count: all computed
+
+        positions = jnp.where(jnp.arange(32) < 7, jnp.arange(32), -1)
+        padded, other = jax.jit(step)(jnp.asarray(x), w, positions)
+        np.testing.assert_array_equal(np.asarray(padded)[:7], full[:7])
+        assert not np.asarray(padded)[7:].any()
+        np.testing.assert_array_equal(np.asarray(other), full[:8])
+
+
 _PANEL_SCRIPT = """
 import sys
 sys.path.insert(0, {root!r})

@@ -219,6 +219,23 @@ def test_batch_invariance(tiny_model) -> None:
             assert abs(a.top[token] - b.top[token]) < 1e-4
 
 
+def test_batch_invariance_is_bitwise_at_full_width(tmp_path_factory) -> None:
+    """At the 1.1B model's width, on the CPU kernels: a prompt decoded alone and beside 7 others gives the
+    same logprobs bit for bit. (One-row programs broke this: XLA:CPU reduced a [1, 2048] row in another order
+    than [M, 2048], so the smallest CPU token bucket is 2, its padding row skipped by the kernels.)"""
+    from benchmarks.make_model import make_gguf
+
+    path = make_gguf("wide", "Q8_0", tmp_path_factory.mktemp("wide") / "wide-Q8_0.gguf", seed=3)
+    llm = make_llm(path)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=5)
+    alone = llm.generate([PROMPT], params)[0].outputs[0]
+    rng = np.random.default_rng(1)
+    others = [[int(t) for t in rng.integers(1, 4000, size=n)] for n in (3, 9, 17, 30, 5, 41, 12)]
+    together = llm.generate(others[:3] + [PROMPT] + others[3:], params)[3].outputs[0]
+    assert together.token_ids == alone.token_ids
+    assert [(lp.logprob, lp.top) for lp in together.logprobs] == [(lp.logprob, lp.top) for lp in alone.logprobs]
+
+
 def test_chunked_prefill_invariance(tiny_model) -> None:
     """A 300-token prompt prefilled in one chunk or in chunks of 64 yields the same next-token logprobs."""
     from inferflux.engine.model_runner import Chunk

@@ -79,6 +79,8 @@ class EngineCore:
             self.scheduler.proposer = self.speculation
         if runtime.warmup:
             self.runner.warmup(background=runtime.warmup_background)
+            if self.speculation.enabled:  # verify programs too: the first speculating step must not compile
+                self.speculation.verifier.warmup(config.speculative.num_speculative_tokens)
 
     # --- requests ---
 

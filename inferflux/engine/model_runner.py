@@ -41,6 +41,7 @@ from inferflux.engine.sampling_rows import RowParams, SampleOutput, SamplingTens
 from inferflux.engine.warmup import warm_up
 from inferflux.engine.weight_prep import prepare_weights
 from inferflux.formats.loader import LoadedModel
+from inferflux.kernels.cpu.qmatmul import real_rows
 from inferflux.kernels.paged_attention import _select_impl as _select_attention
 from inferflux.models.llama import KVCache, LlamaModel, StepInputs, init_kv_cache, kv_bytes_per_page
 
@@ -189,18 +190,21 @@ class ModelRunner:
     # --- sizing ---
 
     def _min_token_bucket(self) -> int:
-        """`runtime.min_token_bucket`, or for 0 (the default) 1 where attention updates the KV cache in place at
+        """`runtime.min_token_bucket`, or for 0 (the default) 2 where attention updates the KV cache in place at
         any step size, else 8.
 
         XLA:CPU's reference attention in a program of fewer than 8 token rows made XLA copy the whole cache each
         step (time grew with runtime.num_pages); the CPU FFI attention reads the pages in place, so there a
-        batch-1 step runs one row instead of paying for 8 in every matmul.
+        batch-1 step runs in the 2-row program, whose kernels compute its one real row (`real_rows`). Not 1:
+        XLA:CPU reduces a [1, K] row in another order than [M, K] for M >= 2 (RMSNorm's mean differed in the
+        last bit), so a 1-row program's logits differed from the same token's in any larger step, which
+        broke batch invariance and made speculative verify steps disagree with decode on near ties.
         """
         low = self.runtime.min_token_bucket
         if not low:
             impl = _select_attention(decode_only=False, head_dim=self.config.head_dim, page_size=self.page_size,
                                      dtype=self.dtype)
-            low = 1 if impl == "cpu" else 8
+            low = 2 if impl == "cpu" else 8
         return min(low, self.runtime.max_num_batched_tokens)
 
     def _num_pages(self) -> int:
@@ -401,7 +405,8 @@ def _model(graphdef: nnx.GraphDef, state_def: Any, weights: tuple[jax.Array, ...
 def _make_step(graphdef: nnx.GraphDef, state_def: Any, num_logprobs: int, decode_only: bool):
     def step(weights: tuple[jax.Array, ...], kv_cache: KVCache, inputs: StepInputs, sampling: SamplingTensors,
              history: jax.Array, history_is_output: jax.Array) -> tuple[SampleOutput, KVCache]:
-        logits, kv_cache = _model(graphdef, state_def, weights)(inputs, kv_cache, decode_only=decode_only)
+        with real_rows(inputs.positions):
+            logits, kv_cache = _model(graphdef, state_def, weights)(inputs, kv_cache, decode_only=decode_only)
         return sample(logits, sampling, history, history_is_output, num_logprobs=num_logprobs), kv_cache
 
     return step
@@ -411,7 +416,8 @@ def _make_score_step(graphdef: nnx.GraphDef, state_def: Any, num_logprobs: int):
     def step(weights: tuple[jax.Array, ...], kv_cache: KVCache, inputs: StepInputs, sampling: SamplingTensors,
              history: jax.Array, history_is_output: jax.Array,
              targets: jax.Array) -> tuple[SampleOutput, SampleOutput, KVCache]:
-        logits, kv_cache = _model(graphdef, state_def, weights).token_logits(inputs, kv_cache)
+        with real_rows(inputs.positions):
+            logits, kv_cache = _model(graphdef, state_def, weights).token_logits(inputs, kv_cache)
         sampled = sample(jnp.take(logits, inputs.logits_index, axis=0), sampling, history, history_is_output,
                          num_logprobs=num_logprobs)
         return sampled, token_logprobs(logits, targets, num_logprobs=num_logprobs), kv_cache

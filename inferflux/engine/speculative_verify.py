@@ -15,14 +15,18 @@ would sample there after those proposals, and verification (engine/speculative.p
 proposals with these tokens. Other chunks of the same step (prompt chunks, decodes that propose
 nothing) get their one row, packed as the runner packs them: they share the step and change nothing.
 
-Programs are keyed (tokens, sequences, pages, rows) in the runner's program cache ("verify"), compiled
-on first use.
+Programs are keyed (tokens, sequences, pages, rows) in the runner's program cache ("verify") and kept on
+disk with the step programs (`runtime.cache_executables`). With `runtime.warmup` the ones steps of
+speculating decodes land in are built before the engine is ready (`warmup`): in such a step every token is
+a sampled row, so rows = tokens and there is one per token bucket and page bucket; a step that mixes in a
+prompt chunk has fewer rows than tokens and compiles its program on first use.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jax
@@ -81,9 +85,8 @@ class Verifier:
         sampling = SamplingTensors.from_params(packed, num_rows, num_bias_slots=runner.num_bias_slots,
                                                validate=False, allowed=allowed)
         inputs = dataclasses.replace(inputs, logits_index=logits_index)
-        args = (inputs, sampling, history, is_output)
-        exe = self._executable((*bucket[:3], num_rows), args)
-        out, runner.kv_cache = exe(runner.weights, runner.kv_cache, *args)
+        exe = self.program((*bucket[:3], num_rows))
+        out, runner.kv_cache = exe(runner.weights, runner.kv_cache, inputs, sampling, history, is_output)
         out = jax.device_get(out)
         results, r = [], 0
         for chunk_rows in rows:
@@ -92,14 +95,44 @@ class Verifier:
             r += len(chunk_rows)
         return results
 
-    def _executable(self, key: tuple[int, ...], args: tuple[Any, ...]) -> Any:
+    def program(self, key: tuple[int, int, int, int]) -> Any:
+        """The verify program of (tokens, sequences, pages, rows): built now (loaded, or compiled) unless it is."""
         exe = self._programs.get(key)
         if exe is None:
             runner = self.runner
-            abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), args)
-            exe = runner._step_fns[False].lower(runner.weights, runner.kv_cache, *abstract).compile()
+            exe = runner._stored.get(("verify", key), lambda: runner._step_fns[False].lower(
+                runner.weights, runner.kv_cache, *self._abstract(key)))
             self._programs[key] = exe
         return exe
+
+    def _abstract(self, key: tuple[int, int, int, int]) -> tuple[Any, ...]:
+        """Shape-only arguments of a verify program: a mixed step's inputs with `rows` sampling rows."""
+        num_tokens, num_seqs, num_pages, num_rows = key
+        runner = self.runner
+        inputs = runner._pack([], (num_tokens, num_seqs, num_pages, False))[0]
+        inputs = dataclasses.replace(inputs, logits_index=np.zeros(num_rows, np.int32))
+        history = np.full((num_rows, num_pages * runner.page_size), -1, np.int32)
+        allowed = np.full((num_rows, -(-runner.config.vocab_size // 32)), -1, np.int32)
+        sampling = SamplingTensors.from_params([], num_rows, num_bias_slots=runner.num_bias_slots, validate=False,
+                                               allowed=allowed)
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype),
+                            (inputs, sampling, history, history >= 0))
+
+    def decode_keys(self, num_speculative_tokens: int) -> list[tuple[int, int, int, int]]:
+        """The programs of steps in which decoding sequences verify up to `num_speculative_tokens` proposals
+        each (rows = tokens): every token bucket from 2 up to that of `max_num_seqs` such sequences."""
+        runner = self.runner
+        most = min(runner.runtime.max_num_seqs * (num_speculative_tokens + 1), runner.runtime.max_num_batched_tokens)
+        top = pick_bucket(runner.token_buckets, most)
+        return [(t, runner.seqs_for(t), p, t) for t in runner.token_buckets if 1 < t <= top
+                for p in runner.page_buckets]
+
+    def warmup(self, num_speculative_tokens: int) -> int:
+        """Build the `decode_keys` programs now, as many as the program cache has room for; how many built."""
+        todo = [key for key in self.decode_keys(num_speculative_tokens) if key not in self._programs]
+        todo = todo[:self.runner.programs.room()]
+        with ThreadPoolExecutor(max_workers=max(1, self.runner.runtime.warmup_threads)) as pool:
+            return len(list(pool.map(self.program, todo)))
 
     @property
     def compiled(self) -> list[Any]:

@@ -2,7 +2,7 @@
 
 One shared library, `_inferflux_cpu*.so` next to this file, holds every handler (quantized matmul on GGUF
 blocks, paged attention, ...). It is loaded with ctypes on first use and each handler is registered with
-`jax.ffi` for `platform="cpu"` only, under a versioned target name (`inferflux_qmatmul_v1`): the persistent
+`jax.ffi` for `platform="cpu"` only, under a versioned target name (`inferflux_qmatmul_v2`): the persistent
 compilation cache stores programs by target name, so a handler whose ABI changes gets a new name.
 
 The library is optional. Where it was not built (no compiler at install time), cannot be loaded, or
@@ -116,7 +116,7 @@ def fast_path() -> bool:
 def register(symbol: str, target_name: str | None = None) -> str:
     """Register the library's FFI handler `symbol` for XLA:CPU (once) and return its target name.
 
-    `symbol` is the C name given to `XLA_FFI_DEFINE_HANDLER_SYMBOL`, e.g. `inferflux_qmatmul_v1`; the target
+    `symbol` is the C name given to `XLA_FFI_DEFINE_HANDLER_SYMBOL`, e.g. `inferflux_qmatmul_v2`; the target
     name defaults to it. Raises RuntimeError when the library is unavailable.
     """
     name = target_name or symbol

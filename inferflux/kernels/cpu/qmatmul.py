@@ -1,4 +1,4 @@
-"""Quantized matmul on raw GGUF blocks (`inferflux_qmatmul_v1`), and the weight type it reads.
+"""Quantized matmul on raw GGUF blocks (`inferflux_qmatmul_v2`), and the weight type it reads.
 
 `GGUFBlocks` is a matrix exactly as the GGUF file stores it: `uint8[rows, row_bytes]` of GGML blocks, with
 the type and logical shape as static pytree data, so it passes through `jax.jit` and `nnx` state like any
@@ -10,7 +10,10 @@ independent of the batch size, of a row's position in the batch and of the threa
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+from collections.abc import Iterator
 from functools import partial
 
 import gguf
@@ -22,7 +25,7 @@ from inferflux.formats import quants
 from inferflux.kernels import cpu
 
 _T = gguf.GGMLQuantizationType
-QMATMUL_TARGET = "inferflux_qmatmul_v1"
+QMATMUL_TARGET = "inferflux_qmatmul_v2"
 
 #: GGML types with an integer kernel (every type common Q4_K_M/Q5_K_M/Q6_K/Q8_0/Q4_0 files use).
 KERNEL_TYPES: frozenset[gguf.GGMLQuantizationType] = frozenset(
@@ -54,16 +57,46 @@ def supports(qtype: gguf.GGMLQuantizationType, cols: int) -> bool:
     return qtype in KERNEL_TYPES and cols % gguf.GGML_QUANT_SIZES[qtype][0] == 0
 
 
-def qmatmul(x: jax.Array, w: GGUFBlocks, isa: cpu.Isa = cpu.Isa.AUTO) -> jax.Array:
-    """`x[..., K] @ W[N, K].T` in float32 via the FFI kernel; x is cast to float32 first."""
+def qmatmul(x: jax.Array, w: GGUFBlocks, isa: cpu.Isa = cpu.Isa.AUTO, rows: jax.Array | int | None = None
+            ) -> jax.Array:
+    """`x[..., K] @ W[N, K].T` in float32 via the FFI kernel; x is cast to float32 first.
+
+    `rows`: only the first `rows` rows of x (flattened to 2-D) are computed, the others come back as zeros;
+    default all, or inside `real_rows` the count it gives for x's row count.
+    """
     cpu.register(QMATMUL_TARGET)
     lead, k = x.shape[:-1], x.shape[-1]
     if k != w.shape[1]:
         raise ValueError(f"qmatmul: x has {k} features, the weight {w.shape[1]}")
     x2 = x.reshape(-1, k).astype(jnp.float32)
+    if rows is None:
+        padded = _REAL_ROWS.get()
+        rows = padded[1] if padded is not None and padded[0] == x2.shape[0] else x2.shape[0]
     out = jax.ffi.ffi_call(QMATMUL_TARGET, jax.ShapeDtypeStruct((x2.shape[0], w.shape[0]), jnp.float32))(
-        x2, w.raw, qtype=np.int64(int(w.qtype)), isa=np.int64(int(isa)))
+        x2, w.raw, jnp.asarray(rows, jnp.int32), qtype=np.int64(int(w.qtype)), isa=np.int64(int(isa)))
     return out.reshape(*lead, w.shape[0])
+
+
+# (row count of a step's token rows, traced count of the real ones) while a step is traced; see `real_rows`.
+_REAL_ROWS: contextvars.ContextVar[tuple[int, jax.Array] | None] = contextvars.ContextVar("real_rows", default=None)
+
+
+@contextlib.contextmanager
+def real_rows(positions: jax.Array) -> Iterator[None]:
+    """While tracing a step of these token `positions` (real tokens first, then padding at position -1 up to
+    the bucket): every kernel matmul of that many rows computes only the real ones (zeros after).
+
+    Why: a program is compiled per token bucket (powers of two), so a 5-token step runs in the 8-row program,
+    and the kernel's time grows with rows (Q4_K 1.1B shape: M=5 ~0.46 ms, M=8 ~0.56 ms per matrix,
+    benchmarks/RESULTS.md). The count is a traced value: one program serves every count in its bucket. A
+    matmul of other rows of the same size is safe too: the sampled rows (the head's input) are a prefix no
+    longer than the real tokens. Padding rows come out zero and stay finite through the layers.
+    """
+    token = _REAL_ROWS.set((positions.shape[0], jnp.sum(positions >= 0, dtype=jnp.int32)))
+    try:
+        yield
+    finally:
+        _REAL_ROWS.reset(token)
 
 
 def dequantize_blocks(w: GGUFBlocks) -> jax.Array:

@@ -1,4 +1,9 @@
-// XLA FFI handler `inferflux_qmatmul_v1`: y[M, N] = x[M, K] . W[N, K]^T on raw GGUF blocks (see qmm.h).
+// XLA FFI handler `inferflux_qmatmul_v2`: y[M, N] = x[M, K] . W[N, K]^T on raw GGUF blocks (see qmm.h).
+//
+// `rows` (int32 scalar) says how many leading rows of x are real: only those are quantized and multiplied,
+// the rest of y is zeros. A step's tokens are padded to their bucket (a power of two), and a program is
+// compiled per bucket, not per count: this way a 5-token speculative verify step pays for 5 rows, not 8.
+// (v1 had no `rows`; the name changed so no stored executable calls this handler with v1's operands.)
 //
 // Work split: activation rows are quantized in parallel chunks of rows, then weight rows are dealt out in
 // chunks over XLA's intra-op pool (common.h, ParallelFor). One thread computes a whole output element, so
@@ -9,6 +14,7 @@
 // given M changes no result. INFERFLUX_QMM_PANEL_ROWS (read once) moves the switch, for tests.
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -41,21 +47,25 @@ QmmKernels KernelsFor(Isa isa) {
 }
 
 ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
-                   ffi::ResultBuffer<ffi::F32> y, int64_t qtype, int64_t isa) {
+                   ffi::Buffer<ffi::S32> rows, ffi::ResultBuffer<ffi::F32> y, int64_t qtype, int64_t isa) {
   auto xd = x.dimensions();
   auto wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 2) return ffi::Error::InvalidArgument("qmatmul: x and w must be 2-D");
-  const int64_t M = xd[0], K = xd[1], N = wd[0];
+  if (rows.element_count() != 1) return ffi::Error::InvalidArgument("qmatmul: rows must be one int32");
+  const int64_t padded = xd[0], K = xd[1], N = wd[0];
+  const int64_t real = rows.typed_data()[0];
+  const int64_t M = real < 0 ? 0 : (real > padded ? padded : real);
   int64_t bvals = 0, bbytes = 0;
   WeightBlock(qtype, &bvals, &bbytes);
   if (bvals == 0) return ffi::Error::InvalidArgument("qmatmul: no kernel for ggml type " + std::to_string(qtype));
   if (K % bvals != 0 || wd[1] != K / bvals * bbytes)
     return ffi::Error::InvalidArgument("qmatmul: weight row bytes do not match K for this type");
-  if (y->element_count() != static_cast<size_t>(M * N))
+  if (y->element_count() != static_cast<size_t>(padded * N))
     return ffi::Error::InvalidArgument("qmatmul: output must be [M, N]");
   const Isa chosen = ResolveIsa(isa);
   if (chosen == 0) return ffi::Error::InvalidArgument("qmatmul: this CPU lacks the requested instruction set");
   const QmmKernels kernels = KernelsFor(chosen);
+  if (M < padded) std::memset(y->typed_data() + M * N, 0, static_cast<size_t>((padded - M) * N) * sizeof(float));
   if (M == 0 || N == 0) return ffi::Error::Success();
 
   const int64_t qb = ActBlock(qtype);
@@ -102,11 +112,12 @@ ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
 }  // namespace
 }  // namespace inferflux
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(inferflux_qmatmul_v1, inferflux::QMatmul,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(inferflux_qmatmul_v2, inferflux::QMatmul,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // rows: how many leading rows of x are real
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("qtype")
                                   .Attr<int64_t>("isa"));

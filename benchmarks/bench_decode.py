@@ -70,8 +70,10 @@ class BenchOptions:
     log: Any = None  # callable(str) for progress lines; None = quiet
 
 
-def model_from_spec(spec: str, cache_dir: Path = DEFAULT_CACHE_DIR, log: Any = None) -> Path:
-    """`SHAPE:QTYPE` -> a random-weight GGUF from `benchmarks.make_model`, made once per cache dir."""
+def model_from_spec(spec: str, cache_dir: Path = DEFAULT_CACHE_DIR, log: Any = None,
+                    attention_scale: float = 1.0) -> Path:
+    """`SHAPE:QTYPE` -> a random-weight GGUF from `benchmarks.make_model`, made once per cache dir
+    (`attention_scale`: see `make_gguf`)."""
     from benchmarks.make_model import QTYPES, SHAPES, make_gguf
 
     shape, _, qtype = spec.partition(":")
@@ -79,11 +81,12 @@ def model_from_spec(spec: str, cache_dir: Path = DEFAULT_CACHE_DIR, log: Any = N
     if shape not in SHAPES or qtype not in QTYPES:
         raise ValueError(f"--make wants SHAPE:QTYPE with SHAPE in {sorted(SHAPES)} and QTYPE in {sorted(QTYPES)}, "
                          f"got {spec!r}")
-    path = Path(cache_dir) / f"{shape}-{qtype}.gguf"
+    suffix = "" if attention_scale == 1.0 else f"-attn{attention_scale:g}"
+    path = Path(cache_dir) / f"{shape}-{qtype}{suffix}.gguf"
     if not path.is_file():
         if log:
             log(f"making {path}")
-        make_gguf(shape, qtype, path, progress=log)
+        make_gguf(shape, qtype, path, progress=log, attention_scale=attention_scale)
     return path
 
 

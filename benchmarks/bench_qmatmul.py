@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.bench_decode import read_bandwidth
-from inferflux.kernels.cpu.qmatmul import GGUFBlocks, qmatmul
+from inferflux.kernels.cpu.qmatmul import GGUFBlocks, qmatmul, qmatmul_many
 
 T = gguf.GGMLQuantizationType
 
@@ -125,12 +125,13 @@ def _baseline_qmatmul(path: str):
 
     def run(x, w):
         return jax.ffi.ffi_call("baseline_qmatmul", jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32))(
-            x, w.raw, jnp.int32(x.shape[0]), qtype=np.int64(int(w.qtype)), isa=np.int64(0))
+            x, jnp.int32(x.shape[0]), w.raw, qtypes=np.array([int(w.qtype)], np.int64), isa=np.int64(0))
     return run
 
 
 def fusion(rows: list[int], layers: int, repeats: int) -> None:
-    """q|k|v (2048 + 256 + 256 rows) and gate|up (2 x 5632) of 2048 columns, Q4_K: one call or one per matrix."""
+    """q|k|v (2048 + 256 + 256 rows) and gate|up (2 x 5632) of 2048 columns, Q4_K: one call per matrix, or
+    one `qmatmul_many` call for the group (what the model does)."""
     rng = np.random.default_rng(0)
     k = 2048
     print("| matrices | M | separate ms per layer (p50) | fused (p50) | separate / fused |")
@@ -138,7 +139,7 @@ def fusion(rows: list[int], layers: int, repeats: int) -> None:
     for name, sizes in (("q|k|v", [2048, 256, 256]), ("gate|up", [5632, 5632])):
         raws = [[random_blocks(T.Q4_K, n, k, rng) for n in sizes] for _ in range(layers)]
         separate = [[GGUFBlocks(jnp.asarray(r), T.Q4_K, (r.shape[0], k)) for r in layer] for layer in raws]
-        fused = [GGUFBlocks(jnp.asarray(np.concatenate(layer)), T.Q4_K, (sum(sizes), k)) for layer in raws]
+        fused = separate
 
         def run_separate(x, ws):
             for layer in ws:
@@ -147,8 +148,9 @@ def fusion(rows: list[int], layers: int, repeats: int) -> None:
             return x
 
         def run_fused(x, ws):
-            for w in ws:
-                x = x + 1e-9 * qmatmul(x, w)[:, :256].sum(-1, keepdims=True)
+            for layer in ws:
+                ys = qmatmul_many(x, layer)
+                x = x + 1e-9 * sum(y[:, :256].sum(-1, keepdims=True) for y in ys)
             return x
 
         fs, ff = jax.jit(run_separate), jax.jit(run_fused)

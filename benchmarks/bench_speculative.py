@@ -1,5 +1,6 @@
 """Speculative decoding (n-gram prompt lookup): latency with and without it, side by side in one run.
 
+    python -m benchmarks.bench_speculative --make tinyllama-1.1b:Q4_K_M --attention-scale 0 --max-tokens 128
     python -m benchmarks.bench_speculative --make tinyllama-1.1b:Q4_K_M --requests 4 --max-tokens 64
     python -m benchmarks.bench_speculative --model path/to/model.gguf --set max_num_batched_tokens=256
 
@@ -23,7 +24,12 @@ Workloads:
 
 Random-weight models neither copy their context nor (with a 32k vocabulary) loop within a few dozen
 tokens, so on them grounded and free find no proposals at all (reported as draft_tokens 0): they measure
-what speculation costs when it has nothing to propose, and loop what it gains when it has.
+what speculation costs when it has nothing to propose, and loop what it gains when it has. With
+`--attention-scale 0` (`make_gguf`: every attn_output matrix zero, the same bytes and cost) the model's next
+token depends on the current token only, so continuing P the second time it says G again, exactly: the
+grounded workload then has the answer-repeats-the-prompt property a trained model summarising or editing a
+text has (more perfectly: expect higher acceptance than a real edit). A small nonzero scale (0.001) copies
+for a while and then drifts.
 
 Reported per workload and mode: median end-to-end latency, median TPOT ((e2e - TTFT) / (tokens - 1)),
 median TTFT, tokens/s; with speculation also the acceptance rate (accepted / proposed tokens), the tokens
@@ -167,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=128, help="tokens of random text per prompt")
     parser.add_argument("--k", type=int, default=4, help="speculative.num_speculative_tokens")
+    parser.add_argument("--attention-scale", type=float, default=1.0,
+                        help="with --make: attn_output scaled by this (0: a model that repeats its own text)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="runtime settings")
     parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args(argv)
@@ -174,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
-    model = args.model or model_from_spec(args.make, args.cache_dir, log)
+    model = args.model or model_from_spec(args.make, args.cache_dir, log, args.attention_scale)
     overrides = dict(item.split("=", 1) for item in args.set)
     result = run_bench(model, args.requests, args.max_tokens, args.prompt_len, overrides,
                        {"num_speculative_tokens": args.k}, log=log)

@@ -301,6 +301,28 @@ def test_real_rows_computes_the_leading_rows_and_zeros_the_rest() -> None:
         np.testing.assert_array_equal(np.asarray(other), full[:8])
 
 
+def test_several_weights_in_one_call_equal_one_call_each() -> None:
+    """`qmatmul_many` (q|k|v, gate|up) gives each weight's product bit for bit as its own call, with mixed
+    types and sizes, on the few-row and the panel path, with padding rows; `linear_many` uses it."""
+    from inferflux.kernels.cpu.qmatmul import qmatmul_many
+    from inferflux.kernels.quant_matmul import linear_many
+
+    rng = np.random.default_rng(6)
+    cols = 768
+    ws = [GGUFBlocks(jnp.asarray(random_blocks(qtype, n, cols, rng)), qtype, (n, cols))
+          for qtype, n in ((T.Q4_K, 40), (T.Q6_K, 8), (T.Q8_0, 17), (T.IQ4_XS, 33))]
+    many = jax.jit(lambda a, b, n: qmatmul_many(a, b, rows=n))
+    for m, real in ((1, 1), (8, 5), (32, 32)):
+        x = jnp.asarray(rng.standard_normal((m, cols)).astype(F32))
+        outs = many(x, ws, jnp.int32(real))
+        for w, out in zip(ws, outs):
+            alone = np.asarray(jax.jit(lambda a, b, n: qmatmul(a, b, rows=n))(x, w, jnp.int32(real)))
+            np.testing.assert_array_equal(np.asarray(out), alone, err_msg=f"{w.qtype.name} M={m}")
+        biases = [jnp.full((w.shape[0],), 0.5, F32) for w in ws]
+        for got, w in zip(jax.jit(linear_many)(x, ws, biases), ws):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(qmatmul(x, w)) + 0.5)
+
+
 _PANEL_SCRIPT = """
 import sys
 sys.path.insert(0, {root!r})

@@ -15,11 +15,13 @@ is decided here and nowhere else (engine/device.py picks it per backend):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 
 from inferflux.formats.quants import QTensor, dequantize
-from inferflux.kernels.cpu.qmatmul import GGUFBlocks, dequantize_blocks, qmatmul
+from inferflux.kernels.cpu.qmatmul import GGUFBlocks, dequantize_blocks, qmatmul, qmatmul_many
 from inferflux.kernels.quant_matmul_pallas import fused_supported, qmatmul_pallas
 
 Weight = jax.Array | QTensor | GGUFBlocks
@@ -43,7 +45,26 @@ def linear(
         elif isinstance(weight, GGUFBlocks):
             weight = dequantize_blocks(weight)
         y = jnp.einsum("...i,oi->...o", x, weight.astype(x.dtype), preferred_element_type=jnp.float32)
-    y = y.astype(out_dtype or x.dtype)
+    return _finish(y, bias, out_dtype or x.dtype)
+
+
+def linear_many(x: jax.Array, weights: Sequence[Weight], biases: Sequence[jax.Array | None] | None = None,
+                out_dtype: jnp.dtype | None = None) -> list[jax.Array]:
+    """`linear(x, w, b)` for each weight of one input (q|k|v, gate|up).
+
+    When every weight is CPU kernel blocks this is one kernel call: x is quantized once and the weights' rows
+    are shared out over the threads together, the weights staying where they are (1.04x for a 1.1B model's
+    q|k|v and gate|up at one row, benchmarks/RESULTS.md). Otherwise one `linear` each.
+    """
+    biases = list(biases) if biases is not None else [None] * len(weights)
+    if len(weights) > 1 and all(isinstance(w, GGUFBlocks) and w.mode != "exact" for w in weights):
+        ys = qmatmul_many(x, [w for w in weights if isinstance(w, GGUFBlocks)])
+        return [_finish(y, b, out_dtype or x.dtype) for y, b in zip(ys, biases)]
+    return [linear(x, w, b, out_dtype) for w, b in zip(weights, biases)]
+
+
+def _finish(y: jax.Array, bias: jax.Array | None, dtype: jnp.dtype) -> jax.Array:
+    y = y.astype(dtype)
     if bias is not None:
         y = y + bias.astype(y.dtype)
     return y

@@ -29,7 +29,7 @@ from flax import nnx, struct
 
 from inferflux.formats.model_config import ModelConfig
 from inferflux.kernels.paged_attention import paged_attention, paged_attention_reference, write_kv
-from inferflux.kernels.quant_matmul import Weight, embed, linear
+from inferflux.kernels.quant_matmul import Weight, embed, linear, linear_many
 from inferflux.models import lora
 
 # Per layer: (K pages, V pages), each [num_kv_heads, num_pages, page_size, head_dim].
@@ -113,9 +113,9 @@ class Attention(nnx.Module):
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         t = x.shape[0]
         coef = lora.token_coef(inputs)
-        q = _lora(self, "q", linear(x, _value(self.q), _value(self.q_bias)), x, coef)
-        k = _lora(self, "k", linear(x, _value(self.k), _value(self.k_bias)), x, coef)
-        v = _lora(self, "v", linear(x, _value(self.v), _value(self.v_bias)), x, coef)
+        q, k, v = linear_many(x, [_value(self.q), _value(self.k), _value(self.v)],
+                              [_value(self.q_bias), _value(self.k_bias), _value(self.v_bias)])
+        q, k, v = (_lora(self, name, y, x, coef) for name, y in (("q", q), ("k", k), ("v", v)))
         q = q.reshape(t, self.num_heads, self.head_dim)
         k = k.reshape(t, self.num_kv_heads, self.head_dim)
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
@@ -140,8 +140,8 @@ class MLP(nnx.Module):
         _init_lora(self, config, lora.MLP_TARGETS, lora_spec)
 
     def __call__(self, x: jax.Array, coef: jax.Array | None = None) -> jax.Array:
-        gate = _lora(self, "gate", linear(x, _value(self.gate)), x, coef)
-        hidden = jax.nn.silu(gate) * _lora(self, "up", linear(x, _value(self.up)), x, coef)
+        gate, up = linear_many(x, [_value(self.gate), _value(self.up)])
+        hidden = jax.nn.silu(_lora(self, "gate", gate, x, coef)) * _lora(self, "up", up, x, coef)
         return _lora(self, "down", linear(hidden, _value(self.down)), hidden, coef)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from functools import partial
 
 import gguf
@@ -64,17 +64,28 @@ def qmatmul(x: jax.Array, w: GGUFBlocks, isa: cpu.Isa = cpu.Isa.AUTO, rows: jax.
     `rows`: only the first `rows` rows of x (flattened to 2-D) are computed, the others come back as zeros;
     default all, or inside `real_rows` the count it gives for x's row count.
     """
+    return qmatmul_many(x, (w,), isa, rows)[0]
+
+
+def qmatmul_many(x: jax.Array, ws: Sequence[GGUFBlocks], isa: cpu.Isa = cpu.Isa.AUTO,
+                 rows: jax.Array | int | None = None) -> list[jax.Array]:
+    """`qmatmul(x, w)` for each of `ws` in one kernel call: x is quantized once, and the weights' rows are
+    shared out over the threads together (q|k|v, gate|up: 1.04x at one row, benchmarks/RESULTS.md), with
+    no copy of the weights (they stay the file's pages)."""
     cpu.register(QMATMUL_TARGET)
     lead, k = x.shape[:-1], x.shape[-1]
-    if k != w.shape[1]:
-        raise ValueError(f"qmatmul: x has {k} features, the weight {w.shape[1]}")
+    for w in ws:
+        if k != w.shape[1]:
+            raise ValueError(f"qmatmul: x has {k} features, the weight {w.shape[1]}")
     x2 = x.reshape(-1, k).astype(jnp.float32)
     if rows is None:
         padded = _REAL_ROWS.get()
         rows = padded[1] if padded is not None and padded[0] == x2.shape[0] else x2.shape[0]
-    out = jax.ffi.ffi_call(QMATMUL_TARGET, jax.ShapeDtypeStruct((x2.shape[0], w.shape[0]), jnp.float32))(
-        x2, w.raw, jnp.asarray(rows, jnp.int32), qtype=np.int64(int(w.qtype)), isa=np.int64(int(isa)))
-    return out.reshape(*lead, w.shape[0])
+    outs = jax.ffi.ffi_call(QMATMUL_TARGET, [jax.ShapeDtypeStruct((x2.shape[0], w.shape[0]), jnp.float32)
+                                             for w in ws])(
+        x2, jnp.asarray(rows, jnp.int32), *(w.raw for w in ws),
+        qtypes=np.array([int(w.qtype) for w in ws], np.int64), isa=np.int64(int(isa)))
+    return [out.reshape(*lead, w.shape[0]) for out, w in zip(outs, ws)]
 
 
 # (row count of a step's token rows, traced count of the real ones) while a step is traced; see `real_rows`.

@@ -1,5 +1,8 @@
 // XLA FFI handler `inferflux_qmatmul_v2`: y[M, N] = x[M, K] . W[N, K]^T on raw GGUF blocks (see qmm.h).
 //
+// One call may hold several weights of the same K (q|k|v, gate|up): x is quantized once for all of them and
+// their rows share one parallel loop (one output each; `qtypes` gives each weight's type).
+//
 // `rows` (int32 scalar) says how many leading rows of x are real: only those are quantized and multiplied,
 // the rest of y is zeros. A step's tokens are padded to their bucket (a power of two), and a program is
 // compiled per bucket, not per count: this way a 5-token speculative verify step pays for 5 rows, not 8.
@@ -46,29 +49,69 @@ QmmKernels KernelsFor(Isa isa) {
   }
 }
 
-ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
-                   ffi::Buffer<ffi::S32> rows, ffi::ResultBuffer<ffi::F32> y, int64_t qtype, int64_t isa) {
+// One weight of a call: its argument/result and the chunks of its rows the pool works through.
+struct Product {
+  QmmArgs args;
+  int64_t chunk = 0;      // weight rows per chunk
+  int64_t first = 0;      // index of its first chunk in the call's list of chunks
+  bool panel = false;
+};
+
+ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> rows,
+                   ffi::RemainingArgs weights, ffi::RemainingRets outs, ffi::Span<const int64_t> qtypes,
+                   int64_t isa) {
   auto xd = x.dimensions();
-  auto wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 2) return ffi::Error::InvalidArgument("qmatmul: x and w must be 2-D");
+  if (xd.size() != 2) return ffi::Error::InvalidArgument("qmatmul: x must be 2-D");
   if (rows.element_count() != 1) return ffi::Error::InvalidArgument("qmatmul: rows must be one int32");
-  const int64_t padded = xd[0], K = xd[1], N = wd[0];
+  const size_t count = qtypes.size();
+  if (count == 0 || weights.size() != count || outs.size() != count)
+    return ffi::Error::InvalidArgument("qmatmul: one qtype, weight and output per product");
+  const int64_t padded = xd[0], K = xd[1];
   const int64_t real = rows.typed_data()[0];
   const int64_t M = real < 0 ? 0 : (real > padded ? padded : real);
-  int64_t bvals = 0, bbytes = 0;
-  WeightBlock(qtype, &bvals, &bbytes);
-  if (bvals == 0) return ffi::Error::InvalidArgument("qmatmul: no kernel for ggml type " + std::to_string(qtype));
-  if (K % bvals != 0 || wd[1] != K / bvals * bbytes)
-    return ffi::Error::InvalidArgument("qmatmul: weight row bytes do not match K for this type");
-  if (y->element_count() != static_cast<size_t>(padded * N))
-    return ffi::Error::InvalidArgument("qmatmul: output must be [M, N]");
   const Isa chosen = ResolveIsa(isa);
   if (chosen == 0) return ffi::Error::InvalidArgument("qmatmul: this CPU lacks the requested instruction set");
   const QmmKernels kernels = KernelsFor(chosen);
-  if (M < padded) std::memset(y->typed_data() + M * N, 0, static_cast<size_t>((padded - M) * N) * sizeof(float));
-  if (M == 0 || N == 0) return ffi::Error::Success();
+  const int64_t panel_min = PanelMinRows();
+  const int64_t threads = pool.num_threads() > 0 ? pool.num_threads() : 1;
 
-  const int64_t qb = ActBlock(qtype);
+  std::vector<Product> products(count);
+  bool any_wide = false;
+  int64_t chunks = 0;
+  for (size_t i = 0; i < count; ++i) {
+    auto w = weights.get<ffi::Buffer<ffi::U8>>(i);
+    auto y = outs.get<ffi::Buffer<ffi::F32>>(i);
+    if (!w.has_value() || !y.has_value()) return ffi::Error::InvalidArgument("qmatmul: a weight or output is not uint8/f32");
+    auto wd = w->dimensions();
+    if (wd.size() != 2) return ffi::Error::InvalidArgument("qmatmul: w must be 2-D");
+    const int64_t qtype = qtypes[i], N = wd[0];
+    int64_t bvals = 0, bbytes = 0;
+    WeightBlock(qtype, &bvals, &bbytes);
+    if (bvals == 0) return ffi::Error::InvalidArgument("qmatmul: no kernel for ggml type " + std::to_string(qtype));
+    if (K % bvals != 0 || wd[1] != K / bvals * bbytes)
+      return ffi::Error::InvalidArgument("qmatmul: weight row bytes do not match K for this type");
+    if ((*y)->element_count() != static_cast<size_t>(padded * N))
+      return ffi::Error::InvalidArgument("qmatmul: output must be [M, N]");
+    float* yp = (*y)->typed_data();
+    if (M < padded) std::memset(yp + M * N, 0, static_cast<size_t>((padded - M) * N) * sizeof(float));
+    Product& p = products[i];
+    p.args = QmmArgs{M, N, K, qtype, w->typed_data(), wd[1], nullptr, nullptr, nullptr, nullptr, yp, nullptr};
+    p.panel = kernels.panel != nullptr && panel_min > 0 && M >= panel_min;
+    if (p.panel) {
+      p.chunk = 32;  // two tiles of 16 lanes, four of 8: each decoded once for all M rows
+    } else {
+      // Enough chunks to balance a busy pool, each at least a few rows so a chunk amortises its claim.
+      p.chunk = N / (8 * threads);
+      p.chunk = p.chunk < 4 ? 4 : (p.chunk > 64 ? 64 : p.chunk);
+      any_wide = any_wide || (kernels.has_wide != nullptr && kernels.has_wide(qtype));
+    }
+    p.first = chunks;
+    chunks += N == 0 ? 0 : (N + p.chunk - 1) / p.chunk;
+  }
+  if (M == 0 || chunks == 0) return ffi::Error::Success();
+
+  // The activations are quantized once for every product of the call (q|k|v, gate|up share their input).
+  const int64_t qb = ActBlock(0);
   std::vector<int8_t> qa(static_cast<size_t>(M * K));
   std::vector<float> da(static_cast<size_t>(M * (K / qb)));
   std::vector<int32_t> asum16(static_cast<size_t>(M * (K / 16))), asum32(static_cast<size_t>(M * (K / 32)));
@@ -78,33 +121,29 @@ ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
     const int64_t m0 = c * mchunk, m1 = m0 + mchunk < M ? m0 + mchunk : M;
     kernels.quantize(xp, K, qb, m0, m1, qa.data(), da.data(), asum16.data(), asum32.data());
   });
-
-  QmmArgs args{M, N, K, qtype, w.typed_data(), wd[1], qa.data(), da.data(), asum16.data(),
-                asum32.data(), y->typed_data(), nullptr};
-  const int64_t panel_min = PanelMinRows();
-  const bool panel = kernels.panel != nullptr && panel_min > 0 && M >= panel_min;
   std::vector<int8_t> qa_t;
-  if (!panel && kernels.has_wide != nullptr && kernels.has_wide(qtype)) {  // M * K bytes: cheap next to the call
+  if (any_wide) {  // M * K bytes: cheap next to the call
     qa_t.resize(static_cast<size_t>(M * K));
     kernels.transpose(qa.data(), K, 0, M, qa_t.data());
-    args.qa_t = qa_t.data();
   }
-  if (panel) {
-    // Chunks of 32 weight rows (two tiles of 16 lanes, four of 8): each decoded once for all M rows.
-    const int64_t pchunk = 32;
-    ParallelFor(pool, (N + pchunk - 1) / pchunk, [&](int64_t c) {
-      const int64_t n0 = c * pchunk, n1 = n0 + pchunk < N ? n0 + pchunk : N;
-      kernels.panel(args, n0, n1);
-    });
-    return ffi::Error::Success();
+  for (Product& p : products) {
+    p.args.qa = qa.data();
+    p.args.da = da.data();
+    p.args.asum16 = asum16.data();
+    p.args.asum32 = asum32.data();
+    if (!p.panel && any_wide && kernels.has_wide(p.args.qtype)) p.args.qa_t = qa_t.data();
   }
-  // Enough chunks to balance a busy pool, each at least a few rows so a chunk amortises its claim.
-  const int64_t threads = pool.num_threads() > 0 ? pool.num_threads() : 1;
-  int64_t nchunk = N / (8 * threads);
-  nchunk = nchunk < 4 ? 4 : (nchunk > 64 ? 64 : nchunk);
-  ParallelFor(pool, (N + nchunk - 1) / nchunk, [&](int64_t c) {
-    const int64_t n0 = c * nchunk, n1 = n0 + nchunk < N ? n0 + nchunk : N;
-    kernels.rows(args, n0, n1);
+  // One list of chunks over every product's weight rows; a thread that finishes one product moves on.
+  ParallelFor(pool, chunks, [&](int64_t c) {
+    size_t i = 0;
+    while (i + 1 < count && products[i + 1].first <= c) ++i;
+    const Product& p = products[i];
+    const int64_t n0 = (c - p.first) * p.chunk, n1 = n0 + p.chunk < p.args.N ? n0 + p.chunk : p.args.N;
+    if (p.panel) {
+      kernels.panel(p.args, n0, n1);
+    } else {
+      kernels.rows(p.args, n0, n1);
+    }
   });
   return ffi::Error::Success();
 }
@@ -115,9 +154,9 @@ ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
 XLA_FFI_DEFINE_HANDLER_SYMBOL(inferflux_qmatmul_v2, inferflux::QMatmul,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [M, K]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // rows: how many leading rows of x are real
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("qtype")
+                                  .RemainingArgs()               // the weights, uint8 [N_i, row_bytes_i]
+                                  .RemainingRets()               // one output per weight, f32 [M, N_i]
+                                  .Attr<ffi::Span<const int64_t>>("qtypes")
                                   .Attr<int64_t>("isa"));

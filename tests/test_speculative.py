@@ -323,18 +323,23 @@ def test_draft_model_quantized_copy_is_token_identical(model_dir, tiny_gguf, pla
     assert drafter.allocator.num_free == drafter.allocator.num_usable  # all released
 
 
-def test_warmup_builds_the_verify_programs_decoding_needs(model_dir) -> None:
-    """With runtime.warmup, the programs of speculating decode steps exist before the first request, so a
-    batch that speculates from its first decode step on compiles nothing."""
-    llm = LLM(model_dir, config(warmup=True, max_num_seqs=2, max_num_batched_tokens=16, max_model_len=256))
-    verifier = llm.engine.speculation.verifier
+def test_warmup_builds_the_verify_and_draft_programs_decoding_needs(model_dir, tiny_gguf) -> None:
+    """With runtime.warmup, the target's verify programs of speculating decode steps and the draft model's step
+    programs exist before the first request, so a batch that speculates from its first decode step on
+    compiles nothing."""
+    cfg = config(warmup=True, max_num_seqs=2, max_num_batched_tokens=16, max_model_len=256)
+    cfg.speculative.method = "draft"
+    cfg.speculative.draft_model = str(tiny_gguf("llama", "Q8_0"))
+    llm = LLM(model_dir, cfg)
+    verifier, drafter = llm.engine.speculation.verifier, llm.engine.speculation.drafter
     assert set(verifier.compiled) == set(verifier.decode_keys(SPEC["num_speculative_tokens"]))
     assert {key[0] for key in verifier.compiled} == {2, 4, 8, 16}
-    programs = set(llm.engine.runner.programs.keys())
+    assert drafter is not None and drafter.runner.compiled_buckets == set(drafter.runner.all_buckets())
+    programs = set(llm.engine.runner.programs.keys()), set(drafter.runner.programs.keys())
     prompts = [[7, 8, 9, 7, 8, 9, 7, 8], [3, 4, 3, 4, 3, 4]]  # both prefill in the first step
     generate(llm, prompts, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))
     assert llm.engine.stats().spec_draft_tokens > 0
-    assert set(llm.engine.runner.programs.keys()) == programs
+    assert (set(llm.engine.runner.programs.keys()), set(drafter.runner.programs.keys())) == programs
 
 
 def test_draft_model_of_another_vocabulary_is_a_clear_error(model_dir, tiny_model) -> None:

@@ -73,6 +73,8 @@ class DraftProposer:
         runtime = dataclasses.replace(config.runtime, warmup=False, max_loras=0, prefix_caching=False,
                                       max_logprobs=0)
         self.runner = ModelRunner(model, runtime)
+        if config.runtime.warmup:  # its step programs too, so the first proposals do not wait for compiles
+            self.runner.warmup()
         self.page_size = self.runner.page_size
         self.allocator = PageAllocator(self.runner.num_pages, self.page_size, prefix_caching=False)
         self.max_chunk = runtime.max_num_batched_tokens

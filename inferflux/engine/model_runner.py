@@ -151,7 +151,7 @@ class ModelRunner:
         self._free_masks: dict[int, jax.Array] = {}  # rows -> all-ones grammar mask on the device (`_pack`)
         self.num_bias_slots = runtime.max_logit_bias + RESERVED_BIAS_SLOTS
         # Decode-only steps (one token per sequence) get their own programs on GPU, token t in slot t, running
-        # the Pallas decode kernel. CPU needs none: with the FFI attention its mixed buckets start at one token
+        # the Pallas decode kernel. CPU needs none: with the FFI attention its mixed buckets start at two tokens
         # (`_min_token_bucket`), and without it a program of fewer than 8 rows made XLA copy the whole KV cache
         # every step (time grew with runtime.num_pages; benchmarks/RESULTS.md).
         self.decode_buckets = self.backend == "gpu"

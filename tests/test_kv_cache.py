@@ -152,3 +152,36 @@ def test_pages_from_memory_keep_their_shape_across_small_changes() -> None:
     assert [device.coarse_count(n) for n in (1, 7, 15, 16, 17, 31, 33)] == [1, 7, 15, 16, 16, 30, 32]
     # Available memory counts reclaimable page cache, so it is at least the plain free pages.
     assert device.free_memory_bytes() >= os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * 0.9
+
+
+def test_room_kept_for_proposals_is_given_back_before_anyone_is_preempted() -> None:
+    """A batched proposer's room (pages and budget kept while the others are scheduled) is dropped when a later
+    running sequence is short of pages, instead of preempting a sequence; unused room is trimmed."""
+    from inferflux.engine.scheduler import Scheduler
+
+    class Room:  # proposes nothing, but keeps room for 8 tokens per decoding sequence, like a draft model
+        batched = True
+
+        def room(self, seq: Sequence, budget: int) -> int:
+            return min(8, budget)
+
+        def propose(self, items):
+            return [[] for _ in items]
+
+    kv = KVCacheManager(PageAllocator(5, page_size=4))  # 4 usable pages
+    scheduler = Scheduler(kv, max_num_seqs=4, max_num_batched_tokens=64)
+    scheduler.proposer = Room()
+    seqs = []
+    # The first decodes into its first page (room for 8 more: 2 more pages, the last free ones); the second's
+    # next token starts a page, so it needs one that only the first's room can give.
+    for prompt in ([1, 2, 3], [4, 5, 6, 7]):
+        seq = Sequence(prompt + [9], SamplingParams(max_tokens=20), seed=0, max_model_len=64)
+        seq.num_computed = len(prompt)
+        assert kv.allocate(seq, 0) and len(seq.pages) == 1
+        seqs.append(seq)
+    scheduler.running = list(seqs)
+    chunks = scheduler.schedule()
+    assert [c.seq for c in chunks] == seqs and scheduler.num_preemptions == 0
+    assert all(c.draft == [] for c in chunks)
+    assert [len(s.pages) for s in seqs] == [1, 2]  # the room not filled is given back
+    assert kv.allocator.num_free == 1

@@ -316,6 +316,9 @@ def test_draft_model_quantized_copy_is_token_identical(model_dir, tiny_gguf, pla
     assert generate(llm, prompts, params) == expected  # batched
     drafter.runner.step = draft_step
     assert max(widths) == len(prompts)  # one draft step proposes for every speculating sequence at once
+    eight = prompts + repetitive_prompts(3, seed=10)  # a batch of 8, half opting out
+    mixed = [dataclass_replace(params, speculative=i % 2 == 0) for i in range(8)]
+    assert [o.outputs[0].token_ids for o in llm.generate(eight, mixed)] == generate(plain, eight, params)
     stats = llm.engine.stats()
     assert stats.spec_accepted_tokens > 0.3 * stats.spec_draft_tokens > 0
     seeded = SamplingParams(temperature=0.8, max_tokens=24, ignore_eos=True, seed=3)
@@ -340,6 +343,21 @@ def test_warmup_builds_the_verify_and_draft_programs_decoding_needs(model_dir, t
     generate(llm, prompts, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))
     assert llm.engine.stats().spec_draft_tokens > 0
     assert (set(llm.engine.runner.programs.keys()), set(drafter.runner.programs.keys())) == programs
+
+
+def test_warmup_covers_verify_steps_when_the_smallest_token_bucket_is_8(model_dir) -> None:
+    """With buckets from 8 tokens (GPU's default, or CPU without the kernels), a verify step of 3 rows runs in
+    the 8-token program with 4 rows: warm-up builds those row buckets too."""
+    llm = LLM(model_dir, config(warmup=True, max_num_seqs=2, max_num_batched_tokens=16, max_model_len=256,
+                                min_token_bucket=8))
+    verifier = llm.engine.speculation.verifier
+    assert {(key[0], key[3]) for key in verifier.compiled} == {(8, 2), (8, 4), (8, 8), (16, 16)}
+    programs = set(llm.engine.runner.programs.keys())
+    prompts = [[7, 8, 9, 7, 8, 9, 7, 8], [3, 4, 3, 4, 3, 4]]
+    generate(llm, prompts, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))
+    generate(llm, prompts[:1], SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))
+    assert llm.engine.stats().spec_draft_tokens > 0
+    assert set(llm.engine.runner.programs.keys()) == programs
 
 
 def test_draft_model_of_another_vocabulary_is_a_clear_error(model_dir, tiny_model) -> None:

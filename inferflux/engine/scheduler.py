@@ -102,16 +102,21 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         preempted = False
         reserved: list[tuple[ScheduledChunk, int]] = []  # room kept for a batched proposer's proposals
-        for seq in list(self.running):
+        running = list(self.running)
+        for i, seq in enumerate(running):
             if seq not in self.running:  # preempted earlier in this loop
                 continue
             if len(chunks) == self.max_num_seqs or budget == 0:
                 break
             tokens = seq.next_chunk(budget)
-            draft, room = self._draft(seq, tokens, budget)
+            # Proposals never take the one token each later running sequence needs to make progress.
+            draft, room = self._draft(seq, tokens, budget - (len(running) - i - 1))
             while not self.kv.allocate(seq, len(tokens) + len(draft) + room):
                 if draft or room:  # short of pages: drop the proposals before preempting anyone
                     draft, room = [], 0
+                    continue
+                if any(c.draft for c in chunks) or reserved:  # and those of the sequences scheduled before
+                    budget += self._drop_proposals(chunks, reserved)
                     continue
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -141,6 +146,17 @@ class Scheduler:
         if proposer.batched:
             return [], room
         return proposer.propose([(seq, room)])[0][:room], 0
+
+    def _drop_proposals(self, chunks: list[ScheduledChunk], reserved: list[tuple[ScheduledChunk, int]]) -> int:
+        """Give back the pages and budget of every proposal (and room kept for one) scheduled so far."""
+        freed = sum(room for _, room in reserved)
+        holding = [chunk for chunk, _ in reserved] + [chunk for chunk in chunks if chunk.draft]
+        reserved.clear()
+        for chunk in holding:
+            freed += len(chunk.draft)
+            chunk.draft = []
+            self.kv.trim(chunk.seq, len(chunk.tokens))
+        return freed
 
     def _propose_batched(self, reserved: list[tuple[ScheduledChunk, int]]) -> int:
         """Fill the room kept for proposals, all sequences at once; give back the pages and budget not used."""

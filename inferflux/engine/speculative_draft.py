@@ -30,6 +30,7 @@ from inferflux.formats.loader import load_model
 from inferflux.formats.model_config import ModelConfig
 
 GREEDY = RowParams(temperature=0.0, seed=0)
+STALL_STEPS = 16  # proposal calls a sequence skips after the draft cache had no page for it
 
 
 class DraftModelError(InferFluxError):
@@ -80,13 +81,20 @@ class DraftProposer:
         self.max_chunk = runtime.max_num_batched_tokens
         self.max_seqs = runtime.max_num_seqs
         self._seqs: dict[int, _DraftSeq] = {}
+        self._stalled: dict[int, int] = {}  # seq id -> calls left without proposals (its draft cache was full)
 
     def propose(self, items: Seq[tuple[Sequence, int]]) -> list[list[int]]:
         """Up to k greedy draft tokens after each (sequence, k), all sequences in the same draft steps;
-        a sequence whose draft cache runs out of pages gets the proposals it has so far."""
+        a sequence whose draft cache runs out of pages gets the proposals it has so far, and none for the next
+        STALL_STEPS calls (its dropped state would otherwise be recomputed from its first token each step)."""
         out: list[list[int]] = [[] for _ in items]
         live: list[_Pending] = []
         for i, (seq, k) in enumerate(items):
+            if self._stalled.get(seq.seq_id, 0) > 0:
+                self._stalled[seq.seq_id] -= 1
+                continue
+            if len(seq.all_ids) + k > self.runner.max_model_len:  # past the draft's context: nothing to run
+                continue
             state = self._seqs.setdefault(seq.seq_id, _DraftSeq())
             target = seq.all_ids
             keep = 0
@@ -106,6 +114,7 @@ class DraftProposer:
                 run = entry.tokens[:budget]
                 if not self._cover(entry.state, len(entry.state.ids) + len(run)):
                     self.forget(entry.seq)
+                    self._stalled[entry.seq.seq_id] = STALL_STEPS
                     entry.k = 0  # no room: keep what it has
                     continue
                 batch.append((entry, run))
@@ -122,6 +131,7 @@ class DraftProposer:
         return out
 
     def forget(self, seq: Sequence) -> None:
+        self._stalled.pop(seq.seq_id, None)
         state = self._seqs.pop(seq.seq_id, None)
         if state is not None and state.pages:
             self.allocator.release(state.pages)

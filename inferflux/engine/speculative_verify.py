@@ -120,12 +120,14 @@ class Verifier:
 
     def decode_keys(self, num_speculative_tokens: int) -> list[tuple[int, int, int, int]]:
         """The programs of steps in which decoding sequences verify up to `num_speculative_tokens` proposals
-        each (rows = tokens): every token bucket from 2 up to that of `max_num_seqs` such sequences."""
+        each: every token bucket up to that of `max_num_seqs` such sequences, with the row bucket of each
+        token count from 2 that lands in it (rows = tokens, padded to a power of two; several row buckets
+        share the smallest token bucket when it is larger than 2, as on GPU)."""
         runner = self.runner
         most = min(runner.runtime.max_num_seqs * (num_speculative_tokens + 1), runner.runtime.max_num_batched_tokens)
         top = pick_bucket(runner.token_buckets, most)
-        return [(t, runner.seqs_for(t), p, t) for t in runner.token_buckets if 1 < t <= top
-                for p in runner.page_buckets]
+        keys = {(pick_bucket(runner.token_buckets, r), r) for r in power_of_two_buckets(2, top)}
+        return [(t, runner.seqs_for(t), p, r) for t, r in sorted(keys) for p in runner.page_buckets]
 
     def warmup(self, num_speculative_tokens: int) -> int:
         """Build the `decode_keys` programs now, as many as the program cache has room for; how many built."""

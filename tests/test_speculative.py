@@ -369,3 +369,22 @@ def test_draft_model_of_another_vocabulary_is_a_clear_error(model_dir, tiny_mode
     cfg.speculative.draft_model = str(other)
     with pytest.raises(DraftModelError, match="vocabulary"):
         LLM(model_dir, cfg)
+
+
+def test_draft_model_of_the_same_size_but_other_tokens_is_a_clear_error(model_dir, tmp_path) -> None:
+    """Two token ids swapped in the draft's tokenizer: same vocabulary size, other meaning; refused at start."""
+    import shutil
+
+    from inferflux.engine.speculative_draft import DraftModelError
+
+    draft = shutil.copytree(model_dir, tmp_path / "draft")
+    spec = json.loads((draft / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[300:302]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (draft / "tokenizer.json").write_text(json.dumps(spec))
+    cfg = config()
+    cfg.speculative.method = "draft"
+    cfg.speculative.draft_model = str(draft)
+    with pytest.raises(DraftModelError, match="other tokens.*token id 300"):
+        LLM(model_dir, cfg)

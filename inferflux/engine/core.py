@@ -74,7 +74,7 @@ class EngineCore:
         self.token_trace: TokenTrace | None = None
         self.loras = LoraSlots(self.runner)  # LoRA adapter names -> device slots (engine/lora.py)
         # Speculative decoding (engine/speculative.py): the scheduler asks it for proposals, the step verifies.
-        self.speculation = Speculation(config, self.runner)
+        self.speculation = Speculation(config, self.runner, self.tokenizer)
         if self.speculation.enabled:
             self.scheduler.proposer = self.speculation
         if runtime.warmup:

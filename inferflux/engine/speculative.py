@@ -43,6 +43,7 @@ from inferflux.engine.sequence import Sequence
 from inferflux.engine.speculative_verify import Verifier
 
 if TYPE_CHECKING:
+    from inferflux.formats.tokenizer import Tokenizer
     from inferflux.engine.core import EngineCore
     from inferflux.engine.scheduler import ScheduledChunk
     from inferflux.engine.speculative_draft import DraftProposer
@@ -87,7 +88,7 @@ class SpecStats:
 class Speculation:
     """The engine's speculative decoding: proposing (the scheduler calls `propose`), verifying, accepting."""
 
-    def __init__(self, config: Config, runner: ModelRunner) -> None:
+    def __init__(self, config: Config, runner: ModelRunner, tokenizer: Tokenizer | None = None) -> None:
         self.config = config.speculative
         self.enabled = self.config.method != "off"
         self.verifier = Verifier(runner)
@@ -95,7 +96,7 @@ class Speculation:
         if self.config.method == "draft":
             from inferflux.engine.speculative_draft import DraftProposer
 
-            self.drafter = DraftProposer(config, runner.config)
+            self.drafter = DraftProposer(config, runner.config, tokenizer)
         self.batched = self.drafter is not None  # draft steps run for every speculating sequence at once
         self.stats = SpecStats()
         self._backoff: dict[int, _Backoff] = {}  # seq id -> its back-off state

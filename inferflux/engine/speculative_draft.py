@@ -28,6 +28,7 @@ from inferflux.engine.sequence import Sequence
 from inferflux.errors import InferFluxError
 from inferflux.formats.loader import load_model
 from inferflux.formats.model_config import ModelConfig
+from inferflux.formats.tokenizer import Tokenizer
 
 GREEDY = RowParams(temperature=0.0, seed=0)
 STALL_STEPS = 16  # proposal calls a sequence skips after the draft cache had no page for it
@@ -43,6 +44,19 @@ class _DraftSeq:
     pages: list[int] = dataclasses.field(default_factory=list)
 
 
+def _same_tokens(source: str, draft: Tokenizer, target: Tokenizer) -> None:
+    """A draft of the right size but other tokens (another tokenizer, or ids in another order) proposes ids
+    that mean other text: an error at start, naming the first id that differs."""
+    ours, theirs = draft.backend.get_vocab(with_added_tokens=True), target.backend.get_vocab(with_added_tokens=True)
+    if ours != theirs:
+        by_id = {i: t for t, i in ours.items()}
+        first = min(i for t, i in theirs.items() if by_id.get(i) != t)
+        raise DraftModelError(
+            f"speculative.draft_model {source} has other tokens than the model it drafts for (token id {first} "
+            f"is {by_id.get(first)!r} there, {target.id_to_token(first)!r} here): a draft must share the "
+            "target's vocabulary")
+
+
 @dataclasses.dataclass
 class _Pending:
     """A sequence still proposing in this call: the tokens its next draft step runs, how many proposals."""
@@ -55,7 +69,7 @@ class _Pending:
 
 
 class DraftProposer:
-    def __init__(self, config: Config, target: ModelConfig) -> None:
+    def __init__(self, config: Config, target: ModelConfig, tokenizer: Tokenizer | None = None) -> None:
         source = config.speculative.draft_model
         if not source:
             raise DraftModelError("speculative.method=draft needs speculative.draft_model (a path or a stored "
@@ -71,6 +85,8 @@ class DraftProposer:
             raise DraftModelError(
                 f"speculative.draft_model {source} has a vocabulary of {model.config.vocab_size} tokens, the "
                 f"model it drafts for {target.vocab_size}: a draft must share the target's vocabulary")
+        if tokenizer is not None:
+            _same_tokens(source, model.tokenizer, tokenizer)
         runtime = dataclasses.replace(config.runtime, warmup=False, max_loras=0, prefix_caching=False,
                                       max_logprobs=0)
         self.runner = ModelRunner(model, runtime)

@@ -43,10 +43,10 @@ from inferflux.engine.sequence import Sequence
 from inferflux.engine.speculative_verify import Verifier
 
 if TYPE_CHECKING:
-    from inferflux.formats.tokenizer import Tokenizer
     from inferflux.engine.core import EngineCore
     from inferflux.engine.scheduler import ScheduledChunk
     from inferflux.engine.speculative_draft import DraftProposer
+    from inferflux.formats.tokenizer import Tokenizer
 
 WINDOW = 8  # verified proposal steps per acceptance check
 MIN_ACCEPTANCE = 0.25  # accepted / proposed over a window below this pauses proposing

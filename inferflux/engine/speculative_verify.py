@@ -18,8 +18,8 @@ nothing) get their one row, packed as the runner packs them: they share the step
 Programs are keyed (tokens, sequences, pages, rows) in the runner's program cache ("verify") and kept on
 disk with the step programs (`runtime.cache_executables`). With `runtime.warmup` the ones steps of
 speculating decodes land in are built before the engine is ready (`warmup`): in such a step every token is
-a sampled row, so rows = tokens and there is one per token bucket and page bucket; a step that mixes in a
-prompt chunk has fewer rows than tokens and compiles its program on first use.
+a sampled row, so the rows bucket is the tokens' count rounded up to a power of two (`decode_keys`); a step
+that mixes in a prompt chunk has fewer rows than tokens and compiles its program on first use.
 """
 
 from __future__ import annotations

@@ -53,8 +53,8 @@ def linear_many(x: jax.Array, weights: Sequence[Weight], biases: Sequence[jax.Ar
     """`linear(x, w, b)` for each weight of one input (q|k|v, gate|up).
 
     When every weight is CPU kernel blocks this is one kernel call: x is quantized once and the weights' rows
-    are shared out over the threads together, the weights staying where they are (1.04x for a 1.1B model's
-    q|k|v and gate|up at one row, benchmarks/RESULTS.md). Otherwise one `linear` each.
+    are shared out over the threads together, the weights staying where they are (`qmatmul_many`). Otherwise
+    one `linear` each.
     """
     biases = list(biases) if biases is not None else [None] * len(weights)
     if len(weights) > 1 and all(isinstance(w, GGUFBlocks) and w.mode != "exact" for w in weights):

@@ -70,8 +70,8 @@ def qmatmul(x: jax.Array, w: GGUFBlocks, isa: cpu.Isa = cpu.Isa.AUTO, rows: jax.
 def qmatmul_many(x: jax.Array, ws: Sequence[GGUFBlocks], isa: cpu.Isa = cpu.Isa.AUTO,
                  rows: jax.Array | int | None = None) -> list[jax.Array]:
     """`qmatmul(x, w)` for each of `ws` in one kernel call: x is quantized once, and the weights' rows are
-    shared out over the threads together (q|k|v, gate|up: 1.04x at one row, benchmarks/RESULTS.md), with
-    no copy of the weights (they stay the file's pages)."""
+    shared out over the threads together (a 1.1B model's q|k|v 1.10-1.20x, gate|up 1.03-1.17x at 1-64
+    rows, benchmarks/RESULTS.md), with no copy of the weights (they stay the file's pages)."""
     cpu.register(QMATMUL_TARGET)
     lead, k = x.shape[:-1], x.shape[-1]
     for w in ws:

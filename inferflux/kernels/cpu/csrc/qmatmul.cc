@@ -95,7 +95,7 @@ ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
     float* yp = (*y)->typed_data();
     if (M < padded) std::memset(yp + M * N, 0, static_cast<size_t>((padded - M) * N) * sizeof(float));
     Product& p = products[i];
-    p.args = QmmArgs{M, N, K, qtype, w->typed_data(), wd[1], nullptr, nullptr, nullptr, nullptr, yp, nullptr};
+    p.args = QmmArgs{M, N, K, qtype, w->typed_data(), wd[1], nullptr, nullptr, nullptr, nullptr, yp, nullptr, nullptr};
     p.panel = kernels.panel != nullptr && panel_min > 0 && M >= panel_min;
     if (p.panel) {
       p.chunk = 32;  // two tiles of 16 lanes, four of 8: each decoded once for all M rows
@@ -122,16 +122,19 @@ ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
     kernels.quantize(xp, K, qb, m0, m1, qa.data(), da.data(), asum16.data(), asum32.data());
   });
   std::vector<int8_t> qa_t;
-  if (any_wide) {  // M * K bytes: cheap next to the call
-    qa_t.resize(static_cast<size_t>(M * K));
-    kernels.transpose(qa.data(), K, 0, M, qa_t.data());
+  std::vector<float> pairs;
+  if (any_wide) {  // about 2 M K bytes and M K / 5 floats: cheap next to the call
+    qa_t.resize(static_cast<size_t>(TransposedBytes(M, K)));
+    kernels.transpose(qa.data(), K, M, qa_t.data());
+    pairs.resize(static_cast<size_t>(PairFloats(M, K)));
+    kernels.pair_layout(da.data(), asum16.data(), asum32.data(), M, K, pairs.data());
   }
   for (Product& p : products) {
     p.args.qa = qa.data();
     p.args.da = da.data();
     p.args.asum16 = asum16.data();
     p.args.asum32 = asum32.data();
-    if (!p.panel && any_wide && kernels.has_wide(p.args.qtype)) p.args.qa_t = qa_t.data();
+    if (!p.panel && any_wide && kernels.has_wide(p.args.qtype)) p.args.qa_t = qa_t.data(), p.args.pairs = pairs.data();
   }
   // One list of chunks over every product's weight rows; a thread that finishes one product moves on.
   ParallelFor(pool, chunks, [&](int64_t c) {

@@ -26,7 +26,8 @@ struct QmmArgs {
   const int32_t* asum16; // [M, K / 16] sums of 16 consecutive quantized activations
   const int32_t* asum32; // [M, K / 32] sums of 32
   float* y;              // [M, N]
-  const int8_t* qa_t;    // qa in the few-row path's layout (qmm_rows512.inc), or nullptr
+  const int8_t* qa_t;    // qa in the few-row path's two layouts (TransposedBytes), or nullptr
+  const float* pairs;    // that path's per-pair scales and sums (qmm_pairs512.inc, PairLayout), or nullptr
 };
 
 // Activation block size: 32 for every weight type.
@@ -54,10 +55,21 @@ struct QmmKernels {
   // Weight rows [n0, n1) are decoded once into a panel reused by every activation row.
   void (*panel)(const QmmArgs& args, int64_t n0, int64_t n1);
   // The AVX-512 few-row path (qmm_rows512.inc; nullptr elsewhere): whether it has a type, and the activation
-  // layout it reads (rows [m0, m1) of qa -> qa_t). `rows` takes it when args.qa_t is set.
+  // layouts it reads (rows [0, M) of qa -> qa_t, TransposedBytes). `rows` takes it when args.qa_t is set.
   bool (*has_wide)(int64_t qtype);
-  void (*transpose)(const int8_t* qa, int64_t K, int64_t m0, int64_t m1, int8_t* qa_t);
+  void (*transpose)(const int8_t* qa, int64_t K, int64_t M, int8_t* qa_t);
+  // The same path's per-pair layout of da, asum16 and asum32 (PairFloats(M, K) floats at `pairs`).
+  void (*pair_layout)(const float* da, const int32_t* asum16, const int32_t* asum32, int64_t M, int64_t K,
+                      float* pairs);
 };
+
+// Activation rows are laid out by groups of 8 (the few-row path's row group, kRowGroup in qmm_body.inc) so
+// that the rows of one group and one 256-value group of K sit at constant offsets from one pointer.
+inline int64_t RowGroups(int64_t M) { return (M + 7) / 8; }
+// Bytes of qa_t: the transposed layout [M, K], then the pair layout [RowGroups(M), K / 256, 8, 256].
+inline int64_t TransposedBytes(int64_t M, int64_t K) { return M * K + RowGroups(M) * 8 * K; }
+// Floats of the pair layout of scales and sums: [RowGroups(M), K / 256, 4 pairs, 48].
+inline int64_t PairFloats(int64_t M, int64_t K) { return RowGroups(M) * (K / 256) * 4 * 48; }
 
 QmmKernels QmmScalar();
 QmmKernels QmmAvx2();

@@ -98,8 +98,8 @@ class RuntimeConfig:
     # Most tokens (prefill chunk tokens + decode tokens) in one step.
     max_num_batched_tokens: int = key(512, lo=1, hi=1 << 20)
     # Smallest bucket of tokens per step (buckets are powers of two up to max_num_batched_tokens). 0 = by
-    # backend: 1 where attention updates the KV cache in place at any step size (CPU with the kernel library,
-    # so a batch-1 decode step runs one row, not 8), else 8.
+    # backend: 2 where attention updates the KV cache in place at any step size (CPU with the kernel library:
+    # the kernels skip padding rows; 1 would break bitwise batch invariance, docs/runtime.md), else 8.
     min_token_bucket: int = key(0, lo=1, hi=1 << 20, zero=True)
     # Top logprobs computed per row in every step (requests may ask for up to this many).
     max_logprobs: int = key(20, lo=0, hi=1024)
@@ -117,6 +117,11 @@ class RuntimeConfig:
     # instead of tracing and lowering every bucket again (engine/executable_cache.py). XLA's cache is then kept
     # per code version, so a code change means a cold start: on in the images and the chart, off for development.
     cache_executables: bool = key(False)
+    # Overlapped steps (docs/runtime.md): while a decode step runs on the device, the next one is packed and
+    # dispatched with its tokens fed on the device from the running step's samples, and the running step's
+    # tokens are then detokenized and streamed. "auto": on for GPU and TPU, off on CPU, where the host thread
+    # competes with the kernels for the same cores; "on"/"off" force it.
+    overlap_steps: str = key("auto", choices=("auto", "on", "off"))
     # Compile every bucket at start-up (at most max_compiled_programs), in a thread pool.
     warmup: bool = key(False)
     warmup_threads: int = key(4, lo=1, hi=256)

@@ -29,9 +29,9 @@ def _rows_asked(llm: LLM) -> list[int]:
     asked: list[int] = []
     step = llm.engine.runner.step
 
-    def recording(chunks):
+    def recording(chunks, **kwargs):  # kwargs: an overlapped step's token feed (engine/overlap.py)
         asked.extend(c.sampling.top_logprobs for c in chunks if c.sampling is not None)
-        return step(chunks)
+        return step(chunks, **kwargs)
 
     llm.engine.runner.step = recording  # type: ignore[method-assign]
     return asked

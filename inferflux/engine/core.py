@@ -21,14 +21,16 @@ import dataclasses
 import random
 import time
 
+import jax
 import numpy as np
 
 from inferflux.config import Config
+from inferflux.engine import device, overlap
 from inferflux.engine.detokenizer import StreamDetokenizer
 from inferflux.engine.grammar import GrammarCompiler, Matcher
 from inferflux.engine.kv_cache import KVCacheManager, PageAllocator
 from inferflux.engine.lora import NO_ADAPTER, AdapterSet, LoraSlots
-from inferflux.engine.model_runner import Chunk, ModelRunner, PromptScores
+from inferflux.engine.model_runner import Chunk, ModelRunner, PromptScores, sampled_results
 from inferflux.engine.request import POOLINGS, EngineStats, Request, StreamOutput
 from inferflux.engine.sampling_params import SamplingParamsError
 from inferflux.engine.scheduler import ScheduledChunk, Scheduler
@@ -75,6 +77,10 @@ class EngineCore:
         self.loras = LoraSlots(self.runner)  # LoRA adapter names -> device slots (engine/lora.py)
         # Speculative decoding (engine/speculative.py): the scheduler asks it for proposals, the step verifies.
         self.speculation = Speculation(config, self.runner, self.tokenizer)
+        # Overlapped steps (engine/overlap.py): the step left running on the device, and how many were chained.
+        self.max_chained_seqs = overlap.max_chained_seqs(runtime.overlap_steps, device.backend())
+        self._inflight: overlap.InFlight | None = None
+        self.overlapped_steps = 0
         if self.speculation.enabled:
             self.scheduler.proposer = self.speculation
         if runtime.warmup:
@@ -171,7 +177,20 @@ class EngineCore:
     # --- stepping ---
 
     def step(self) -> list[StreamOutput]:
-        """Schedule and run one step; return every sample's new output (and finished embeddings)."""
+        """Schedule and run one step; return every sample's new output (and finished embeddings).
+
+        With overlapped steps (engine/overlap.py) a decode step is left running on the device and this call
+        returns nothing for it: the next call dispatches the step after it first (or, when it cannot be chained,
+        schedules one after fetching it), then returns its outputs."""
+        prev, self._inflight = self._inflight, None
+        if prev is not None:
+            self._inflight = self._chain(prev)
+            done = self._complete(prev)
+            return done if self._inflight is not None else done + self._scheduled_step()
+        return self._scheduled_step()
+
+    def _scheduled_step(self) -> list[StreamOutput]:
+        """The scheduler's next step, run (or left running when it can be chained)."""
         chunks = self.scheduler.schedule()
         if not chunks:
             return []
@@ -190,6 +209,10 @@ class EngineCore:
             results, scores = self.runner.step_with_scores(step_chunks)
         elif any(c.draft for c in generating):
             results, scores = self.speculation.run(generating, step_chunks), [None] * len(step_chunks)
+        elif not embedding and len(generating) <= self.max_chained_seqs and all(map(self._chainable, generating)):
+            self._inflight = overlap.InFlight(generating, step_chunks, self.runner.step(step_chunks, wait=False),
+                                              start)
+            return []
         else:
             results, scores = self.runner.step(step_chunks), [None] * len(step_chunks)
         hidden = []
@@ -197,6 +220,42 @@ class EngineCore:
             hidden = self.runner.hidden_states([Chunk(c.tokens, c.seq.num_computed, c.seq.pages,
                                                       lora=self._by_seq[c.seq.seq_id].adapters.coef)
                                                 for c in embedding])
+        return self._results(generating, results, scores, embedding, hidden, start)
+
+    def _chainable(self, scheduled: ScheduledChunk) -> bool:
+        """`overlap.chainable`, and not a sequence that speculates: its proposals come from the scheduler, and
+        a verified step yields several tokens where a chained one yields one."""
+        seq = scheduled.seq
+        return (not self.speculation.eligible(seq)
+                and overlap.chainable(scheduled, self._by_seq[seq.seq_id].matchers[seq.index] is not None))
+
+    def _chain(self, prev: overlap.InFlight) -> overlap.InFlight | None:
+        """Dispatch the step after `prev` before fetching it: the same sequences, one token each, fed on the
+        device from prev's samples. None when it cannot be chained (the next call schedules as usual)."""
+        if self.scheduler.waiting:  # let the scheduler admit them
+            return None
+        rows = [i for i, c in enumerate(prev.chunks) if not c.seq.finished and c.seq.seq_id in self._by_seq]
+        if not rows or len(rows) > self.max_chained_seqs or not all(self._chainable(prev.chunks[i]) for i in rows):
+            return None
+        for i in rows:  # pages for the token after prev's (num_computed counts prev's tokens only once fetched)
+            if not self.kv.allocate(prev.chunks[i].seq, len(prev.chunks[i].tokens) + 1):
+                return None
+        start = time.perf_counter()
+        chunks = [ScheduledChunk(prev.chunks[i].seq, [overlap.PENDING_TOKEN]) for i in rows]
+        run = [self._chunk(c, ahead=len(prev.chunks[i].tokens)) for c, i in zip(chunks, rows)]
+        self.overlapped_steps += 1
+        out = self.runner.step(run, feed=overlap.TokenFeed(prev.out.token_ids, rows), wait=False)
+        return overlap.InFlight(chunks, run, out, start)
+
+    def _complete(self, prev: overlap.InFlight) -> list[StreamOutput]:
+        """Fetch a dispatched step's samples and take them, except for sequences that ended meanwhile."""
+        results = sampled_results(prev.run, jax.device_get(prev.out))
+        kept = [(c, r) for c, r in zip(prev.chunks, results) if not c.seq.finished and c.seq.seq_id in self._by_seq]
+        return self._results([c for c, _ in kept], [r for _, r in kept], [None] * len(kept), [], [], prev.start)
+
+    def _results(self, generating: list[ScheduledChunk], results: list, scores: list, embedding: list[ScheduledChunk],
+                 hidden: list, start: float) -> list[StreamOutput]:
+        """A step's results -> the samples' outputs (tokens taken, detokenized, stops decided) and the stats."""
         now = time.monotonic()
         outputs = []
         constrained: list[tuple[Sequence, StreamOutput, Matcher]] = []
@@ -249,13 +308,16 @@ class EngineCore:
         seq.num_computed += len(scheduled.tokens)
         self.kv.cache_computed(seq)
 
-    def _chunk(self, scheduled: ScheduledChunk) -> Chunk:
+    def _chunk(self, scheduled: ScheduledChunk, ahead: int = 0) -> Chunk:
+        """The runner's chunk; `ahead` > 0: a chained step's, after that many tokens of a step not fetched yet
+        (engine/overlap.py), so its position and sampling row are one token further."""
         seq = scheduled.seq
-        matcher = self._by_seq[seq.seq_id].matchers[seq.index] if scheduled.samples else None
-        sampling = seq.row_params() if scheduled.samples else None
+        samples = scheduled.samples or ahead > 0
+        matcher = self._by_seq[seq.seq_id].matchers[seq.index] if samples else None
+        sampling = seq.row_params(ahead=1 if ahead else 0) if samples else None
         if sampling is not None and self.token_trace is not None:  # /debug shows alternatives for every request
             sampling.top_logprobs = max(sampling.top_logprobs, self.token_trace.top_n)
-        return Chunk(tokens=scheduled.tokens, start_pos=seq.num_computed, pages=seq.pages, history=seq.all_ids,
+        return Chunk(tokens=scheduled.tokens, start_pos=seq.num_computed + ahead, pages=seq.pages, history=seq.all_ids,
                      num_prompt=len(seq.prompt_ids), sampling=sampling,
                      score=seq.wants_prompt_logprobs, allowed=None if matcher is None else matcher.mask,
                      lora=self._by_seq[seq.seq_id].adapters.coef)

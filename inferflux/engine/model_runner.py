@@ -23,7 +23,7 @@ import dataclasses
 import itertools
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import jax
@@ -274,16 +274,19 @@ class ModelRunner:
 
     # --- running ---
 
-    def step(self, chunks: Sequence[Chunk]) -> list[Sampled | None]:
-        """Run one ragged step; one result per chunk (None where the chunk does not sample)."""
+    def step(self, chunks: Sequence[Chunk], feed: Callable[[np.ndarray], jax.Array] | None = None,
+             wait: bool = True) -> Any:
+        """Run one ragged step; one result per chunk (None where it does not sample). `feed`: the token ids to
+        run, from the packed ones (engine/overlap.py); `wait=False`: return the device output unfetched."""
         if not chunks:
             return []
-        bucket = self.bucket_for(sum(len(c.tokens) for c in chunks), len(chunks),
-                                 max(len(c.pages) for c in chunks))
+        bucket = self.bucket_for(sum(len(c.tokens) for c in chunks), len(chunks), max(len(c.pages) for c in chunks))
         inputs, sampling, history, history_is_output = self._pack(chunks, bucket)
-        exe = self.program(bucket)
-        out, self.kv_cache = exe(self.weights, self.kv_cache, inputs, sampling, history, history_is_output)
-        return _sampled(chunks, jax.device_get(out))
+        if feed is not None:
+            inputs = dataclasses.replace(inputs, tokens=feed(inputs.tokens))
+        out, self.kv_cache = self.program(bucket)(self.weights, self.kv_cache, inputs, sampling, history,
+                                                  history_is_output)
+        return sampled_results(chunks, jax.device_get(out)) if wait else out
 
     def step_with_scores(self, chunks: Sequence[Chunk]) -> tuple[list[Sampled | None], list[PromptScores | None]]:
         """`step`, plus `PromptScores` for each chunk with `score` set (None for the others)."""
@@ -315,7 +318,7 @@ class ModelRunner:
             results.append(PromptScores(scores.logprob[offset:offset + n], scores.top_ids[offset:offset + n],
                                         scores.top_logprobs[offset:offset + n]) if chunk.score else None)
             offset += n
-        return _sampled(chunks, out), results
+        return sampled_results(chunks, out), results
 
     def hidden_states(self, chunks: Sequence[Chunk]) -> list[np.ndarray]:
         """Final-norm hidden states `[len(chunk.tokens), hidden]` of each chunk (for embeddings).
@@ -425,7 +428,7 @@ def _make_score_step(graphdef: nnx.GraphDef, state_def: Any, num_logprobs: int):
     return step
 
 
-def _sampled(chunks: Sequence[Chunk], out: SampleOutput) -> list[Sampled | None]:
+def sampled_results(chunks: Sequence[Chunk], out: SampleOutput) -> list[Sampled | None]:
     return [
         None if chunk.sampling is None else Sampled(
             int(out.token_ids[i]), float(out.logprob[i]), out.top_ids[i], out.top_logprobs[i])

@@ -235,7 +235,11 @@ class EngineCore:
         if self.scheduler.waiting:  # let the scheduler admit them
             return None
         rows = [i for i, c in enumerate(prev.chunks) if not c.seq.finished and c.seq.seq_id in self._by_seq]
-        if not rows or len(rows) > self.max_chained_seqs or not all(self._chainable(prev.chunks[i]) for i in rows):
+        # Every running sequence must be in the chain: one the step left out (its budget ran out first) would
+        # wait for as long as the chain lasts.
+        if not rows or len(rows) != len(self.scheduler.running) or len(rows) > self.max_chained_seqs:
+            return None
+        if not all(self._chainable(prev.chunks[i]) for i in rows):
             return None
         for i in rows:  # pages for the token after prev's (num_computed counts prev's tokens only once fetched)
             if not self.kv.allocate(prev.chunks[i].seq, len(prev.chunks[i].tokens) + 1):
@@ -282,7 +286,9 @@ class EngineCore:
             self._computed(scheduled)
             if not scheduled.seq.in_prefill:
                 outputs.append(self._pooled(scheduled.seq, now))
-        elapsed = time.perf_counter() - start
+        if not generating and not embedding:  # a chained step whose sequences all ended: nothing ran for anyone
+            return outputs
+        elapsed = time.perf_counter() - start  # from dispatch: chained steps' times overlap (engine/overlap.py)
         self._stats.num_steps += 1
         self._stats.last_step_seconds = elapsed
         self._stats.total_step_seconds += elapsed

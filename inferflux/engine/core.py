@@ -81,12 +81,14 @@ class EngineCore:
         self.max_chained_seqs = overlap.max_chained_seqs(runtime.overlap_steps, device.backend())
         self._inflight: overlap.InFlight | None = None
         self.overlapped_steps = 0
+        self.feeds = overlap.FeedPrograms()
         if self.speculation.enabled:
             self.scheduler.proposer = self.speculation
         if runtime.warmup:
             self.runner.warmup(background=runtime.warmup_background)
             if self.speculation.enabled:  # verify programs too: the first speculating step must not compile
                 self.speculation.verifier.warmup(config.speculative.num_speculative_tokens)
+            self.feeds.warmup(self.runner, min(self.max_chained_seqs, runtime.max_num_seqs))
 
     # --- requests ---
 
@@ -248,7 +250,7 @@ class EngineCore:
         chunks = [ScheduledChunk(prev.chunks[i].seq, [overlap.PENDING_TOKEN]) for i in rows]
         run = [self._chunk(c, ahead=len(prev.chunks[i].tokens)) for c, i in zip(chunks, rows)]
         self.overlapped_steps += 1
-        out = self.runner.step(run, feed=overlap.TokenFeed(prev.out.token_ids, rows), wait=False)
+        out = self.runner.step(run, feed=overlap.TokenFeed(self.feeds, prev.out.token_ids, rows), wait=False)
         return overlap.InFlight(chunks, run, out, start)
 
     def _complete(self, prev: overlap.InFlight) -> list[StreamOutput]:

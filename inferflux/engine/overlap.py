@@ -71,18 +71,47 @@ def chainable(scheduled: ScheduledChunk, constrained: bool) -> bool:
             and len(seq.all_ids) + 1 < seq.max_model_len)
 
 
-_splice = jax.jit(lambda host, rows, sampled: jnp.where(rows >= 0, sampled[jnp.maximum(rows, 0)], host))
+def _splice(host: jax.Array, rows: jax.Array, sampled: jax.Array) -> jax.Array:
+    return jnp.where(rows >= 0, sampled[jnp.maximum(rows, 0)], host)
+
+
+class FeedPrograms:
+    """The compiled token gathers of chained steps, one per (chained step's token rows, previous step's sampled
+    rows). `warmup` builds all of them, so a server that warmed up compiles nothing when steps chain."""
+
+    def __init__(self) -> None:
+        self._exes: dict[tuple[int, int], Any] = {}
+
+    def get(self, tokens: int, sampled: int) -> Any:
+        exe = self._exes.get((tokens, sampled))
+        if exe is None:
+            i32 = jax.ShapeDtypeStruct
+            exe = self._exes[tokens, sampled] = jax.jit(_splice).lower(
+                i32((tokens,), np.int32), i32((tokens,), np.int32), i32((sampled,), np.int32)).compile()
+        return exe
+
+    def warmup(self, runner: Any, max_seqs: int) -> int:
+        """Build every gather a chained step of at most `max_seqs` sequences can need; returns how many."""
+        tokens = {runner.bucket_for(n, n, 1)[0] for n in range(1, max_seqs + 1)}
+        sampled = {runner.seqs_for(t) for t in runner.token_buckets}
+        if runner.decode_buckets:
+            sampled |= set(runner.seq_buckets)
+        for t in tokens:
+            for s in sampled:
+                self.get(t, s)
+        return len(tokens) * len(sampled)
 
 
 class TokenFeed:
     """The token ids of a chained step: row i runs the token that row `rows[i]` of the step still on the
     device sampled (-1: the packed host token), gathered on the device: nothing is fetched."""
 
-    def __init__(self, sampled: jax.Array, rows: Seq[int]) -> None:
+    def __init__(self, programs: FeedPrograms, sampled: jax.Array, rows: Seq[int]) -> None:
+        self.programs = programs
         self.sampled = sampled
         self.rows = rows
 
     def __call__(self, host_tokens: np.ndarray) -> jax.Array:
         rows = np.full(host_tokens.shape, -1, np.int32)
         rows[:len(self.rows)] = self.rows
-        return _splice(host_tokens, rows, self.sampled)
+        return self.programs.get(len(host_tokens), self.sampled.shape[0])(host_tokens, rows, self.sampled)
